@@ -1,0 +1,35 @@
+# Set-up and everyday commands. `make test` and `make demo` install into .venv first if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# CPU build of torch (on disk on the project machines; a plain `pip install torch` pulls a multi-GB CUDA build).
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test demo lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_CPU)"
+	$(PY) -m pip install -q -e ".[dev,train]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Kernels run under Triton's CPU interpreter here; on a GPU machine unset TRITON_INTERPRET.
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
+
+demo: install
+	$(VENV)/bin/l2a demo --out runs/demo
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

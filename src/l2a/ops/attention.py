@@ -1,0 +1,114 @@
+"""Public attention ops. Layout as flash-attn: (B, N, H, D); GQA by passing fewer K/V heads.
+
+Legend: B batch, N query tokens, Nk key tokens (Nk >= N; queries are aligned to the last key,
+so query i sits at absolute position i + Nk - N), Hq query heads, Hkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from l2a.ops import _checks
+from l2a.ops.reference import conditional_attention_reference, sliding_window_attention_reference
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    _checks.check_backend(backend)
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not _triton_available():
+            raise ImportError("backend='triton' needs the `triton` package: pip install 'l2a[triton]'")
+        return True
+    return device.type == "cuda" and _triton_available()
+
+
+def conditional_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    key_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention computed only for routed (active) queries; keys and values are all tokens.
+
+    Args:
+        q: (B, N, Hq, D). k, v: (B, Nk, Hkv, D), Hq a multiple of Hkv.
+        active: bool (B, N) token-wise routing, or (B, N, Hq) head-wise routing.
+        softmax_scale: defaults to 1/sqrt(D).
+        key_offset: query at position t sees keys j <= t - key_offset (0: L2A global attention;
+            W: the far part of AHA, merged with window attention by log-sum-exp).
+        cu_seqlens: int32 (num_docs + 1) cumulative document lengths of a packed batch (B = 1, Nk = N);
+            queries see only keys of their own document.
+        key_start: int (B,) first valid key per batch row (left padding); earlier keys are masked.
+        return_lse: also return the log-sum-exp of the scores, float32 (B, Hq, N).
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+
+    Returns:
+        out (B, N, Hq, D) in q's dtype; inactive rows and rows with no keys are 0 (lse -inf).
+    """
+    b, n, nk, hq, _, d = _checks.check_qkv(q, k, v)
+    _checks.check_active(active, b, n, hq, q.device)
+    _checks.check_nonnegative_int("key_offset", key_offset, 0)
+    _checks.check_cu_seqlens(cu_seqlens, b, n, nk, q.device)
+    _checks.check_key_start(key_start, b, q.device)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if _use_triton(backend, q.device):
+        from l2a.ops.triton import conditional_attention_triton
+
+        out, lse = conditional_attention_triton(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+    else:
+        out, lse = conditional_attention_reference(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+    return (out, lse) if return_lse else out
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal local attention: the query at position t attends keys t - window < j <= t.
+
+    Args:
+        q: (B, N, Hq, D). k, v: (B, Nk, Hkv, D), Hq a multiple of Hkv.
+        window: number of keys seen, the query's own included (>= 1).
+        softmax_scale, cu_seqlens, key_start, return_lse, backend: as in `conditional_attention`.
+
+    Returns:
+        out (B, N, Hq, D) in q's dtype [, lse float32 (B, Hq, N)].
+    """
+    b, n, nk, _, _, d = _checks.check_qkv(q, k, v)
+    _checks.check_nonnegative_int("window", window, 1)
+    _checks.check_cu_seqlens(cu_seqlens, b, n, nk, q.device)
+    _checks.check_key_start(key_start, b, q.device)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if _use_triton(backend, q.device):
+        from l2a.ops.triton import sliding_window_attention_triton
+
+        out, lse = sliding_window_attention_triton(q, k, v, window, scale, cu_seqlens, key_start)
+    else:
+        out, lse = sliding_window_attention_reference(q, k, v, window, scale, cu_seqlens, key_start)
+    return (out, lse) if return_lse else out
