@@ -1,0 +1,54 @@
+"""`l2a convert BASE_DIR OUT_DIR --window W`: turn a Qwen2/Qwen3/Llama checkpoint into an L2A checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a Qwen2/Qwen3/Llama checkpoint into an L2A model",
+        description="Copy the base attention into a local (sliding-window) and a global branch per layer, "
+        "add zero-initialised routers, and save the L2A model with the tokenizer files.",
+    )
+    parser.add_argument("base_dir", help="local base checkpoint directory (config.json + weights)")
+    parser.add_argument("out_dir", help="output directory (must be empty or absent unless --force)")
+    parser.add_argument("--window", type=_positive_int, required=True, help="local attention window (tokens)")
+    parser.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (e.g. 5e6)")
+    parser.add_argument(
+        "--max-position-embeddings", type=_positive_int, default=None, help="override the maximum positions"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype of the saved model")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from l2a.models.conversion import convert_checkpoint
+
+    try:
+        out = convert_checkpoint(
+            args.base_dir,
+            args.out_dir,
+            window=args.window,
+            rope_theta=args.rope_theta,
+            max_position_embeddings=args.max_position_embeddings,
+            dtype=args.dtype,
+            force=args.force,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"l2a convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved L2A model to {out}")
+    return 0

@@ -1,0 +1,177 @@
+"""Long-context task evaluation (RULER-style): sample prompts, greedy-generate, score.
+
+The task generators and the scoring rules belong to `l2a.data.tasks`; this module runs them against a
+model: one prompt at a time (no padding, so no model needs left-padding support), greedy decoding with
+``model.generate`` up to the sample's ``max_new_tokens``, decoding without special tokens, and RULER's
+string-match scoring. For L2A models the prefill's ``router_fraction`` is recorded on the way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from l2a.data.tasks import TaskSample, get_task, score_prediction, score_samples
+from l2a.evaluation.common import model_device
+
+
+@dataclass
+class SampleResult:
+    """One scored sample: the model's text, the references and the sample's score (0–100)."""
+
+    depth: float | None
+    prediction: str
+    answers: list[str]
+    score: float
+    prompt_tokens: int
+
+
+@dataclass
+class TaskResult:
+    """Score (0–100, RULER's string match) of one task at one length, averaged over its samples.
+
+    ``router_fraction`` is the mean over samples of the per-layer fraction of prompt tokens routed to
+    global attention during prefill (L2A models only; order as ``config.global_layers``).
+    """
+
+    task: str
+    length: int
+    score: float
+    num_samples: int
+    samples: list[SampleResult] = field(default_factory=list)
+    router_fraction: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_seed(seed: int, task: str, length: int, index: int) -> int:
+    """The RNG seed of one sample: independent of which other tasks/lengths are evaluated."""
+    return random.Random(f"{seed}/{task}/{length}/{index}").getrandbits(63)
+
+
+def sample_tasks(
+    tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], samples: int, seed: int = 0
+) -> dict[tuple[str, int], list[TaskSample]]:
+    """Draw ``samples`` prompts for every (task, length); the same arguments always give the same prompts."""
+    if samples < 1:
+        raise ValueError(f"samples must be positive, got {samples}")
+    drawn: dict[tuple[str, int], list[TaskSample]] = {}
+    for name in tasks:
+        task = get_task(name)
+        for length in lengths:
+            drawn[(name, length)] = [
+                task.sample(tokenizer, length, random.Random(sample_seed(seed, name, length, i)))
+                for i in range(samples)
+            ]
+    return drawn
+
+
+@contextmanager
+def record_prefill_router_fraction(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect ``router_fraction`` (num_global_layers,) of every prefill forward (calls with more than one
+    new token) while the context is open. Models whose outputs have no router fraction record nothing."""
+    recorded: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        fraction = getattr(output, "router_fraction", None)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if fraction is not None and input_ids is not None and input_ids.shape[-1] > 1:
+            recorded.append(fraction.detach().float())
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def generate_answer(model: torch.nn.Module, tokenizer: Any, sample: TaskSample) -> str:
+    """Greedy continuation of the sample's prompt (at most ``sample.max_new_tokens``), decoded without
+    special tokens and stripped."""
+    device = model_device(model)
+    input_ids = torch.as_tensor(sample.input_ids, dtype=torch.long, device=device).unsqueeze(0)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=sample.max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad if pad is not None else eos,
+        eos_token_id=eos,
+    )
+    new_tokens = output[0, input_ids.shape[1] :].tolist()
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    samples: int,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+) -> list[TaskResult]:
+    """Score the model on every (task, length): ``samples`` prompts each, greedy generation, RULER scoring.
+
+    Args:
+        model: anything with ``generate(input_ids=(1, N), max_new_tokens=...) -> (1, N + new)``.
+        tokenizer: the model's tokenizer (``decode``, ``eos_token_id``); also used to build the prompts.
+        tasks: names from `l2a.data.tasks` (e.g. "niah_single_1", "vt").
+        lengths: prompt lengths in tokens.
+        samples: prompts per (task, length).
+        seed: sampling seed; see `sample_seed`.
+
+    Returns:
+        one `TaskResult` per (task, length), tasks outer, lengths inner.
+    """
+    drawn = sample_tasks(tokenizer, tasks, lengths, samples, seed)
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    results = []
+    bar = tqdm(total=len(drawn) * samples, desc="tasks", disable=not progress, leave=False)
+    try:
+        for (name, length), batch in drawn.items():
+            bar.set_postfix_str(f"{name}@{length}")
+            predictions, fractions = [], []
+            for sample in batch:
+                with record_prefill_router_fraction(model) as recorded:
+                    predictions.append(generate_answer(model, tokenizer, sample))
+                fractions.extend(recorded[:1])
+                bar.update(1)
+            per_sample = [100.0 * score_prediction(p, s.answers, s.metric) for s, p in zip(batch, predictions)]
+            results.append(
+                TaskResult(
+                    task=name,
+                    length=length,
+                    score=score_samples(predictions, batch),
+                    num_samples=len(batch),
+                    samples=[
+                        SampleResult(
+                            depth=s.depth,
+                            prediction=p,
+                            answers=list(s.answers),
+                            score=score,
+                            prompt_tokens=len(s.input_ids),
+                        )
+                        for s, p, score in zip(batch, predictions, per_sample)
+                    ],
+                    router_fraction=torch.stack(fractions).mean(0).tolist() if fractions else None,
+                )
+            )
+    finally:
+        bar.close()
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+    return results

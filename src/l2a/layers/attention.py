@@ -1,0 +1,218 @@
+"""L2A attention: a local sliding-window branch plus a routed global branch, and the decoder layer.
+
+Legend: B batch, N new tokens, Nk keys (cached + new), Hq query heads, Hkv key/value heads, D head dim.
+Attention runs only through `l2a.ops` (PyTorch reference on CPU, Triton on CUDA).
+
+`layer_cache` arguments are per-layer cache objects (`l2a.models.cache.L2ALayerCache` or anything with
+its methods): `update_local(k, v) -> (k_all, v_all, first_position)` and
+`update_global(k, v) -> (k_all, v_all)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
+from l2a.layers.router import Router
+from l2a.ops import conditional_attention, sliding_window_attention
+
+
+class AttentionProjections(nn.Module):
+    """q/k/v/o projections of one attention branch (and Qwen3's per-head q/k RMSNorms).
+
+    Parameter names match the base models' `self_attn` (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`,
+    `k_norm`), so conversion is a renaming of state-dict keys.
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.backend = config.attention_backend
+        hidden, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=config.attention_output_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+
+    def project_q(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h (B, N, hidden) -> rotated queries (B, N, Hq, D)."""
+        q = self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim))
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return apply_rotary(q, cos, sin)
+
+    def project_kv(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, N, hidden) -> rotated keys and values, each (B, N, Hkv, D)."""
+        k = self.k_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rotary(k, cos, sin), v
+
+
+class LocalAttention(AttentionProjections):
+    """Causal attention over the last `sliding_window` tokens (the token itself included)."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.window = config.sliding_window
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        key_start: torch.Tensor | None = None,
+        layer_cache: Any | None = None,
+    ) -> torch.Tensor:
+        """h (B, N, hidden) -> (B, N, hidden).
+
+        key_start: int (B,) absolute position of each row's first valid token (left padding).
+        """
+        cos, sin = position_embeddings
+        q = self.project_q(h, cos, sin)
+        k, v = self.project_kv(h, cos, sin)
+        if layer_cache is not None:
+            k, v, first_position = layer_cache.update_local(k, v)
+            if key_start is not None:
+                key_start = (key_start - first_position).clamp_min(0)
+        out = sliding_window_attention(
+            q, k, v, self.window, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.backend
+        )
+        return self.o_proj(out.flatten(-2))
+
+
+class GlobalAttention(AttentionProjections):
+    """Full causal attention for routed queries; keys and values are all tokens.
+
+    The output is multiplied by the router's gate: token-wise gates (B, N) scale the projected output,
+    head-wise gates (B, N, Hq) scale each head before `o_proj`.
+    """
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        active: torch.Tensor,
+        gate: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        key_start: torch.Tensor | None = None,
+        layer_cache: Any | None = None,
+    ) -> torch.Tensor:
+        """h (B, N, hidden); active bool and gate float, (B, N) or (B, N, Hq) -> (B, N, hidden).
+
+        With a cache the keys/values of every token are appended to the global cache, and the attention
+        is skipped altogether when no query is active (a host sync, paid only at inference).
+        """
+        cos, sin = position_embeddings
+        k, v = self.project_kv(h, cos, sin)
+        if layer_cache is not None:
+            k, v = layer_cache.update_global(k, v)
+            if not bool(active.any()):
+                return torch.zeros_like(h)
+        q = self.project_q(h, cos, sin)
+        out = conditional_attention(
+            q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.backend
+        )
+        if gate.dim() == 3:
+            return self.o_proj((out * gate.unsqueeze(-1)).flatten(-2))
+        return self.o_proj(out.flatten(-2)) * gate.unsqueeze(-1)
+
+
+class L2ADecoderLayer(GradientCheckpointingLayer):
+    """One L2A block (method.md):
+
+        s   = x + LocalAttention(input_layernorm(x))
+        g   = global_layernorm(s);  d = router(g)
+        s'  = s + d * GlobalAttention(g)              (global layers only)
+        out = s' + MLP(post_attention_layernorm(s'))
+
+    Layers outside `config.global_layers` have no router / global branch (local-only, e.g. after pruning).
+    """
+
+    def __init__(self, config: Any, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.force_route: Literal["all", "none"] | None = config.force_route
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.local_attn = LocalAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias
+        )
+        self.has_global = layer_idx in config.global_layers
+        if self.has_global:
+            self.global_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.router = Router(
+                config.hidden_size,
+                1,
+                temperature=config.router_temperature,
+                threshold=config.router_threshold,
+            )
+            self.global_attn = GlobalAttention(config)
+
+    def drop_global_branch(self) -> None:
+        """Turn this layer into a local-only layer (pruning): removes router, global norm and projections."""
+        if self.has_global:
+            del self.global_layernorm, self.router, self.global_attn
+            self.has_global = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cu_seqlens: torch.Tensor | None = None,
+        key_start: torch.Tensor | None = None,
+        layer_cache: Any | None = None,
+        global_leakage: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """hidden_states (B, N, hidden) -> (hidden_states, soft, hard).
+
+        soft (float32) and hard (bool) are the router's decision, (B, N) (None for local-only layers); a flat
+        tuple of tensors, so that gradient checkpointing (re-entrant or not) carries the gradient of `soft`.
+
+        global_leakage: compute global attention for every query (still multiplied by the gate), so the
+            router also gets a gradient for tokens it switched off.
+        """
+        residual = hidden_states
+        hidden_states = residual + self.local_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            cu_seqlens=cu_seqlens,
+            key_start=key_start,
+            layer_cache=layer_cache,
+        )
+        soft = hard = None
+        if self.has_global:
+            g = self.global_layernorm(hidden_states)
+            decision = self.router(g, self.force_route)
+            active = torch.ones_like(decision.hard) if global_leakage else decision.hard
+            hidden_states = hidden_states + self.global_attn(
+                g,
+                position_embeddings,
+                active,
+                decision.gate,
+                cu_seqlens=cu_seqlens,
+                key_start=key_start,
+                layer_cache=layer_cache,
+            )
+            soft, hard = decision.soft, decision.hard
+        residual = hidden_states
+        hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, soft, hard

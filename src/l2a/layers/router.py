@@ -1,0 +1,79 @@
+"""Router: decides per token (or per token and head) whether the global attention branch runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RoutingDecision:
+    """What a router decided for one layer. Shapes (B, N) token-wise or (B, N, H) head-wise.
+
+    Attributes:
+        soft: float32 `sigmoid(logit / temperature)`; the regulariser and the STE gradient use it.
+        hard: bool, True where global attention runs.
+        gate: multiplier of the global output, in the compute dtype: in training `hard + soft - soft.detach()`
+            (straight-through: forward value `hard`, gradient of `soft`); otherwise `hard` itself.
+    """
+
+    soft: torch.Tensor
+    hard: torch.Tensor
+    gate: torch.Tensor
+
+
+class Router(nn.Module):
+    """Linear map hidden -> `out_features` logits (no bias, zero init), thresholded after a tempered sigmoid.
+
+    `out_features=1` gives L2A's token-wise decision (B, N); `out_features=Hq` a head-wise one (B, N, Hq).
+    Zero init makes `soft = 0.5 >= threshold`, so every token starts routed to global attention.
+    """
+
+    def __init__(
+        self, hidden_size: int, out_features: int = 1, *, temperature: float = 0.1, threshold: float = 0.5
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        self.out_features = out_features
+        self.temperature = temperature
+        self.threshold = threshold
+        self.weight = nn.Parameter(torch.zeros(out_features, hidden_size))
+
+    def forward(
+        self, hidden_states: torch.Tensor, force: Literal["all", "none"] | None = None
+    ) -> RoutingDecision:
+        """hidden_states (B, N, hidden) -> RoutingDecision of shape (B, N) or (B, N, out_features).
+
+        `force` ("all" / "none") overrides the hard decision; the gate is then the constant decision
+        (no straight-through gradient), while `soft` still comes from the router.
+        """
+        logits = nn.functional.linear(hidden_states, self.weight).float()
+        if self.out_features == 1:
+            logits = logits.squeeze(-1)
+        soft = torch.sigmoid(logits / self.temperature)
+        if force is None:
+            hard = soft >= self.threshold
+        elif force == "all":
+            hard = torch.ones_like(soft, dtype=torch.bool)
+        elif force == "none":
+            hard = torch.zeros_like(soft, dtype=torch.bool)
+        else:
+            raise ValueError(f"force must be None, 'all' or 'none', got {force!r}")
+        hard_f = hard.to(hidden_states.dtype)
+        if self.training and force is None:
+            gate = hard_f + (soft - soft.detach()).to(hidden_states.dtype)
+        else:
+            gate = hard_f
+        return RoutingDecision(soft=soft, hard=hard, gate=gate)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.weight.shape[1]}, out_features={self.out_features}, "
+            f"temperature={self.temperature}, threshold={self.threshold}"
+        )

@@ -1,0 +1,146 @@
+"""`L2AConfig`: a decoder-only transformer whose attention layers are L2A layers.
+
+The base architecture's flavour (Qwen2/Qwen2.5, Qwen3, Llama) is kept through explicit fields:
+`attention_bias` (q/k/v bias), `attention_output_bias` (o bias), `qk_norm` (per-head RMSNorm of q and k),
+`mlp_bias`. RoPE settings live in `rope_parameters` as in transformers 5 (`rope_theta=` and the legacy
+`rope_scaling=` keyword are accepted and folded into it by transformers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from transformers import PreTrainedConfig
+
+ForceRoute = Literal["all", "none"]
+AttentionBackend = Literal["auto", "triton", "torch"]
+BaseModelType = Literal["qwen2", "qwen3", "llama"]
+
+
+class L2AConfig(PreTrainedConfig):
+    r"""Configuration of an L2A model (`model_type="l2a"`).
+
+    Base-model fields (as in `Qwen2Config` / `Qwen3Config` / `LlamaConfig`): `vocab_size`, `hidden_size`,
+    `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim`,
+    `hidden_act`, `max_position_embeddings`, `rms_norm_eps`, `rope_parameters`, `tie_word_embeddings`.
+
+    Flavour fields:
+        base_model_type: architecture the weights came from ("qwen2", "qwen3", "llama"); informative.
+        attention_bias: q/k/v projections have a bias (Qwen2: True).
+        attention_output_bias: the o projection has a bias (Llama with `attention_bias=True`).
+        qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
+        mlp_bias: the MLP projections have a bias.
+
+    L2A fields:
+        sliding_window: keys seen by the local attention, the token itself included (W >= 1).
+        router_temperature: tau in `soft = sigmoid(logit / tau)`.
+        router_threshold: a token is routed to global attention when `soft >= threshold`.
+        global_layers: indices of the layers that keep a global branch (default: all layers);
+            the others are local-only (the result of pruning).
+        force_route: None (learned routing), "all" (every token uses global attention) or
+            "none" (global attention off: a pure sliding-window model).
+        router_regularizer_weight: lambda in `loss = lm_loss + lambda * router_regularizer`;
+            a forward's `router_regularizer_weight=` argument overrides it.
+        attention_backend: backend of the `l2a.ops` calls ("auto": Triton on CUDA, PyTorch elsewhere).
+    """
+
+    model_type = "l2a"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    base_model_type: BaseModelType = "llama"
+    attention_bias: bool = False
+    attention_output_bias: bool = False
+    qk_norm: bool = False
+    mlp_bias: bool = False
+
+    sliding_window: int = 4096
+    router_temperature: float = 0.1
+    router_threshold: float = 0.5
+    global_layers: list[int] | None = None
+    force_route: ForceRoute | None = None
+    router_regularizer_weight: float = 0.0
+    attention_backend: AttentionBackend = "auto"
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.global_layers is None:
+            self.global_layers = list(range(self.num_hidden_layers))
+        else:
+            self.global_layers = sorted({int(i) for i in self.global_layers})
+        super().__post_init__(**kwargs)
+        self._validate_l2a()
+
+    def _validate_l2a(self) -> None:
+        """Clear errors for inconsistent fields; runs at construction."""
+        for name in (
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_size",
+            "head_dim",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.base_model_type not in get_args(BaseModelType):
+            raise ValueError(
+                f"base_model_type must be one of {get_args(BaseModelType)}, got {self.base_model_type!r}"
+            )
+        if (
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
+        ):
+            raise ValueError(
+                "sliding_window must be a positive int (keys seen by local attention), "
+                f"got {self.sliding_window!r}"
+            )
+        if not self.router_temperature > 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature!r}")
+        if not 0.0 < self.router_threshold < 1.0:
+            raise ValueError(f"router_threshold must lie in (0, 1), got {self.router_threshold!r}")
+        if self.force_route is not None and self.force_route not in get_args(ForceRoute):
+            raise ValueError(f"force_route must be None, 'all' or 'none', got {self.force_route!r}")
+        if self.attention_backend not in get_args(AttentionBackend):
+            raise ValueError(
+                f"attention_backend must be one of {get_args(AttentionBackend)}, "
+                f"got {self.attention_backend!r}"
+            )
+        if not self.router_regularizer_weight >= 0:
+            raise ValueError(
+                f"router_regularizer_weight must be >= 0, got {self.router_regularizer_weight!r}"
+            )
+        bad = [i for i in self.global_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"global_layers {bad} out of range for a model with {self.num_hidden_layers} layers "
+                f"(valid: 0..{self.num_hidden_layers - 1})"
+            )
+        if not self.rope_parameters or "rope_theta" not in self.rope_parameters:
+            raise ValueError(f"rope_parameters must hold at least 'rope_theta', got {self.rope_parameters!r}")

@@ -1,0 +1,363 @@
+"""HF model classes of L2A: `L2AModel` (decoder stack) and `L2AForCausalLM` (with LM head, loss, generate()).
+
+Legend: B batch, N new tokens, P tokens already in the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from l2a.layers import L2ADecoderLayer, RMSNorm, Router
+from l2a.models.cache import L2ACache
+from l2a.models.configuration import L2AConfig
+from l2a.models.outputs import L2ACausalLMOutputWithPast, L2AModelOutputWithPast
+
+
+class L2ARotaryEmbedding(nn.Module):
+    """RoPE cos/sin tables from `config.rope_parameters` (default or any HF rope type)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: L2AConfig, device: torch.device | None = None):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type == "default":
+            init_fn = self.compute_default_rope_parameters
+        elif self.rope_type in ROPE_INIT_FUNCTIONS:
+            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        else:
+            raise ValueError(
+                f"unknown rope_type {self.rope_type!r}; known: default, {sorted(ROPE_INIT_FUNCTIONS)}"
+            )
+        inv_freq, self.attention_scaling = init_fn(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(
+        config: L2AConfig, device: torch.device | None = None, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, N) -> cos, sin (B, N, D) in x's dtype."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class L2APreTrainedModel(PreTrainedModel):
+    config_class = L2AConfig
+    config: L2AConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["L2ADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = False
+    _supports_sdpa = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Router):
+            init.zeros_(module.weight)
+
+
+def _document_positions(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """Position of each token inside its packed document: (1, N)."""
+    idx = torch.arange(n, device=cu_seqlens.device)
+    starts = cu_seqlens.long()
+    doc = torch.bucketize(idx, starts[1:], right=True)
+    return (idx - starts[doc]).unsqueeze(0)
+
+
+def _router_statistics(
+    decisions: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """decisions: per global layer (soft float32, hard bool), each (B, N) or (B, N, H); valid: bool (B, N).
+
+    Returns router_fraction (num_global_layers,) and the regulariser (scalar): sum of soft^2 over the valid
+    tokens (and heads) of each sequence, mean over the batch, mean over layers.
+    """
+    if not decisions:
+        return torch.zeros(0, device=device), torch.zeros((), device=device)
+    fractions, penalties = [], []
+    for soft, hard in decisions:
+        routed = hard.float()
+        soft2 = soft.square()
+        if soft.dim() == 3:
+            routed = routed.mean(-1)
+            soft2 = soft2.sum(-1)
+        if valid is not None:
+            weight = valid.to(routed.dtype)
+            fractions.append((routed * weight).sum() / weight.sum().clamp_min(1.0))
+            soft2 = soft2 * weight
+        else:
+            fractions.append(routed.mean())
+        penalties.append(soft2.sum(-1).mean())
+    return torch.stack(fractions).detach(), torch.stack(penalties).mean()
+
+
+class L2AModel(L2APreTrainedModel):
+    """Embeddings, L2A decoder layers and the final norm."""
+
+    def __init__(self, config: L2AConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([L2ADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = L2ARotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: L2ACache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        global_leakage: bool = False,
+    ) -> L2AModelOutputWithPast | tuple:
+        """Run the decoder stack.
+
+        Args:
+            input_ids: (B, N), or inputs_embeds (B, N, hidden).
+            attention_mask: 2-D (B, P + N), 1 for real tokens, 0 for padding; left padding (generation) or
+                right padding. Other masks (4-D, holes inside a row) are not supported.
+            position_ids: (B, N); by default from the attention mask (as HF generate does), from `cu_seqlens`
+                (restarting per document) or P..P+N-1.
+            past_key_values: an `L2ACache` (created when `use_cache` and none is given).
+            cu_seqlens: int (num_docs + 1) cumulative document lengths of a packed batch (B = 1, no cache).
+            global_leakage: global attention computed densely for all tokens (still multiplied by the
+                decision), so the router gets a gradient for tokens it switched off.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_attentions:
+            raise ValueError(
+                "output_attentions is not supported: the l2a attention ops do not return weights"
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, n = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training and cu_seqlens is None
+        if use_cache and past_key_values is None:
+            past_key_values = L2ACache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, L2ACache):
+            raise TypeError(
+                f"past_key_values must be an L2ACache, got {type(past_key_values).__name__}; "
+                "L2A layers keep separate local and global caches"
+            )
+        if past_key_values is not None and self.gradient_checkpointing and self.training:
+            raise ValueError("a KV cache cannot be used with gradient checkpointing in training")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if cu_seqlens is not None:
+            if past_key_values is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a KV cache")
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either cu_seqlens (packed documents) or attention_mask (padding), not both"
+                )
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+
+        key_start = valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, past + n):
+                raise ValueError(
+                    f"attention_mask must be a 2-D (batch, past + new tokens) = ({batch}, {past + n}) "
+                    f"padding mask, got shape {tuple(attention_mask.shape)}"
+                )
+            mask = attention_mask.to(device=device, dtype=torch.long)
+            # number of leading pad tokens = first valid position of each row
+            key_start = (mask.cumsum(-1) == 0).sum(-1)
+            valid = mask[:, past:].bool()
+            if position_ids is None:
+                position_ids = (mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = _document_positions(cu_seqlens, n)
+            else:
+                position_ids = torch.arange(past, past + n, device=device).unsqueeze(0)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        position_ids = position_ids.to(device).expand(batch, -1)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        decisions = []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, soft, hard = layer(
+                hidden_states,
+                position_embeddings,
+                cu_seqlens=cu_seqlens,
+                key_start=key_start,
+                layer_cache=past_key_values.layers[i] if past_key_values is not None else None,
+                global_leakage=global_leakage,
+            )
+            if soft is not None:
+                decisions.append((soft, hard))
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        router_fraction, router_regularizer = _router_statistics(decisions, valid, device)
+        output = L2AModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            router_fraction=router_fraction,
+            router_regularizer=router_regularizer,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
+    """L2A decoder with an LM head. Loss: `lm_loss + lambda * router_regularizer` when labels are given."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: L2AConfig):
+        super().__init__(config)
+        self.model = L2AModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: L2ACache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        global_leakage: bool = False,
+        router_regularizer_weight: float | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> L2ACausalLMOutputWithPast | tuple:
+        """Arguments as `L2AModel.forward`, plus:
+
+        labels: (B, N) next-token targets as in HF (shifted inside the loss; -100 ignored).
+        logits_to_keep: int k > 0 computes logits of the last k positions only; a 1-D tensor selects
+            positions.
+        router_regularizer_weight: lambda; defaults to `config.router_regularizer_weight`.
+        num_items_in_batch: token count for HF's loss normalisation under gradient accumulation.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cu_seqlens=cu_seqlens,
+            global_leakage=global_leakage,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+            weight = (
+                self.config.router_regularizer_weight
+                if router_regularizer_weight is None
+                else router_regularizer_weight
+            )
+            loss = lm_loss + weight * outputs.router_regularizer if weight else lm_loss
+        output = L2ACausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            lm_loss=lm_loss,
+            router_regularizer=outputs.router_regularizer,
+            router_fraction=outputs.router_fraction,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() hook: give generation an `L2ACache` (HF would build a `DynamicCache`)."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, L2ACache):
+            raise TypeError(f"past_key_values must be an L2ACache, got {type(cache).__name__}")
+        if cache is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
+                "L2A models; they use their own L2ACache (leave cache_implementation unset)"
+            )
+        model_kwargs["past_key_values"] = L2ACache(self.config)

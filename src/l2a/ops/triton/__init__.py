@@ -1,0 +1,44 @@
+"""Triton backend of `l2a.ops`: flash attention over compact routed query rows. Imported lazily.
+
+Both functions return (out (B, N, Hq, D), lse float32 (B, Hq, N)) and are differentiable in q, k, v
+(and through lse) via `torch.library` custom ops, so `torch.compile(fullgraph=True)` keeps them in graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2a.ops.triton import _flash
+from l2a.ops.triton._autograd import conditional_attention_op, sliding_window_attention_op
+
+
+def conditional_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+    key_offset: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed causal attention; arguments as `l2a.ops.conditional_attention` (already validated there)."""
+    _flash.check_supported(q)
+    return conditional_attention_op(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+
+
+def sliding_window_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scale: float,
+    cu_seqlens: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window attention; arguments as `l2a.ops.sliding_window_attention` (already validated there)."""
+    _flash.check_supported(q)
+    return sliding_window_attention_op(q, k, v, window, scale, cu_seqlens, key_start)
+
+
+__all__ = ["conditional_attention_triton", "sliding_window_attention_triton"]

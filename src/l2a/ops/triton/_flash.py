@@ -1,0 +1,817 @@
+"""Flash attention over a compact list of query rows, each with its own contiguous key range [lo, hi].
+
+One kernel family serves routed causal attention and sliding-window attention: the host launchers
+(`conditional.py`, `sliding_window.py`) only differ in which tokens are listed and how lo/hi are
+computed. See `l2a/ops/README.md` for the derivations.
+
+Row layout. Query heads are grouped by the K/V head they read (G = Hq / Hkv). For one batch row b and
+one K/V head, the kernel walks L lists of compact tokens; list l holds `count` tokens (positions
+sorted ascending) and each token contributes R consecutive rows, one per query head:
+    row r of list l -> token idx[r // R], query head hkv * G + l * R + r % R.
+Token-wise routing and dense windows use one list shared by all heads (L = 1, R = G: the G heads of
+a group share every K/V tile of an M-tile); head-wise routing uses one list per query head
+(L = G, R = 1). Per-token key bounds lo/hi are non-decreasing along a list, so a tile's key range is
+[lo(first row), hi(last row)] and only the key blocks outside [lo(last row), hi(first row)] need a mask.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Sorts after every real position; pads compact lists so that they stay sorted for searchsorted.
+_PAD = 1 << 30
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Tests set this to fill outputs that the kernels must write with NaN first, so unwritten rows show.
+POISON_UNWRITTEN = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _env_config(name: str, default: Config) -> Config:
+    """`L2A_<NAME>=BM,BN,warps,stages` overrides a launch config (used by the benchmark's sweeps)."""
+    value = os.environ.get(f"L2A_{name}")
+    if not value:
+        return default
+    bm, bn, w, s = (int(x) for x in value.split(","))
+    return Config(bm, bn, w, s)
+
+
+def fwd_config(d: int) -> Config:
+    if interpreting():
+        return Config(16, 16, 1, 1)
+    return _env_config("FWD", Config(128, 64, 8, 3) if d <= 64 else Config(128, 64, 8, 2))
+
+
+def bwd_dq_config(d: int) -> Config:
+    if interpreting():
+        return Config(16, 16, 1, 1)
+    return _env_config("BWD_DQ", Config(64, 64, 4, 2) if d <= 64 else Config(64, 64, 8, 2))
+
+
+def bwd_dkdv_config(d: int) -> Config:
+    if interpreting():
+        return Config(16, 16, 1, 1)
+    return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 2))
+
+
+@dataclass
+class Rows:
+    """Compact query rows of one call.
+
+    idx: int32 (B, Lc, N) token index (in q) of each compact slot; lo, hi: int32 (B, Lc, N) inclusive
+    key range of each slot, padded with _PAD past `count`; count: int32 (B, Lc). Lc is 1 (one list
+    shared by all heads) or Hq (one list per query head); `lists_per_group` (L) and `rows_per_token` (R)
+    as in the module docstring.
+    """
+
+    idx: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    count: torch.Tensor
+    lists_per_group: int
+    rows_per_token: int
+
+    @property
+    def shared(self) -> bool:
+        return self.idx.shape[1] == 1
+
+
+def key_bounds(
+    n: int,
+    nk: int,
+    b: int,
+    device: torch.device,
+    *,
+    key_offset: int = 0,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive key range of every query token: lo, hi int32 (B, N); empty when lo > hi."""
+    pos = torch.arange(n, device=device, dtype=torch.int32) + (nk - n)
+    hi = (pos - key_offset).expand(b, n)
+    lo = torch.zeros(b, n, device=device, dtype=torch.int32)
+    if key_start is not None:
+        lo = torch.maximum(lo, key_start.to(torch.int32)[:, None])
+    if cu_seqlens is not None:
+        doc = torch.bucketize(pos, cu_seqlens[1:], right=True)
+        lo = torch.maximum(lo, cu_seqlens[doc.clamp_max(cu_seqlens.numel() - 1)][None, :])
+    if window is not None:
+        lo = torch.maximum(lo, pos - (window - 1))
+    return lo.contiguous(), hi.contiguous()
+
+
+def compact_rows(active: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, hq: int, hkv: int) -> Rows:
+    """Gather the active tokens of each list in position order, on the device and without a host sync.
+
+    active: None (all tokens), bool (B, N) token-wise or (B, N, Hq) head-wise. lo, hi: int32 (B, N).
+    A cumulative sum gives each active token its compact slot; inactive tokens scatter to a spill slot N.
+    """
+    b, n = lo.shape
+    group = hq // hkv
+    if active is None:
+        idx = torch.arange(n, device=lo.device, dtype=torch.int32).expand(b, 1, n).contiguous()
+        count = torch.full((b, 1), n, device=lo.device, dtype=torch.int32)
+        return Rows(idx, lo[:, None].contiguous(), hi[:, None].contiguous(), count, 1, group)
+    lists = active[:, None, :] if active.dim() == 2 else active.permute(0, 2, 1)
+    slot = torch.cumsum(lists, dim=-1, dtype=torch.int32)
+    count = slot[..., -1].contiguous()
+    dest = torch.where(lists, slot - 1, n).long()
+    token = torch.arange(n, device=lo.device, dtype=torch.int32).expand_as(lists)
+    idx = torch.zeros(*lists.shape[:-1], n + 1, device=lo.device, dtype=torch.int32)
+    idx.scatter_(-1, dest, token)
+    idx = idx[..., :n].contiguous()
+    filled = torch.arange(n, device=lo.device)[None, None, :] < count[..., None]
+    lo_c = torch.where(filled, torch.gather(lo[:, None].expand_as(idx), -1, idx.long()), _PAD)
+    hi_c = torch.where(filled, torch.gather(hi[:, None].expand_as(idx), -1, idx.long()), _PAD)
+    if active.dim() == 2:
+        return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, 1, group)
+    return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, group, 1)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in float32. DOT_PRECISION "upcast": 16-bit operands converted to float32 first,
+    for the Triton interpreter, whose dot multiplies bfloat16 tensors as their raw uint16 bits."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    lo_r,
+    hi_r,
+    kb_begin,
+    kb_end,
+    nk,
+    qk_scale,
+    offs_n,
+    offs_d,
+    MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    for kb in range(kb_begin, kb_end):
+        kpos = kb * BLOCK_N + offs_n
+        if MASK:
+            k = tl.load(
+                k_base + kpos[:, None] * stride_kn + offs_d[None, :], mask=kpos[:, None] < nk, other=0.0
+            )
+        else:
+            k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :])
+        qk = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if MASK:
+            valid = (kpos[None, :] >= lo_r[:, None]) & (kpos[None, :] <= hi_r[:, None])
+            qk = tl.where(valid, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = m_new
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(qk - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK:
+            v = tl.load(
+                v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kpos[:, None] < nk, other=0.0
+            )
+        else:
+            v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :])
+        acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _tile_rows(
+    pid,
+    IDX,
+    LO,
+    HI,
+    CNT,
+    stride_ib,
+    stride_il,
+    stride_cb,
+    stride_cl,
+    n_lists_total,
+    hkv_heads,
+    n_lists,
+    group,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Decode a program id into (batch, K/V head, list, M-tile) and load the tile's rows.
+
+    Programs are ordered heavy-first: the last tiles of every list (latest positions, longest key
+    ranges) start first; m_tile < 0 marks a program past the end of its list.
+    """
+    blh = pid % n_lists_total
+    m_rev = pid // n_lists_total
+    b = blh // (hkv_heads * n_lists)
+    hl = blh % (hkv_heads * n_lists)
+    hkv = hl // n_lists
+    li = hl % n_lists
+    count = tl.load(CNT + b * stride_cb + (hkv * n_lists + li) * stride_cl)
+    b = b.to(tl.int64)
+    n_rows = count * R
+    m_tile = tl.cdiv(n_rows, BLOCK_M) - 1 - m_rev
+    # programs past the end (m_tile < 0) exit in the caller; clamping keeps their loads in bounds
+    m_start = tl.maximum(m_tile, 0) * BLOCK_M
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < n_rows
+    slot = rows // R
+    list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
+    tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
+    head = hkv * group + li * R + rows % R
+    lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
+    hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
+    first_slot = m_start // R
+    last_slot = tl.maximum(tl.minimum(m_start + BLOCK_M, n_rows) - 1, 0) // R
+    lo_first = tl.load(LO + list_off + first_slot)
+    hi_first = tl.load(HI + list_off + first_slot)
+    lo_last = tl.load(LO + list_off + last_slot)
+    hi_last = tl.load(HI + list_off + last_slot)
+    return b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last
+
+
+@triton.jit
+def _key_block_ranges(lo_first, hi_first, lo_last, hi_last, BLOCK_N: tl.constexpr):
+    """Key blocks [kb_lo, kb_hi) touched by a tile; [u0, u1) inside every row's range (no mask needed)."""
+    # all operands kept >= 0 so integer division rounds the same on the GPU and in the interpreter
+    kb_lo = tl.maximum(lo_first, 0) // BLOCK_N
+    kb_hi = tl.where(hi_last >= lo_first, tl.maximum(hi_last + 1, 0), 0)
+    kb_hi = tl.maximum(tl.cdiv(kb_hi, BLOCK_N), kb_lo)
+    u0 = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(lo_last, 0), BLOCK_N), kb_lo), kb_hi)
+    u1 = tl.minimum(tl.maximum(tl.maximum(hi_first + 1, 0) // BLOCK_N, u0), kb_hi)
+    return kb_lo, u0, u1, kb_hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    IDX,
+    LO,
+    HI,
+    CNT,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_ib,
+    stride_il,
+    stride_cb,
+    stride_cl,
+    n_lists_total,
+    hkv_heads,
+    n_lists,
+    group,
+    nk,
+    qk_scale,
+    R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
+        tl.program_id(0),
+        IDX,
+        LO,
+        HI,
+        CNT,
+        stride_ib,
+        stride_il,
+        stride_cb,
+        stride_cl,
+        n_lists_total,
+        hkv_heads,
+        n_lists,
+        group,
+        R,
+        BLOCK_M,
+    )
+    if m_tile < 0:
+        return
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_ptrs = Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    kb_lo, u0, u1, kb_hi = _key_block_ranges(lo_first, hi_first, lo_last, hi_last, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, kb_lo, u0, nk, qk_scale,
+        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, u0, u1, nk, qk_scale,
+        offs_n, offs_d, False, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, u1, kb_hi, nk, qk_scale,
+        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    o_ptrs = Out + b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + b * stride_lb + head * stride_lh + tok, lse, mask=row_valid)
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    lo_r,
+    hi_r,
+    kb_begin,
+    kb_end,
+    nk,
+    qk_scale,
+    offs_n,
+    offs_d,
+    MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    for kb in range(kb_begin, kb_end):
+        kpos = kb * BLOCK_N + offs_n
+        if MASK:
+            k = tl.load(
+                k_base + kpos[:, None] * stride_kn + offs_d[None, :], mask=kpos[:, None] < nk, other=0.0
+            )
+            v = tl.load(
+                v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=kpos[:, None] < nk, other=0.0
+            )
+        else:
+            k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :])
+        qk = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        p = tl.exp2(qk - lse2[:, None])
+        if MASK:
+            valid = (kpos[None, :] >= lo_r[:, None]) & (kpos[None, :] <= hi_r[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = _mma(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    DO,
+    DQ,
+    LSE,
+    DLSE,
+    DELTA,
+    IDX,
+    LO,
+    HI,
+    CNT,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_ib,
+    stride_il,
+    stride_cb,
+    stride_cl,
+    n_lists_total,
+    hkv_heads,
+    n_lists,
+    group,
+    nk,
+    qk_scale,
+    scale,
+    R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one compact M-tile; also writes delta = rowsum(dO * O) - dLSE for the dK/dV kernel."""
+    b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
+        tl.program_id(0),
+        IDX,
+        LO,
+        HI,
+        CNT,
+        stride_ib,
+        stride_il,
+        stride_cb,
+        stride_cl,
+        n_lists_total,
+        hkv_heads,
+        n_lists,
+        group,
+        R,
+        BLOCK_M,
+    )
+    if m_tile < 0:
+        return
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
+    o_off = b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    q = tl.load(Q + b * stride_qb + row_off, mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + o_off, mask=row_valid[:, None], other=0.0)
+    o = tl.load(Out + o_off, mask=row_valid[:, None], other=0.0)
+    l_off = b * stride_lb + head * stride_lh + tok
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse / d s = p, so an lse cotangent only shifts delta: ds = p * (dp - (delta - dlse))
+        delta -= tl.load(DLSE + l_off, mask=row_valid, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=row_valid)
+    lse = tl.load(LSE + l_off, mask=row_valid, other=float("-inf"))
+    # rows without keys have lse = -inf; +inf makes every p = 0 instead of inf
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    kb_lo, u0, u1, kb_hi = _key_block_ranges(lo_first, hi_first, lo_last, hi_last, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, kb_lo, u0, nk, qk_scale,
+        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, u0, u1, nk, qk_scale,
+        offs_n, offs_d, False, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, u1, kb_hi, nk, qk_scale,
+        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    tl.store(DQ + o_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    tok,
+    head,
+    row_valid,
+    lo_r,
+    hi_r,
+    kpos,
+    q_base,
+    stride_qn,
+    stride_qh,
+    o_base,
+    stride_on,
+    stride_oh,
+    l_base,
+    d_base,
+    stride_lh,
+    qk_scale,
+    offs_d,
+    MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    q = tl.load(
+        q_base + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        o_base + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+    lse = tl.load(l_base + head * stride_lh + tok, mask=row_valid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(d_base + head * stride_lh + tok, mask=row_valid, other=0.0)
+    qk_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+    p_t = tl.exp2(qk_t - lse2[None, :])
+    if MASK:
+        valid = (kpos[:, None] >= lo_r[None, :]) & (kpos[:, None] <= hi_r[None, :])
+        p_t = tl.where(valid, p_t, 0.0)
+    dv = _mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+    dp_t = _mma(v, tl.trans(do), None, DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    IDX,
+    LO,
+    HI,
+    ROW_START,
+    ROW_END,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_lb,
+    stride_lh,
+    stride_ib,
+    stride_il,
+    stride_sb,
+    stride_sl,
+    n_bh,
+    hkv_heads,
+    n_lists,
+    group,
+    nk,
+    qk_scale,
+    scale,
+    R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key block of one K/V head, summed over every compact row that sees it.
+
+    ROW_START/ROW_END (B, Lc, num_key_blocks): the compact slots [start, end) whose key range meets
+    the block, found on the device by searchsorted over the sorted per-slot hi / lo.
+    """
+    pid = tl.program_id(0)
+    kb = pid // n_bh
+    bh = pid % n_bh
+    b = (bh // hkv_heads).to(tl.int64)
+    hkv = bh % hkv_heads
+    offs_d = tl.arange(0, HEAD_DIM)
+    kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_mask = kpos[:, None] < nk
+    k = tl.load(
+        K + b * stride_kb + hkv * stride_kh + kpos[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + hkv * stride_vh + kpos[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    j_first = kb * BLOCK_N
+    j_last = j_first + BLOCK_N - 1
+    q_base = Q + b * stride_qb
+    o_base = DO + b * stride_ob
+    l_base = LSE + b * stride_lb
+    d_base = DELTA + b * stride_lb
+    for li in range(0, n_lists):
+        lid = hkv * n_lists + li
+        list_off = b * stride_ib + lid * stride_il
+        se_off = b * stride_sb + lid * stride_sl + kb
+        row_begin = tl.load(ROW_START + se_off) * R
+        row_end = tl.load(ROW_END + se_off) * R
+        for r0 in range(row_begin, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_valid = rows < row_end
+            slot = rows // R
+            tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
+            head = hkv * group + li * R + rows % R
+            lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
+            hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
+            hi_first = tl.load(HI + list_off + r0 // R)
+            lo_last = tl.load(LO + list_off + (tl.minimum(r0 + BLOCK_M, row_end) - 1) // R)
+            # padded rows load q = dO = 0 and lse = +inf, so they add nothing even unmasked
+            if (lo_last <= j_first) & (hi_first >= j_last):
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                    False, DOT_PRECISION,
+                )  # fmt: skip
+            else:
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                    True, DOT_PRECISION,
+                )  # fmt: skip
+    out_off = b * stride_dkb + hkv * stride_dkh + kpos[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get exact float32 products (tf32 would miss the float32 tolerance by ~1e-3)
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if interpreting() else "tf32"
+
+
+def _list_strides(rows: Rows) -> tuple[int, int, int, int]:
+    stride_ib = rows.idx.stride(0)
+    stride_il = 0 if rows.shared else rows.idx.stride(1)
+    stride_cb = rows.count.stride(0)
+    stride_cl = 0 if rows.shared else rows.count.stride(1)
+    return stride_ib, stride_il, stride_cb, stride_cl
+
+
+def _row_outputs(q: torch.Tensor, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out-like (B, N, Hq, D) and lse-like (B, Hq, N) buffers: inactive rows preset to 0 / -inf."""
+    b, n, hq, d = q.shape
+    if active is None:
+        if POISON_UNWRITTEN:
+            return torch.full_like(q, float("nan")), q.new_full((b, hq, n), float("nan"), dtype=torch.float32)
+        return torch.empty_like(q), q.new_empty((b, hq, n), dtype=torch.float32)
+    if not POISON_UNWRITTEN:
+        return torch.zeros_like(q), q.new_full((b, hq, n), float("-inf"), dtype=torch.float32)
+    inactive = ~(active[:, :, None] if active.dim() == 2 else active).expand(b, n, hq)
+    out = torch.full_like(q, float("nan")).masked_fill_(inactive[..., None], 0.0)
+    lse = q.new_full((b, hq, n), float("nan"), dtype=torch.float32).masked_fill_(
+        inactive.permute(0, 2, 1), float("-inf")
+    )
+    return out, lse
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Rows, active: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, N, Hq, D), lse float32 (B, Hq, N) for the rows listed in `rows`."""
+    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    b, n, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    out, lse = _row_outputs(q, active)
+    cfg = fwd_config(d)
+    r = rows.rows_per_token
+    n_lists_total = b * hkv * rows.lists_per_group
+    grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, rows.idx, rows.lo, rows.hi, rows.count,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        *_list_strides(rows), n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E,
+        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rows: Rows,
+    active: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D) given dout (B, N, Hq, D) and optional dlse (B, Hq, N)."""
+    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    dout = dout.contiguous() if dout.stride() != out.stride() else dout
+    lse = lse.contiguous()
+    b, n, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    r = rows.rows_per_token
+    n_lists_total = b * hkv * rows.lists_per_group
+    precision = _dot_precision(q.dtype)
+    dq, _ = _row_outputs(q, active)
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.contiguous().float()
+
+    cfg = bwd_dq_config(d)
+    grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
+    _bwd_dq_kernel[grid](
+        q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse, delta,
+        rows.idx, rows.lo, rows.hi, rows.count,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+        *_list_strides(rows), n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
+        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_DLSE=dlse is not None,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    cfg = bwd_dkdv_config(d)
+    n_kb = triton.cdiv(nk, cfg.block_n)
+    starts = torch.arange(n_kb, device=q.device, dtype=torch.int32) * cfg.block_n
+    lists = rows.idx.shape[1]
+    # first slot whose range reaches the block (hi >= j0), one past the last that starts in it (lo <= j1)
+    row_start = torch.searchsorted(
+        rows.hi, starts.expand(b, lists, n_kb).contiguous(), side="left", out_int32=True
+    )
+    row_end = torch.searchsorted(
+        rows.lo, (starts + cfg.block_n - 1).expand(b, lists, n_kb).contiguous(), side="right", out_int32=True
+    )
+    dk = torch.full_like(k, float("nan")) if POISON_UNWRITTEN else torch.empty_like(k)
+    dv = torch.full_like(v, float("nan")) if POISON_UNWRITTEN else torch.empty_like(v)
+    grid = (n_kb * b * hkv,)
+    stride_sb, stride_sl = row_start.stride(0), 0 if rows.shared else row_start.stride(1)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, dout, dk, dv, lse, delta, rows.idx, rows.lo, rows.hi, row_start, row_end,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
+        *lse.stride()[:2], *_list_strides(rows)[:2], stride_sb, stride_sl,
+        b * hkv, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
+        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def check_supported(q: torch.Tensor) -> None:
+    """Kernel-specific limits beyond `l2a.ops._checks`."""
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton attention kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {d}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton attention kernels support float16, bfloat16 and float32, got {q.dtype}")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"the Triton attention kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {q.device}"
+        )

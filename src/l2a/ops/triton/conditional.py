@@ -1,0 +1,57 @@
+"""Host launchers for routed (conditional) causal attention; autograd lives in `_autograd.py`."""
+
+from __future__ import annotations
+
+import torch
+
+from l2a.ops.triton import _flash
+
+
+def _rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    active: torch.Tensor,
+    key_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    key_start: torch.Tensor | None,
+) -> _flash.Rows:
+    b, n, hq, _ = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    lo, hi = _flash.key_bounds(
+        n, nk, b, q.device, key_offset=key_offset, cu_seqlens=cu_seqlens, key_start=key_start
+    )
+    return _flash.compact_rows(active, lo, hi, hq, hkv)
+
+
+def conditional_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+    key_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    key_start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, N, Hq, D), lse float32 (B, Hq, N); see `l2a.ops.conditional_attention`."""
+    rows = _rows(q, k, active, key_offset, cu_seqlens, key_start)
+    return _flash.forward(q, k, v, rows, active, scale)
+
+
+def conditional_attention_bwd(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+    key_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    key_start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D)."""
+    rows = _rows(q, k, active, key_offset, cu_seqlens, key_start)
+    return _flash.backward(dout, dlse, q, k, v, out, lse, rows, active, scale)

@@ -1,0 +1,155 @@
+"""Checkpoints that resume exactly and whose model part loads with `from_pretrained`.
+
+Layout of `output_dir/checkpoints/step-000100/`:
+- `config.json`, `model*.safetensors` (+ tokenizer files): written by `save_pretrained`, so
+  `AutoModelForCausalLM.from_pretrained(checkpoint_dir)` (or `L2AForCausalLM`) loads the trained model;
+- `trainer_state.pt`: step, optimizer and scheduler state dicts, counters;
+- `rank_00000.pt` ...: per-rank RNG states (python, numpy, torch, CUDA) and data position;
+- `train_config.yaml`: the `TrainConfig` of the run.
+
+A checkpoint is written into `.step-000100.tmp` and renamed when complete, so a crash never leaves a
+half-written `step-*` directory and never touches an existing one; after the rename, checkpoints beyond
+`keep_last` are deleted (oldest first).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy, torch (CPU) and the current CUDA device."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: Any,
+    model_state: dict[str, torch.Tensor] | None,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+    tokenizer: Any = None,
+) -> Path:
+    """Write checkpoint `step` under `root` (collective: call on every rank).
+
+    model: the unwrapped HF model (its `save_pretrained` writes config and weights on rank 0).
+    model_state: full state dict to save on rank 0 (needed when the live parameters are sharded);
+        None saves the model's own parameters.
+    trainer_state: rank-0 state (step, optimizer, scheduler, ...); rank_state: this rank's RNG/data state.
+    Returns the final checkpoint directory.
+    """
+    root = Path(root)
+    name = checkpoint_name(step)
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    rank = _rank()
+    if rank == 0:
+        if final.exists():
+            raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an interrupted save
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=model_state)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _barrier()
+    if rank == 0:
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def load_rank_state(path: str | Path, rank: int) -> dict[str, Any]:
+    file = Path(path) / f"rank_{rank:05d}.pt"
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{file} missing: checkpoint {path} was written by fewer ranks; resume with the same world size"
+        )
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors written by `save_pretrained` in `path` (single or sharded safetensors), on CPU."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors (or index) in checkpoint {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(path / file), device="cpu"))
+    return state

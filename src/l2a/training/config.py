@@ -1,0 +1,360 @@
+"""Training configuration: nested dataclasses validated at construction, loaded from YAML/TOML.
+
+`load_config(path, overrides)` reads a YAML (`.yaml`/`.yml`) or TOML (`.toml`) file and applies dotted
+overrides such as `optim.lr=1e-4` or `data.sources=[a.jsonl,b.jsonl]` (values parsed as YAML scalars).
+Unknown keys are errors; values are coerced to the field types (YAML reads `5e-5` as a string, so
+numeric fields accept numeric strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+TRAINABLE_GROUPS = ("attention", "norms", "router", "mlp", "embeddings", "lm_head", "other")
+"""Named parameter groups accepted in `TrainConfig.trainable` (see `l2a.training.params`)."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class _Validated:
+    """Checks `Literal[...]` fields, then the class's own `_validate`, at construction."""
+
+    def __post_init__(self) -> None:
+        for name, tp in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            choices = _literal_choices(tp)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            if get_origin(option) is Literal:
+                return (*get_args(option), *([None] if type(None) in get_args(tp) else []))
+    return None
+
+
+@dataclass
+class DataConfig(_Validated):
+    """Where training sequences come from (used when `train` is not given an in-memory `data`).
+
+    sources: corpus sources read by `l2a.data.iter_documents`: directories (of .txt/.py/.md, .jsonl,
+        .parquet), .jsonl or .parquet files, or "stdlib" (the embedded corpus, the default).
+    tokenizer: None = the model directory's tokenizer, "byte" = `l2a.data.ByteTokenizer`, else a path/name
+        for `l2a.data.load_tokenizer`.
+    seq_len: tokens per packed sequence (N).
+    micro_batch_size: sequences per micro-step per rank (must be 1 with `separate_documents`, because
+        `cu_seqlens` describes one packed row).
+    separate_documents: pack with `cu_seqlens` and per-document `position_ids` so documents do not attend
+        to each other.
+    task, task_ratio, task_kwargs: mix synthetic task samples (`l2a.data.tasks`) into the corpus stream;
+        `task_ratio` is the fraction of sequences that are task samples.
+    """
+
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])
+    tokenizer: str | None = None
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    separate_documents: bool = True
+    task: str | None = None
+    task_ratio: float = 0.0
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        _check(len(self.sources) > 0, "data.sources must name at least one corpus source")
+        _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _check(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(
+            not (self.separate_documents and self.micro_batch_size != 1),
+            "data.separate_documents packs one row with cu_seqlens per micro-step: "
+            f"data.micro_batch_size must be 1, got {self.micro_batch_size}",
+        )
+        _check(0.0 <= self.task_ratio <= 1.0, f"data.task_ratio must be in [0, 1], got {self.task_ratio}")
+        _check(
+            self.task is not None or self.task_ratio == 0.0,
+            f"data.task_ratio={self.task_ratio} needs data.task to name a task",
+        )
+        _check(
+            self.task is not None or not self.task_kwargs, "data.task_kwargs given but data.task is not set"
+        )
+
+
+@dataclass
+class OptimConfig(_Validated):
+    """AdamW with linear warm-up then a cosine / linear / constant learning-rate schedule.
+
+    The schedule decays from `lr` to `lr * min_lr_ratio` between `warmup_steps` and the last step.
+    `grad_clip`: max global L2 norm of the gradients (None: no clipping; the norm is still logged).
+    """
+
+    lr: float = 5e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+
+    def _validate(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas must lie in [0, 1), got {self.betas}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _check(
+            self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or None, got {self.grad_clip}"
+        )
+
+
+@dataclass
+class RouterConfig(_Validated):
+    """Router regulariser λ(step) and leakage steps.
+
+    regularizer_weight: final λ; the loss is `lm_loss + λ(step) · router_regularizer`.
+    regularizer_schedule: "constant" (λ from step 0), "linear" or "cosine" ramp from 0 to λ over
+        `regularizer_ramp_steps` (None: the whole run).
+    leakage_probability: probability p that a step computes dense global attention for all tokens
+        (`global_leakage=True`); drawn from a generator seeded by (seed, step), identical on every rank.
+    """
+
+    regularizer_weight: float = 1e-8
+    regularizer_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    regularizer_ramp_steps: int | None = None
+    leakage_probability: float = 0.1
+
+    def _validate(self) -> None:
+        _check(self.regularizer_weight >= 0, f"router.regularizer_weight must be >= 0, got {self.regularizer_weight}")
+        _check(
+            self.regularizer_ramp_steps is None or self.regularizer_ramp_steps >= 1,
+            f"router.regularizer_ramp_steps must be >= 1 or None, got {self.regularizer_ramp_steps}",
+        )
+        _check(
+            0.0 <= self.leakage_probability <= 1.0,
+            f"router.leakage_probability must be in [0, 1], got {self.leakage_probability}",
+        )
+
+
+@dataclass
+class CheckpointConfig(_Validated):
+    """every: save every that many optimizer steps (0: only at the end); keep_last: checkpoints kept
+    (older ones are deleted after a new one is complete); resume: None, "auto" (latest checkpoint in
+    `output_dir/checkpoints`, if any) or a checkpoint directory; save_final: save after the last step."""
+
+    every: int = 0
+    keep_last: int = 2
+    resume: str | None = None
+    save_final: bool = True
+
+    def _validate(self) -> None:
+        _check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig(_Validated):
+    """every: log (and synchronise statistics to the host) every that many optimizer steps;
+    jsonl: append records to `output_dir/log.jsonl`; tensorboard: write `output_dir/tensorboard`;
+    progress_bar: tqdm bar on rank 0; peak_tflops: accelerator peak (dense bf16) for the MFU estimate
+    (None: looked up from the CUDA device name, no MFU on CPU)."""
+
+    every: int = 10
+    jsonl: bool = True
+    tensorboard: bool = False
+    progress_bar: bool = True
+    peak_tflops: float | None = None
+
+    def _validate(self) -> None:
+        _check(self.every >= 1, f"logging.every must be >= 1, got {self.every}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops must be > 0 or None")
+
+
+@dataclass
+class TrainConfig(_Validated):
+    """Everything `l2a.training.train` needs.
+
+    model: directory written by `l2a convert` / `save_pretrained` (only read by `run_training` / the CLI).
+    output_dir: checkpoints, `log.jsonl`, TensorBoard files.
+    steps: optimizer steps; grad_accum_steps: micro-steps per optimizer step (per rank).
+    trainable: named groups (`TRAINABLE_GROUPS`) and/or glob patterns on parameter names; everything
+        else gets requires_grad=False and stays out of the optimizer. Default as the paper.
+    rope_theta, max_position_embeddings: context extension applied to the model before training.
+    precision: "auto" = bf16 autocast on CUDA, fp32 on CPU. Master weights stay fp32.
+    gradient_checkpointing: activation checkpointing through `model.gradient_checkpointing_enable`.
+    parallel: "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`), under torchrun.
+    """
+
+    model: str | None = None
+    output_dir: str = "runs/train"
+    steps: int = 100
+    grad_accum_steps: int = 1
+    seed: int = 0
+    trainable: list[str] = field(default_factory=lambda: ["attention", "norms", "router"])
+    rope_theta: float | None = None
+    max_position_embeddings: int | None = None
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def _validate(self) -> None:
+        # Sections may be given as mappings (`checkpoint={"every": 10}`): build and validate them here.
+        hints = get_type_hints(type(self))
+        for name in ("data", "optim", "router", "checkpoint", "logging"):
+            setattr(self, name, _coerce(getattr(self, name), hints[name], name))
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        _check(len(self.trainable) > 0, "trainable must name at least one group or pattern")
+        _check(self.rope_theta is None or self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _check(
+            self.max_position_embeddings is None or self.max_position_embeddings >= 1,
+            f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}",
+        )
+        _check(
+            self.optim.warmup_steps <= self.steps,
+            f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return _build(cls, values, prefix="")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError(f"{name}: cannot use {value!r} ({'; '.join(errors)})")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{name} must have {len(args)} entries, got {value!r}")
+            return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{name}.")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        out = float(value)
+        if math.isnan(out):
+            raise ValueError(f"{name} must not be NaN")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{name}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    text = path.read_text()
+    if suffix in (".yaml", ".yml"):
+        values = yaml.safe_load(text) or {}
+    elif suffix == ".toml":
+        import tomllib
+
+        values = tomllib.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return values
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings to a nested dict (values parsed as YAML: `1e-4`, `[a, b]`, `null`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML/TOML file (or start from defaults when `path` is None) and apply dotted overrides."""
+    values = _read_file(Path(path)) if path is not None else {}
+    apply_overrides(values, list(overrides or []))
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,429 @@
+"""The training loop: `train(model, tokenizer, config, data=...)` and `run_training(config)` (the CLI's).
+
+One optimizer step = `config.grad_accum_steps` micro-steps per rank. Per step the loop
+1. fetches the micro-batches, counts their predicted tokens (labels ≠ -100 after the causal shift) and
+   sums the count over ranks, so the LM loss is the token-weighted mean over the whole global batch
+   (2 ranks × k micro-steps gives the same gradient as 1 rank × 2k);
+2. computes λ(step) and the leakage draw (seeded by (seed, step): the same on every rank, reproduced on
+   resume) and runs `model(..., global_leakage=leak)` on each micro-batch;
+3. backpropagates `lm_loss · share + λ · router_regularizer / grad_accum_steps`, clips, steps AdamW and
+   the LambdaLR schedule. Statistics stay on the device until a log step.
+
+Models without a router (e.g. HF `Qwen3ForCausalLM` for pretraining a baseline) work too: their `loss`
+is the LM loss and the regulariser is 0; no leakage is drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from l2a.training import checkpoint as ckpt
+from l2a.training.config import TrainConfig
+from l2a.training.metrics import LogWriter, StepStats, flops_per_token, peak_flops
+from l2a.training.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    full_model_state,
+    init_distributed,
+    load_optimizer_state,
+    optimizer_state,
+    unwrap,
+    wrap_model,
+)
+from l2a.training.params import set_trainable
+from l2a.training.schedules import leakage_draw, lr_factor, regularizer_weight
+
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask")
+"""Keys a batch may hold: `input_ids` (B, N) or (N,); `labels` (default: `input_ids`, -100 = ignored,
+shifted inside the model as in HF); `position_ids` (B, N); `cu_seqlens` (num_docs + 1) for a packed row
+(B = 1); `attention_mask` (B, N)."""
+
+
+@dataclass
+class TrainResult:
+    """step: optimizer steps completed; history: the log records (dicts as in `log.jsonl`);
+    checkpoint: the last checkpoint written (None if none); data_exhausted: the data ran out before
+    `config.steps`."""
+
+    step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    output_dir: Path | None = None
+    data_exhausted: bool = False
+
+
+def apply_context_extension(model: nn.Module, rope_theta: float | None, max_position_embeddings: int | None) -> None:
+    """Set RoPE θ / max positions in `model.config` and rebuild the rotary embedding modules from it.
+
+    Every submodule holding an `inv_freq` buffer and a `config` is re-created as `type(m)(config=config)`
+    (HF's and L2A's rotary embeddings compute their frequencies from the config at construction).
+    """
+    if rope_theta is None and max_position_embeddings is None:
+        return
+    config = model.config
+    if rope_theta is not None:
+        params = dict(config.rope_parameters or {})
+        params["rope_theta"] = float(rope_theta)
+        config.rope_parameters = params
+    if max_position_embeddings is not None:
+        config.max_position_embeddings = int(max_position_embeddings)
+    rebuilt = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if hasattr(child, "inv_freq") and hasattr(child, "config"):
+                device = child.inv_freq.device
+                setattr(parent, name, type(child)(config=config).to(device))
+                rebuilt += 1
+    if rebuilt == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no rotary embedding module (a submodule with `inv_freq` and `config`) "
+            "to rebuild for the new rope_theta / max_position_embeddings"
+        )
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _prepare(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown:
+        raise ValueError(f"batch has unknown keys {unknown}; allowed: {list(BATCH_KEYS)}")
+    if "input_ids" not in batch:
+        raise ValueError("batch has no 'input_ids'")
+    out = {}
+    for key, value in batch.items():
+        tensor = torch.as_tensor(value)
+        if key in ("input_ids", "labels", "position_ids", "attention_mask") and tensor.dim() == 1:
+            tensor = tensor.unsqueeze(0)
+        out[key] = tensor.to(device, non_blocking=True)
+    if "labels" not in out:
+        out["labels"] = out["input_ids"]
+    if "cu_seqlens" in out:
+        if out["input_ids"].shape[0] != 1:
+            raise ValueError(f"a batch with cu_seqlens must have one row, got input_ids {tuple(out['input_ids'].shape)}")
+        out["cu_seqlens"] = out["cu_seqlens"].to(torch.int32)
+    return out
+
+
+def _autocast(info: DistInfo, bf16: bool, fsdp: bool) -> contextlib.AbstractContextManager:
+    # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast keeps fp32 master weights.
+    if bf16 and not fsdp:
+        return torch.autocast(device_type=info.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _DataStream:
+    """Iterator over micro-batches that records its position for checkpoints.
+
+    Uses the source's own `state_dict()` / `load_state_dict()` when it has them; otherwise resuming
+    re-iterates the source and skips the micro-batches already consumed.
+    """
+
+    def __init__(self, source: Iterable[dict[str, Any]]):
+        self.source = source
+        self.stateful = hasattr(source, "state_dict") and hasattr(source, "load_state_dict")
+        self.consumed = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def _iterator(self) -> Iterator[dict[str, Any]]:
+        if self._it is None:
+            self._it = iter(self.source)
+        return self._it
+
+    def next(self) -> dict[str, Any] | None:
+        try:
+            batch = next(self._iterator())
+        except StopIteration:
+            return None
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"consumed": self.consumed}
+        if self.stateful:
+            state["source"] = self.source.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed = state["consumed"]
+        if self.stateful:
+            self.source.load_state_dict(state["source"])
+            return
+        it = self._iterator()
+        for i in range(self.consumed):
+            try:
+                next(it)
+            except StopIteration:
+                raise ValueError(
+                    f"resume: the data ran out after {i} micro-batches while skipping {self.consumed}"
+                ) from None
+
+
+def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
+    resume = config.checkpoint.resume
+    if resume is None:
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(root)
+    path = Path(resume)
+    if not (path / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint directory (no trainer_state.pt)")
+    return path
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            # Norm gains and biases (1-D) are not decayed, as usual.
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    o = config.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    config: TrainConfig,
+    *,
+    data: Iterable[dict[str, Any]] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train `model` (an HF causal LM, L2A or not) in place according to `config`.
+
+    Args:
+        model: `L2AForCausalLM`, or any HF causal LM returning `loss` (no router: regulariser 0).
+            Its dtype is left as given (use fp32 master weights; `precision` controls autocast).
+        tokenizer: saved into checkpoints (when it has `save_pretrained`) and used to build the
+            config's data stream; may be None when `data` is given.
+        config: a `TrainConfig`.
+        data: this rank's micro-batches (dicts with `BATCH_KEYS`); None builds the stream from
+            `config.data` through `l2a.data`. Training stops early when it runs out.
+        on_log: called on rank 0 with each log record.
+
+    Returns:
+        TrainResult with the log history and the last checkpoint.
+    """
+    info = init_distributed(config.parallel)
+    try:
+        return _train(model, tokenizer, config, data, on_log, info)
+    finally:
+        if info.created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResult:
+    output_dir = Path(config.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed + info.rank)
+
+    routed = _accepts(model, "global_leakage")
+    packed_ok = _accepts(model, "cu_seqlens")
+    apply_context_extension(model, config.rope_theta, config.max_position_embeddings)
+    set_trainable(model, config.trainable)
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    resume_dir = _resolve_resume(config, ckpt_root)
+    if resume_dir is not None:
+        missing, unexpected = model.load_state_dict(ckpt.load_model_state(resume_dir), strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {resume_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
+    model.to(info.device)
+    model.train()
+    wrapped = wrap_model(model, config.parallel, info, bf16=bf16)
+    fsdp = config.parallel == "fsdp" and info.distributed
+    base = unwrap(wrapped)
+    optimizer = _optimizer(wrapped, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.optim, config.steps))
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+
+    if data is None:
+        from l2a.training.data import build_batches
+
+        data = build_batches(config, tokenizer, rank=info.rank, world_size=info.world_size)
+    stream = _DataStream(data)
+
+    start_step = 0
+    if resume_dir is not None:
+        state = ckpt.load_trainer_state(resume_dir)
+        load_optimizer_state(wrapped, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        rank_state = ckpt.load_rank_state(resume_dir, info.rank)
+        stream.load_state_dict(rank_state["data"])
+        ckpt.set_rng_state(rank_state["rng"])
+
+    writer = LogWriter(output_dir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard) if info.is_main else None
+    flops_tok = flops_per_token(base, config.data.seq_len)
+    peak = peak_flops(info.device, config.logging.peak_tflops)
+    result = TrainResult(step=start_step, output_dir=output_dir)
+    stats = StepStats(info.device)
+    progress = None
+    if info.is_main and config.logging.progress_bar:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def save(step: int) -> Path:
+        trainer_state = {
+            "step": step,
+            "optimizer": optimizer_state(wrapped, optimizer),
+            "scheduler": scheduler.state_dict(),
+        }
+        rank_state = {"rng": ckpt.rng_state(), "data": stream.state_dict()}
+        return ckpt.save_checkpoint(
+            ckpt_root,
+            step,
+            model=base,
+            model_state=full_model_state(wrapped),
+            trainer_state=trainer_state if info.is_main else {},
+            rank_state=rank_state,
+            config=config.to_dict(),
+            keep_last=config.checkpoint.keep_last,
+            tokenizer=tokenizer,
+        )
+
+    zero = torch.zeros((), device=info.device)
+    interval_start = time.perf_counter()
+    step = start_step
+    try:
+        while step < config.steps:
+            micro = []
+            for _ in range(config.grad_accum_steps):
+                batch = stream.next()
+                if batch is None:
+                    break
+                micro.append(_prepare(batch, info.device))
+            if len(micro) < config.grad_accum_steps:
+                result.data_exhausted = True
+                break
+            for mb in micro:
+                if "cu_seqlens" in mb and not packed_ok:
+                    raise ValueError(
+                        f"{type(base).__name__}.forward takes no cu_seqlens; use unpacked data "
+                        "(data.separate_documents=false)"
+                    )
+            valid = [(mb["labels"][:, 1:] != -100).sum().to(torch.float64) for mb in micro]
+            total_valid = all_reduce_sum(torch.stack(valid).sum(), info).clamp_min(1.0)
+            lam = regularizer_weight(step, config.router, config.steps)
+            leak = routed and leakage_draw(config.seed, step, config.router.leakage_probability)
+            extra = {"global_leakage": leak} if routed else {}
+            tokens = 0
+            for i, mb in enumerate(micro):
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                with sync:
+                    with _autocast(info, bf16, fsdp):
+                        out = wrapped(**mb, **extra)
+                    lm = out.lm_loss if routed else out.loss
+                    reg = out.router_regularizer if routed else zero
+                    share = (valid[i] * info.world_size / total_valid).to(lm.dtype)
+                    loss = lm * share + (lam / config.grad_accum_steps) * reg
+                    loss.backward()
+                stats.add_micro(lm, valid[i], reg, out.router_fraction if routed else None)
+                tokens += mb["input_ids"].numel() * info.world_size
+            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.add_step(grad_norm, leak, tokens)
+            step += 1
+            result.step = step
+
+            if step % config.logging.every == 0 or step == config.steps:
+                reduced = stats.reduce(info)
+                now = time.perf_counter()
+                elapsed = now - interval_start
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": reduced["lm_loss"] + lam * reduced["router_regularizer"],
+                    **reduced,
+                    "lambda": lam,
+                    "lr": lr,
+                    "tokens_per_s": stats.tokens / elapsed if elapsed > 0 else float("nan"),
+                }
+                if peak is not None and elapsed > 0:
+                    record["mfu"] = stats.tokens * flops_tok / elapsed / (peak * info.world_size)
+                if routed:
+                    record["global_layers"] = list(getattr(base.config, "global_layers", []))
+                stats.reset()
+                interval_start = now
+                if info.is_main:
+                    result.history.append(record)
+                    writer.write(record)
+                    if on_log is not None:
+                        on_log(record)
+                    if progress is not None:
+                        progress.set_postfix(_postfix(record), refresh=False)
+            if progress is not None:
+                progress.update(1)
+            every = config.checkpoint.every
+            final = step == config.steps and config.checkpoint.save_final
+            if (every and step % every == 0) or final:
+                result.checkpoint = save(step)
+        if result.data_exhausted and config.checkpoint.save_final and step > start_step:
+            if result.checkpoint is None or result.checkpoint.name != ckpt.checkpoint_name(step):
+                result.checkpoint = save(step)
+    finally:
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+    return result
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    post = {"lm": f"{record['lm_loss']:.4f}", "reg": f"{record['router_regularizer']:.3g}", "λ": f"{record['lambda']:.2g}"}
+    if "sparsity" in record:
+        post["sparsity"] = f"{record['sparsity']:.3f}"
+    post["lr"] = f"{record['lr']:.2e}"
+    post["gnorm"] = f"{record['grad_norm']:.3f}"
+    post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+    if "mfu" in record:
+        post["mfu"] = f"{record['mfu']:.1%}"
+    return post
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Load `config.model` (a directory from `l2a convert` or `save_pretrained`) in fp32 with its tokenizer
+    (or `config.data.tokenizer`) and `train` it on the data described by `config.data`."""
+    if config.model is None:
+        raise ValueError("config.model must name a model directory (from `l2a convert`)")
+    import l2a.models  # noqa: F401  (registers the L2A model with the Auto classes)
+    from l2a.data import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model)
+    return train(model, tokenizer, config)

@@ -1,0 +1,129 @@
+"""Training statistics kept on the device between log steps, and the log sinks (tqdm, JSONL, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from l2a.training.parallel import DistInfo, all_reduce_sum
+
+# Dense bf16 peak (TFLOP/s, no sparsity) by substring of the CUDA device name.
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of `device` for the MFU estimate (None when unknown, e.g. on CPU)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Dense-equivalent training FLOPs per token: 6·P (non-embedding parameters) + 6·L·Hq·D·N for causal
+    attention (forward + backward). Routing and windows make the real cost lower: MFU is an estimate."""
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    config = getattr(model, "config", None)
+    attention = 0.0
+    if config is not None and hasattr(config, "num_hidden_layers") and hasattr(config, "num_attention_heads"):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        attention = 6.0 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    return 6.0 * params + attention
+
+
+class StepStats:
+    """Device-side sums over the micro-steps since the last log; `reduce()` is the only host sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.lm_sum = zero.clone()  # Σ lm_loss · valid tokens
+        self.valid_tokens = zero.clone()
+        self.reg_sum = zero.clone()  # Σ router_regularizer over micro-steps
+        self.fraction_sum: torch.Tensor | None = None  # Σ router_fraction (num_global_layers,)
+        self.micro_steps = 0
+        self.steps = 0
+        self.leakage_steps = 0
+        self.tokens = 0
+        self.grad_norm: torch.Tensor | None = None  # of the last step
+
+    def add_micro(
+        self, lm_loss: torch.Tensor, valid: torch.Tensor, reg: torch.Tensor, fraction: torch.Tensor | None
+    ) -> None:
+        self.lm_sum += lm_loss.detach().double() * valid
+        self.valid_tokens += valid
+        self.reg_sum += reg.detach().double()
+        if fraction is not None:
+            fraction = fraction.detach().double()
+            self.fraction_sum = fraction if self.fraction_sum is None else self.fraction_sum + fraction
+        self.micro_steps += 1
+
+    def add_step(self, grad_norm: torch.Tensor, leakage: bool, tokens: int) -> None:
+        self.grad_norm = grad_norm.detach()
+        self.steps += 1
+        self.leakage_steps += int(leakage)
+        self.tokens += tokens
+
+    def reduce(self, info: DistInfo) -> dict[str, Any]:
+        """Means over the interval and over ranks (collective when distributed)."""
+        head = torch.stack([self.lm_sum, self.valid_tokens, self.reg_sum])
+        parts = [head] if self.fraction_sum is None else [head, self.fraction_sum]
+        packed = all_reduce_sum(torch.cat(parts), info).cpu()
+        lm_sum, valid, reg_sum = packed[:3].tolist()
+        micro = self.micro_steps * info.world_size
+        out: dict[str, Any] = {
+            "lm_loss": lm_sum / max(valid, 1.0),
+            "router_regularizer": reg_sum / max(micro, 1),
+            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else float("nan"),
+            "leakage_steps": self.leakage_steps,
+        }
+        if self.fraction_sum is not None:
+            fraction = (packed[3:] / max(micro, 1)).tolist()
+            out["sparsity_per_layer"] = [1.0 - f for f in fraction]
+            out["sparsity"] = sum(out["sparsity_per_layer"]) / len(fraction)
+        return out
+
+
+class LogWriter:
+    """JSONL and (optionally) TensorBoard sinks on rank 0."""
+
+    def __init__(self, output_dir: Path, *, jsonl: bool, tensorboard: bool):
+        self.jsonl_path = output_dir / "log.jsonl" if jsonl else None
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError("logging.tensorboard needs the `tensorboard` package: pip install 'l2a[train]'") from exc
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.jsonl_path is not None:
+            with self.jsonl_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key == "step":
+                    continue
+                if isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self.tb.add_scalar(f"{key}/{i}", v, step)
+                elif isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

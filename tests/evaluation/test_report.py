@@ -1,0 +1,87 @@
+"""The report: results.json, the markdown tables and the PNG plots from synthetic results."""
+
+import json
+
+import pytest
+import torch
+
+from l2a.evaluation.perplexity import PerplexityReport
+from l2a.evaluation.report import ModelEvaluation, markdown_report, write_report
+from l2a.evaluation.routing import RoutingExample, RoutingReport
+from l2a.evaluation.speed import SpeedPoint, SpeedReport
+from l2a.evaluation.tasks import TaskResult
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _results() -> list[ModelEvaluation]:
+    tasks = [
+        TaskResult("niah_single_1", 4096, 100.0, 2, router_fraction=[0.5, 0.1]),
+        TaskResult("niah_single_1", 8192, 50.0, 2, router_fraction=[0.3, 0.1]),
+        TaskResult("vt", 4096, 80.0, 2, router_fraction=[0.2, 0.0]),
+        TaskResult("vt", 8192, 40.0, 2, router_fraction=[0.2, 0.0]),
+    ]
+    ppl = PerplexityReport(8, [1, 2, 4, 8], 3, [3, 6, 12], [2.0, 1.5, 1.0], [7.39, 4.48, 2.72], 1.3, 3.67)
+    decisions = torch.zeros(2, 50, dtype=torch.bool)
+    decisions[:, 10:14] = True
+    routing = RoutingReport(
+        layers=[0, 1],
+        task_fraction=[0.25, 0.05],
+        needle_fraction=[1.0, 0.5],
+        haystack_fraction=[0.2, 0.01],
+        per_task={"niah_single_1": [0.25, 0.05]},
+        num_task_tokens=100,
+        num_needle_tokens=4,
+        example=RoutingExample("niah_single_1", [0, 1], decisions, [(10, 14)]),
+    )
+    speed = SpeedReport("cpu", "float32", 1, 4, 2, 1, 1000, "n/a (CPU)", [SpeedPoint(4096, 12.5, 327680, 2.0, 500, 2**20, None)])
+    l2a = ModelEvaluation("tiny", {"model_type": "l2a"}, tasks, [ppl], routing, speed)
+    dense = ModelEvaluation("tiny [all_global]", {"model_type": "l2a"}, [TaskResult("vt", 4096, 90.0, 2)])
+    return [l2a, dense]
+
+
+def test_markdown_tables():
+    text = markdown_report(_results(), {"samples": 2})
+    assert "| model | 4K | 8K | avg | sparsity % |" in text
+    # mean over tasks: 4K (100+80)/2 = 90, 8K (50+40)/2 = 45, avg 67.5; sparsity 1 - mean(0.5,.1,.3,.1,.2,0,.2,0)
+    assert "| tiny | 90.0 | 45.0 | 67.5 | 82.5 |" in text
+    assert "| tiny [all_global] | 90.0 | – | 90.0 | – |" in text
+    assert "| tiny | vt | 80.0 | 40.0 |" in text
+    assert "| [2, 4) | 6 | 1.5000 | 4.480 |" in text
+    assert "| tiny | 85.0 | 0.150 | 0.750 | 0.105 | – |" in text
+    assert "| tiny | 4K | 12.50 | 327680 | 500.0 | 1.0 | n/a |" in text
+
+
+def test_write_report_files(tmp_path):
+    written = write_report(_results(), tmp_path / "out", {"samples": 2})
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [
+        "heatmap_tiny.png",
+        "heatmap_tiny_all_global.png",
+        "perplexity_by_position.png",
+        "results.json",
+        "results.md",
+        "routing_tiny.png",
+        "scores_vs_length.png",
+    ]
+    for path in written.values():
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == PNG
+    payload = json.loads(written["json"].read_text())
+    assert payload["settings"] == {"samples": 2}
+    first = payload["models"][0]
+    assert first["label"] == "tiny"
+    assert first["task_sparsity"] == pytest.approx(0.825)
+    assert first["tasks"][1] | {"samples": []} == {
+        "task": "niah_single_1", "length": 8192, "score": 50.0, "num_samples": 2, "samples": [],
+        "router_fraction": [0.3, 0.1],
+    }
+    assert first["routing"]["mean_sparsity"] == pytest.approx(0.85)
+    assert first["speed"]["points"][0]["peak_memory_bytes"] is None
+
+
+def test_write_report_rejects_duplicate_labels(tmp_path):
+    results = _results()
+    results[1].label = "tiny"
+    with pytest.raises(ValueError, match="unique"):
+        write_report(results, tmp_path)

@@ -1,0 +1,125 @@
+"""generate() with L2ACache equals decoding that recomputes the full forward at every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import l2a.layers.attention as attention_module
+from l2a.models import L2ACache
+
+PROMPT, NEW = 13, 8
+
+
+def _left_padded_batch(pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 300, (2, PROMPT))
+    mask = torch.ones_like(ids)
+    ids[1, :pad] = 0
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def _greedy_by_recompute(model, ids, mask, steps):
+    fractions = []
+    for _ in range(steps):
+        out = model(ids, attention_mask=mask, use_cache=False)
+        fractions.append(out.router_fraction)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids, torch.stack(fractions)
+
+
+@pytest.mark.parametrize("arch,window", [("qwen3", 4), ("qwen2", 1), ("llama", 6)])
+def test_greedy_generate_with_cache_equals_recompute(arch, window, tiny_l2a):
+    model = tiny_l2a(arch, window=window)
+    ids, mask = _left_padded_batch()
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    expected, fractions = _greedy_by_recompute(model, ids, mask, NEW)
+    assert ((fractions > 0) & (fractions < 1)).any(), "routing must be mixed for this test to mean anything"
+    torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
+    cache = out.past_key_values
+    assert isinstance(cache, L2ACache)
+    assert cache.get_seq_length() == PROMPT + NEW - 1
+
+
+def test_chunked_prefill_equals_single_forward(tiny_l2a):
+    model = tiny_l2a("qwen3", window=5)
+    ids, mask = _left_padded_batch(pad=3)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False)
+        cache = L2ACache(model.config)
+        logits = []
+        for start, stop in ((0, 6), (6, 7), (7, PROMPT)):
+            out = model(
+                ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True
+            )
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1)[1, 3:], full.logits[1, 3:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(logits, dim=1)[0], full.logits[0], atol=1e-5, rtol=0)
+
+
+def test_cache_memory_is_bounded_locally(tiny_l2a):
+    window = 4
+    model = tiny_l2a("qwen2", window=window, global_layers=[1])
+    ids, mask = _left_padded_batch()
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    cache = out.past_key_values
+    seen = PROMPT + NEW - 1
+    per_token = 2 * 2 * 16 * 4  # batch 2, Hkv 2, D 16, float32 bytes
+    expected_local = 2 * (window - 1) * per_token  # keys and values
+    assert cache.layer_nbytes() == [
+        {"local": expected_local, "global": 0},
+        {"local": expected_local, "global": 2 * seen * per_token},
+    ]
+    assert cache.nbytes() == 2 * expected_local + 2 * seen * per_token
+
+
+def test_tokens_routed_nowhere_skip_global_attention(tiny_l2a, monkeypatch):
+    calls = []
+    real = attention_module.conditional_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "conditional_attention", counting)
+    model = tiny_l2a("qwen3", window=3, force_route="none")
+    ids, mask = _left_padded_batch()
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert calls == []
+    model = tiny_l2a("qwen3", window=3, random_router=False)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert calls == [PROMPT] * 2 + [1] * 6  # every token routed: prefill + 3 decode steps, 2 layers
+
+
+def test_beam_search_with_cache_equals_without(tiny_l2a):
+    model = tiny_l2a("qwen2", window=3)
+    ids, mask = _left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, use_cache=True, **kwargs)
+    without = model.generate(ids, use_cache=False, **kwargs)
+    torch.testing.assert_close(with_cache, without, atol=0, rtol=0)
+
+
+def test_foreign_cache_refused(tiny_l2a):
+    from transformers import DynamicCache
+
+    model = tiny_l2a("qwen2", window=3)
+    with pytest.raises(TypeError, match="L2ACache"):
+        model.generate(torch.randint(1, 300, (1, 5)), past_key_values=DynamicCache(), max_new_tokens=2)

@@ -1,0 +1,69 @@
+"""The Triton attention kernels as `torch.library` custom ops: schema, fake kernels, autograd, compile;
+and the kernel-specific input errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from l2a.ops import conditional_attention, sliding_window_attention
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import l2a.ops.triton  # noqa: E402, F401  (registers torch.ops.l2a.*)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _qkv(n: int = 20, hq: int = 4, hkv: int = 2, d: int = 32, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, n, hq, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(1, n, hkv, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(1, n, hkv, d, generator=g).to(DEVICE, dtype).requires_grad_()
+    return q, k, v
+
+
+def test_conditional_op_passes_opcheck() -> None:
+    q, k, v = _qkv()
+    active = torch.arange(20, device=DEVICE) % 3 == 0
+    args = (q, k, v, active[None], 0.2, 1, None, torch.tensor([2], device=DEVICE))
+    torch.library.opcheck(torch.ops.l2a.conditional_attention.default, args)
+
+
+def test_sliding_window_op_passes_opcheck() -> None:
+    q, k, v = _qkv()
+    torch.library.opcheck(torch.ops.l2a.sliding_window_attention.default, (q, k, v, 5, 0.2, None, None))
+
+
+def test_compiles_fullgraph_without_graph_break() -> None:
+    q, k, v = _qkv()
+    active = (torch.arange(20, device=DEVICE) % 2 == 0)[None]
+
+    def f(q, k, v):
+        far, lse_far = conditional_attention(q, k, v, active, key_offset=4, return_lse=True, backend="triton")
+        near, lse_near = sliding_window_attention(q, k, v, 4, return_lse=True, backend="triton")
+        return (far * 2 + near).sum() + torch.logaddexp(lse_far, lse_near).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("d", [48, 256], ids=lambda d: f"D{d}")
+def test_unsupported_head_dim_is_a_clear_error(d: int) -> None:
+    q, k, v = _qkv(d=d)
+    with pytest.raises(ValueError, match="head_dim"):
+        sliding_window_attention(q, k, v, 4, backend="triton")
+
+
+def test_float64_is_a_clear_error() -> None:
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        conditional_attention(q, k, v, torch.ones(1, 20, dtype=torch.bool, device=DEVICE), backend="triton")
