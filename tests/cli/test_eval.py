@@ -19,8 +19,16 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=2048, eos_token_id=258, pad_token_id=256,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        eos_token_id=258,
+        pad_token_id=256,
     )
     base = Qwen3ForCausalLM(config)
     base.save_pretrained(root / "base")
@@ -33,7 +41,9 @@ def checkpoints(tmp_path_factory):
     corpus = root / "corpus"
     corpus.mkdir()
     for i in range(3):
-        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 12)
+        (corpus / f"doc{i}.txt").write_text(
+            f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 12
+        )
     return root
 
 
@@ -41,13 +51,42 @@ def test_eval_writes_results_table_and_plots(checkpoints, tmp_path):
     out = tmp_path / "eval"
     code = main(
         [
-            "eval", str(checkpoints / "tiny-l2a"), str(checkpoints / "base"),
-            "--tasks", "fwe,kv_retrieval", "--lengths", "512,640", "--samples", "1",
-            "--variants", "l2a,all_global", "--tokenizer", "byte",
-            "--perplexity", "--ppl-data", str(checkpoints / "corpus"), "--ppl-seq-len", "128", "--ppl-windows", "2",
-            "--routing-texts", "1",
-            "--speed", "--speed-lengths", "64", "--decode-tokens", "2", "--repeats", "1", "--warmup", "0",
-            "--device", "cpu", "--out", str(out), "--no-progress",
+            "eval",
+            str(checkpoints / "tiny-l2a"),
+            str(checkpoints / "base"),
+            "--tasks",
+            "fwe,kv_retrieval",
+            "--lengths",
+            "512,640",
+            "--samples",
+            "1",
+            "--variants",
+            "l2a,all_global",
+            "--tokenizer",
+            "byte",
+            "--perplexity",
+            "--ppl-data",
+            str(checkpoints / "corpus"),
+            "--ppl-seq-len",
+            "128",
+            "--ppl-windows",
+            "2",
+            "--routing-texts",
+            "1",
+            "--speed",
+            "--speed-lengths",
+            "64",
+            "--decode-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
         ]
     )
     assert code == 0
@@ -59,7 +98,10 @@ def test_eval_writes_results_table_and_plots(checkpoints, tmp_path):
     assert base["info"]["model_type"] == "qwen3"
     for model in payload["models"]:
         assert [(t["task"], t["length"]) for t in model["tasks"]] == [
-            ("fwe", 512), ("fwe", 640), ("kv_retrieval", 512), ("kv_retrieval", 640)
+            ("fwe", 512),
+            ("fwe", 640),
+            ("kv_retrieval", 512),
+            ("kv_retrieval", 640),
         ]
         assert all(0 <= t["score"] <= 100 and t["num_samples"] == 1 for t in model["tasks"])
         ppl = model["perplexity"][0]
@@ -75,8 +117,12 @@ def test_eval_writes_results_table_and_plots(checkpoints, tmp_path):
     assert "| model | 512 | 640 | avg | sparsity % |" in table
     assert "| tiny-l2a [all_global] |" in table and "## Speed and memory" in table
     for name in [
-        "scores_vs_length.png", "heatmap_tiny-l2a_l2a.png", "heatmap_tiny-l2a_all_global.png",
-        "heatmap_base_base.png", "perplexity_by_position.png", "routing_tiny-l2a_l2a.png",
+        "scores_vs_length.png",
+        "heatmap_tiny-l2a_l2a.png",
+        "heatmap_tiny-l2a_all_global.png",
+        "heatmap_base_base.png",
+        "perplexity_by_position.png",
+        "routing_tiny-l2a_l2a.png",
     ]:
         assert (out / name).read_bytes()[:8] == PNG, name
 
@@ -85,8 +131,23 @@ def test_eval_force_route_and_argument_errors(checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(
         [
-            "eval", str(checkpoints / "tiny-l2a"), "--force-route", "none", "--speed", "--speed-lengths", "48",
-            "--decode-tokens", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out),
+            "eval",
+            str(checkpoints / "tiny-l2a"),
+            "--force-route",
+            "none",
+            "--speed",
+            "--speed-lengths",
+            "48",
+            "--decode-tokens",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
             "--no-progress",
         ]
     )
@@ -97,7 +158,9 @@ def test_eval_force_route_and_argument_errors(checkpoints, tmp_path, capsys):
     with pytest.raises(ValueError, match="nothing to evaluate"):
         main(["eval", str(checkpoints / "tiny-l2a"), "--out", str(out)])
     with pytest.raises(ValueError, match="variants"):
-        main(["eval", str(checkpoints / "tiny-l2a"), "--variants", "sparse", "--speed", "--speed-lengths", "8"])
+        main(
+            ["eval", str(checkpoints / "tiny-l2a"), "--variants", "sparse", "--speed", "--speed-lengths", "8"]
+        )
     with pytest.raises(SystemExit):
         main(["eval", str(checkpoints / "tiny-l2a"), "--lengths", "4q"])
     assert "cannot parse length '4q'" in capsys.readouterr().err

@@ -5,6 +5,8 @@ import re
 from collections import Counter
 
 import pytest
+from tokenizers import processors
+from transformers import PreTrainedTokenizerFast
 
 from l2a.data.tasks import RULER_TASKS, TASKS, TaskSample, get_task, length_tolerance, score_samples
 
@@ -73,8 +75,11 @@ def test_needle_at_requested_depth(name, tokenizer, depth):
     start, end = sample.meta["context_span"]
     needle = sample.needle_spans[0][0]
     assert sample.depth == depth
-    # Needles snap to the nearest sentence/word/item boundary: allow ~2% plus one boundary gap.
-    assert abs((needle - start) / (end - start) - depth) <= 0.02 + 40 / (end - start)
+    # Needles go to the last sentence/word/item boundary before the depth: at most one haystack unit early
+    # (an item of the "needles" haystack is as long as a needle).
+    unit = sample.needle_spans[0][1] - sample.needle_spans[0][0] + 40
+    relative = (needle - start) / (end - start)
+    assert depth - 0.01 - unit / (end - start) <= relative <= depth + 0.01
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -166,3 +171,19 @@ def test_registry_covers_ruler():
     assert len(RULER_TASKS) == 11 and "kv_retrieval" in TASKS
     assert get_task("niah_multikey_3").key_type == "uuids"
     assert get_task("vt", num_hops=2).num_hops == 2
+
+
+def test_tokenizer_with_bos(bpe_tok):
+    """A tokenizer that prepends bos by itself (as Llama's) gets it in front of every prompt."""
+    backend = bpe_tok.backend_tokenizer.__class__.from_str(bpe_tok.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
+    for name in ("niah_single_2", "kv_retrieval", "cwe"):
+        sample = draw(name, tok, 2048)
+        assert sample.input_ids[0] == bos and bos not in sample.input_ids[1:]
+        assert abs(len(sample.input_ids) - 2048) <= length_tolerance(2048)
+        assert score_samples([oracle(tok, sample)], [sample]) == 100.0
+        for start, end in sample.needle_spans:
+            assert sample.answers[0] in tok.decode(sample.input_ids[start:end])

@@ -96,8 +96,14 @@ def test_perplexity_needs_long_enough_text():
 
 def test_token_nll_matches_hf_loss():
     config = Qwen3Config(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
     )
     model = Qwen3ForCausalLM(config).eval()
     ids = torch.randint(0, 259, (2, 40))

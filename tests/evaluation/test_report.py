@@ -34,22 +34,57 @@ def _results() -> list[ModelEvaluation]:
         num_needle_tokens=4,
         example=RoutingExample("niah_single_1", [0, 1], decisions, [(10, 14)]),
     )
-    speed = SpeedReport("cpu", "float32", 1, 4, 2, 1, 1000, "n/a (CPU)", [SpeedPoint(4096, 12.5, 327680, 2.0, 500, 2**20, None)])
-    l2a = ModelEvaluation("tiny", {"model_type": "l2a"}, tasks, [ppl], routing, speed)
-    dense = ModelEvaluation("tiny [all_global]", {"model_type": "l2a"}, [TaskResult("vt", 4096, 90.0, 2)])
+    speed = SpeedReport(
+        "cpu",
+        "float32",
+        1,
+        4,
+        2,
+        1,
+        1000,
+        "n/a (CPU)",
+        [SpeedPoint(4096, 12.5, 327680, 2.0, 500, 2**20, None)],
+    )
+    dense_speed = SpeedReport(
+        "cpu",
+        "float32",
+        1,
+        4,
+        2,
+        1,
+        1000,
+        "n/a (CPU)",
+        [SpeedPoint(4096, 25.0, 163840, 2.0, 500, 2**20, None)],
+    )
+    l2a = ModelEvaluation("tiny", {"path": "ckpt", "variant": "l2a"}, tasks, [ppl], routing, speed)
+    dense_ppl = PerplexityReport(
+        8, [1, 2, 4, 8], 3, [3, 6, 12], [2.5, 2.0, 1.75], [12.2, 7.39, 5.75], 1.9, 6.69
+    )
+    dense = ModelEvaluation(
+        "tiny [all_global]",
+        {"path": "ckpt", "variant": "all_global"},
+        [TaskResult("vt", 4096, 90.0, 2)],
+        [dense_ppl],
+        speed=dense_speed,
+    )
     return [l2a, dense]
 
 
 def test_markdown_tables():
     text = markdown_report(_results(), {"samples": 2})
     assert "| model | 4K | 8K | avg | sparsity % |" in text
-    # mean over tasks: 4K (100+80)/2 = 90, 8K (50+40)/2 = 45, avg 67.5; sparsity 1 - mean(0.5,.1,.3,.1,.2,0,.2,0)
+    # mean over tasks: 4K (100+80)/2 = 90, 8K (50+40)/2 = 45, avg 67.5
+    # sparsity 1 - mean(0.5, .1, .3, .1, .2, 0, .2, 0) = 82.5
     assert "| tiny | 90.0 | 45.0 | 67.5 | 82.5 |" in text
     assert "| tiny [all_global] | 90.0 | – | 90.0 | – |" in text
     assert "| tiny | vt | 80.0 | 40.0 |" in text
-    assert "| [2, 4) | 6 | 1.5000 | 4.480 |" in text
+    assert "| positions | tiny (3 windows) | tiny [all_global] (3 windows) |" in text
+    assert "| [2, 4) | 1.5000 | 2.0000 |" in text
+    assert "| all: PPL | 3.670 | 6.690 |" in text
     assert "| tiny | 85.0 | 0.150 | 0.750 | 0.105 | – |" in text
-    assert "| tiny | 4K | 12.50 | 327680 | 500.0 | 1.0 | n/a |" in text
+    assert "| tiny | 4K | 12.50 | 2.00× | 327680 | 500.0 | 1.0 | n/a |" in text
+    assert "| tiny [all_global] | 4K | 25.00 | 1.00× | 163840 |" in text
+    assert "Settings: samples `2`" in text
 
 
 def test_write_report_files(tmp_path):
@@ -73,7 +108,11 @@ def test_write_report_files(tmp_path):
     assert first["label"] == "tiny"
     assert first["task_sparsity"] == pytest.approx(0.825)
     assert first["tasks"][1] | {"samples": []} == {
-        "task": "niah_single_1", "length": 8192, "score": 50.0, "num_samples": 2, "samples": [],
+        "task": "niah_single_1",
+        "length": 8192,
+        "score": 50.0,
+        "num_samples": 2,
+        "samples": [],
         "router_fraction": [0.3, 0.1],
     }
     assert first["routing"]["mean_sparsity"] == pytest.approx(0.85)
@@ -85,3 +124,14 @@ def test_write_report_rejects_duplicate_labels(tmp_path):
     results[1].label = "tiny"
     with pytest.raises(ValueError, match="unique"):
         write_report(results, tmp_path)
+
+
+def test_results_json_is_strict_json(tmp_path):
+    results = _results()
+    results[0].speed.points[0].decode_tokens_per_s = float("nan")  # measured with decode_tokens=0
+    written = write_report(results, tmp_path)
+    payload = json.loads(
+        written["json"].read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON")
+    )
+    assert payload["models"][0]["speed"]["points"][0]["decode_tokens_per_s"] is None
+    assert "| tiny | 4K | 12.50 | 2.00× | 327680 | – |" in written["markdown"].read_text()

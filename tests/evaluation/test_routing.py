@@ -17,8 +17,14 @@ def _l2a(force_route=None, layers=3):
 
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
     )
     model = convert_model(Qwen3ForCausalLM(config), sliding_window=16, force_route=force_route).eval()
     for name, param in model.named_parameters():
@@ -90,8 +96,12 @@ def test_routing_analysis_accounting_by_hand():
     assert report.layers == [0, 1, 2]
     assert report.num_task_tokens == 160 and report.num_needle_tokens == 4 + 12 + 3
     torch.testing.assert_close(torch.tensor(report.task_fraction, dtype=torch.float64), routed.double() / 160)
-    torch.testing.assert_close(torch.tensor(report.needle_fraction, dtype=torch.float64), needle.double() / 19)
-    torch.testing.assert_close(torch.tensor(report.haystack_fraction, dtype=torch.float64), (routed - needle).double() / 141)
+    torch.testing.assert_close(
+        torch.tensor(report.needle_fraction, dtype=torch.float64), needle.double() / 19
+    )
+    torch.testing.assert_close(
+        torch.tensor(report.haystack_fraction, dtype=torch.float64), (routed - needle).double() / 141
+    )
     assert set(report.per_task) == {"niah_single_1", "vt"}
     assert report.num_text_tokens == 64 + 64
     assert report.example.needle_spans == [(5, 9), (40, 52)] and report.example.decisions.shape == (3, 70)
@@ -109,8 +119,15 @@ def test_routing_analysis_skips_pruned_layers():
 
 
 def test_routing_analysis_rejects_non_l2a_models():
-    config = Qwen3Config(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = Qwen3Config(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     with pytest.raises(ValueError, match="L2A model"):
         routing_analysis(Qwen3ForCausalLM(config), byte_tokenizer(), texts=["abc"])
     with pytest.raises(ValueError, match="span"):

@@ -13,8 +13,15 @@ HKV, D, LAYERS = 2, 8, 3
 
 def _qwen3_config(**kwargs) -> Qwen3Config:
     return Qwen3Config(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=HKV, head_dim=D, max_position_embeddings=256, **kwargs,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=HKV,
+        head_dim=D,
+        max_position_embeddings=256,
+        **kwargs,
     )
 
 
@@ -51,7 +58,9 @@ def test_kv_cache_bytes_of_hf_cache_and_tuples():
         kv_cache_bytes(None)
 
 
-@pytest.mark.parametrize("kwargs", [{"lengths": []}, {"lengths": [8], "repeats": 0}, {"lengths": [8], "decode_tokens": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"lengths": []}, {"lengths": [8], "repeats": 0}, {"lengths": [8], "decode_tokens": -1}]
+)
 def test_measure_speed_rejects_bad_arguments(kwargs):
     model = Qwen3ForCausalLM(_qwen3_config()).eval()
     with pytest.raises(ValueError):

@@ -21,7 +21,7 @@ class _FakeGenerator(torch.nn.Module):
         self.reply = reply
         self.calls = []
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, eos_token_id):
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, eos_token_id=None):
         assert input_ids.shape[0] == 1 and attention_mask.shape == input_ids.shape and do_sample is False
         self.calls.append(input_ids.shape[1])
         new = self.reply(tuple(input_ids[0].tolist()))[:max_new_tokens]
@@ -41,9 +41,9 @@ def test_oracle_scores_100(tokenizer):
             prompt = tokenizer.decode(sample.input_ids)
             # the oracle's answer is read from the prompt: every needle-task answer is in a needle span
             for answer in sample.answers if sample.needle_spans else []:
-                assert any(answer in tokenizer.decode(sample.input_ids[a:b]) for a, b in sample.needle_spans) or (
-                    answer in prompt
-                )
+                assert any(
+                    answer in tokenizer.decode(sample.input_ids[a:b]) for a, b in sample.needle_spans
+                ) or (answer in prompt)
             oracle_answers[tuple(sample.input_ids)] = sample.answer_ids
     oracle = _FakeGenerator(lambda prompt: oracle_answers[prompt])
     results = evaluate_tasks(oracle, tokenizer, TASKS, LENGTHS, samples=2, seed=3)
@@ -57,7 +57,9 @@ def test_oracle_scores_100(tokenizer):
 
 
 def test_constant_model_scores_about_zero(tokenizer):
-    constant = _FakeGenerator(lambda prompt: tokenizer("I do not know.", add_special_tokens=False)["input_ids"])
+    constant = _FakeGenerator(
+        lambda prompt: tokenizer("I do not know.", add_special_tokens=False)["input_ids"]
+    )
     results = evaluate_tasks(constant, tokenizer, TASKS, LENGTHS, samples=2, seed=3)
     for result in results:
         assert result.score <= 5.0
@@ -68,7 +70,9 @@ def test_half_right_model_scores_50(tokenizer):
     """Sample scores are averaged: answering only the even-indexed prompts gives 50."""
     drawn = sample_tasks(tokenizer, ["niah_single_1"], [512], samples=4, seed=1)["niah_single_1", 512]
     answers = {tuple(s.input_ids): (s.answer_ids if i % 2 == 0 else [32]) for i, s in enumerate(drawn)}
-    results = evaluate_tasks(_FakeGenerator(answers.__getitem__), tokenizer, ["niah_single_1"], [512], 4, seed=1)
+    results = evaluate_tasks(
+        _FakeGenerator(answers.__getitem__), tokenizer, ["niah_single_1"], [512], 4, seed=1
+    )
     assert results[0].score == 50.0
     assert [s.score for s in results[0].samples] == [100.0, 0.0, 100.0, 0.0]
 
@@ -85,13 +89,23 @@ def test_tiny_l2a_model_through_generate(tokenizer):
     from l2a.models import convert_model
 
     config = Qwen3Config(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=2048, eos_token_id=258, pad_token_id=256,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        eos_token_id=258,
+        pad_token_id=256,
     )
     model = convert_model(Qwen3ForCausalLM(config), sliding_window=64)
     results = evaluate_tasks(model, tokenizer, ["kv_retrieval"], [256], samples=2, seed=0)
     assert results[0].score <= 50.0  # random weights
-    assert all(len(s.prediction) <= 7 * 4 for s in results[0].samples)  # max_new_tokens bytes (UTF-8 ≤ 4 each)
+    assert all(
+        len(s.prediction) <= 7 * 4 for s in results[0].samples
+    )  # max_new_tokens bytes (UTF-8 ≤ 4 each)
     # zero-initialised routers route every token: the recorded prefill fraction is 1 in both layers
     assert results[0].router_fraction == [1.0, 1.0]
     assert model.training  # the runner restores the training flag

@@ -42,11 +42,13 @@ def base_config(arch: str, *, window: int | None = None, **overrides):
     if arch == "qwen3":
         if window is not None:
             kw.update(use_sliding_window=True, sliding_window=window, max_window_layers=0)
-        return Qwen3Config(head_dim=16, **kw)
+        return Qwen3Config(**{"head_dim": 16, **kw})
     if arch == "llama":
         if window is not None:
             # Llama has no sliding-window option; Mistral is the same architecture with one
-            return MistralConfig(sliding_window=window, head_dim=16, **kw)
+            return MistralConfig(
+                sliding_window=window, **{"head_dim": kw["hidden_size"] // kw["num_attention_heads"], **kw}
+            )
         return LlamaConfig(**kw)
     raise ValueError(arch)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 import l2a
 from l2a.models.modeling import _router_statistics
@@ -21,6 +21,11 @@ def test_save_and_load_with_auto_class(arch, tiny_l2a, tmp_path):
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    backbone = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(backbone, l2a.L2AModel)
+    with torch.no_grad():
+        hidden = backbone(ids).last_hidden_state
+        torch.testing.assert_close(hidden, model.model(ids).last_hidden_state, atol=0, rtol=0)
     for field in (
         "base_model_type",
         "attention_bias",
@@ -197,3 +202,16 @@ def test_bad_inputs_are_refused(tiny_l2a):
         model(ids, past_key_values=DynamicCache(), use_cache=True)
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(ids, cu_seqlens=torch.tensor([0, 6]), attention_mask=torch.ones(1, 6))
+
+
+def test_config_changes_take_effect_at_once(tiny_l2a):
+    model = tiny_l2a("qwen2", window=3, random_router=False)
+    ids = torch.randint(0, 300, (1, 8))
+    torch.testing.assert_close(model(ids).router_fraction, torch.ones(2))
+    model.config.force_route = "none"
+    model.config.sliding_window = 8
+    reference = tiny_l2a("qwen2", window=8, random_router=False, force_route="none")
+    out = model(ids)
+    torch.testing.assert_close(out.router_fraction, torch.zeros(2))
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, reference(ids).logits, atol=0, rtol=0)

@@ -7,7 +7,15 @@ import torch
 
 from l2a.data import load_tokenizer
 from l2a.models import L2AForCausalLM
-from l2a.training import CheckpointConfig, DataConfig, LoggingConfig, OptimConfig, RouterConfig, TrainConfig, train
+from l2a.training import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    OptimConfig,
+    RouterConfig,
+    TrainConfig,
+    train,
+)
 from l2a.training.checkpoint import list_checkpoints, save_checkpoint
 
 
@@ -16,16 +24,24 @@ def corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
     for i in range(6):
-        (root / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i))
+        (root / f"doc{i}.txt").write_text(
+            f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i)
+        )
     return root
 
 
-def _config(out, corpus, **checkpoint) -> TrainConfig:
+MIXES = {
+    "text": {},
+    "text+task": {"task": "kv_retrieval", "task_ratio": 0.5, "task_kwargs": {"min_distance": 8}},
+}
+
+
+def _config(out, corpus, mix="text", **checkpoint) -> TrainConfig:
     return TrainConfig(
         output_dir=str(out),
         steps=4,
         grad_accum_steps=2,
-        data=DataConfig(sources=[str(corpus)], seq_len=48),
+        data=DataConfig(sources=[str(corpus)], seq_len=48, **MIXES[mix]),
         optim=OptimConfig(lr=1e-2, warmup_steps=1),
         router=RouterConfig(regularizer_weight=1e-2, regularizer_ramp_steps=3, leakage_probability=0.5),
         logging=LoggingConfig(every=1, progress_bar=False),
@@ -33,9 +49,10 @@ def _config(out, corpus, **checkpoint) -> TrainConfig:
     )
 
 
-def test_resume_is_bit_identical(make_l2a, corpus, tmp_path):
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_resume_is_bit_identical(make_l2a, corpus, tmp_path, mix):
     tokenizer = load_tokenizer("byte")
-    full = train(make_l2a(), tokenizer, _config(tmp_path / "full", corpus), data=None)
+    full = train(make_l2a(), tokenizer, _config(tmp_path / "full", corpus, mix), data=None)
 
     class Crash(Exception):
         pass
@@ -45,14 +62,30 @@ def test_resume_is_bit_identical(make_l2a, corpus, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):  # killed during step 3, after the step-2 checkpoint
-        train(make_l2a(), tokenizer, _config(tmp_path / "cut", corpus, every=2), data=None, on_log=crash_at_step_3)
+        train(
+            make_l2a(),
+            tokenizer,
+            _config(tmp_path / "cut", corpus, mix, every=2),
+            data=None,
+            on_log=crash_at_step_3,
+        )
     assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-000002"]
 
     # a fresh model (other init) resumes from the checkpoint: weights, optimizer, schedule, data, RNG
-    resumed = train(make_l2a(seed=1), tokenizer, _config(tmp_path / "cut", corpus, every=2, resume="auto"), data=None)
+    resumed = train(
+        make_l2a(seed=1), tokenizer, _config(tmp_path / "cut", corpus, mix, every=2, resume="auto"), data=None
+    )
     assert [r["step"] for r in resumed.history] == [3, 4]
     for a, b in zip(full.history[2:], resumed.history, strict=True):
-        for key in ("loss", "lm_loss", "router_regularizer", "grad_norm", "lambda", "lr", "sparsity_per_layer"):
+        for key in (
+            "loss",
+            "lm_loss",
+            "router_regularizer",
+            "grad_norm",
+            "lambda",
+            "lr",
+            "sparsity_per_layer",
+        ):
             assert a[key] == b[key], key
         assert a["leakage_steps"] == b["leakage_steps"]
 
@@ -78,7 +111,9 @@ def test_save_never_overwrites_and_cleans_interrupted(make_l2a, tmp_path):
     stale = tmp_path / ".step-000001.tmp"
     stale.mkdir()
     (stale / "junk").write_text("x")
-    kwargs = dict(model=model, model_state=None, trainer_state={"step": 1}, rank_state={}, config={}, keep_last=3)
+    kwargs = dict(
+        model=model, model_state=None, trainer_state={"step": 1}, rank_state={}, config={}, keep_last=3
+    )
     path = save_checkpoint(tmp_path, 1, **kwargs)
     assert path.name == "step-000001" and not stale.exists() and not (path / "junk").exists()
     with pytest.raises(FileExistsError):

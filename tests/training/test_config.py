@@ -45,7 +45,9 @@ def test_literal_checked_when_built_from_dict():
 def test_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 3\noptim:\n  lr: 5e-5\n  betas: [0.9, 0.99]\ndata:\n  sources: [a, b]\n")
-    config = load_config(path, ["optim.lr=1e-4", "router.regularizer_ramp_steps=7", "data.separate_documents=false"])
+    config = load_config(
+        path, ["optim.lr=1e-4", "router.regularizer_ramp_steps=7", "data.separate_documents=false"]
+    )
     assert config.steps == 3
     assert config.optim.lr == 1e-4 and config.optim.betas == (0.9, 0.99)
     assert config.router.regularizer_ramp_steps == 7

@@ -1,10 +1,11 @@
 """DDP / FSDP2 on CPU (gloo, 2 processes under torchrun): the same global batch split over 2 ranks gives the
-same losses as 1 rank with 2 accumulation micro-steps."""
+same losses as 1 rank with 2 accumulation micro-steps, also across a stop and resume."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +24,26 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 def test_two_ranks_match_gradient_accumulation(make_l2a, make_batches, tmp_path, parallel):
     out = tmp_path / "history.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(WORKER), str(out), parallel]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        log, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:  # timed out: stop torchrun and its workers (its own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log[-4000:]
     ranks2 = json.loads(out.read_text())
 
-    rows = make_batches(6, packed=False, seq_len=24)
+    rows = make_batches(8, packed=False, seq_len=24)  # as distributed_worker.batches()
     for i, row in enumerate(rows):
         row["labels"] = row["input_ids"].clone()
         row["labels"][:, : 3 * i] = -100
     config = TrainConfig(
         output_dir=str(tmp_path / "single"),
-        steps=3,
+        steps=4,
         grad_accum_steps=2,
         optim=OptimConfig(lr=1e-2),
         router=RouterConfig(regularizer_weight=1e-2, leakage_probability=0.5),
@@ -49,6 +57,7 @@ def test_two_ranks_match_gradient_accumulation(make_l2a, make_batches, tmp_path,
         assert a["router_regularizer"] == pytest.approx(b["router_regularizer"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["leakage_steps"] == b["leakage_steps"]
+    assert len(single) == 4
     # rank 0 saved the full (unsharded) model; it matches the single-process result
     loaded = L2AForCausalLM.from_pretrained(ranks2["checkpoint"])
     for name, param in model.state_dict().items():

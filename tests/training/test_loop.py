@@ -68,7 +68,9 @@ def test_gradient_accumulation_matches_one_big_batch(make_l2a, make_batches, tmp
     for i, row in enumerate(rows):  # unequal token counts: the loss must be weighted by tokens, not rows
         row["labels"] = row["input_ids"].clone()
         row["labels"][:, : 3 * i] = -100
-    stacked = [{k: torch.cat([rows[i][k], rows[i + 1][k]]) for k in ("input_ids", "labels")} for i in (0, 2, 4)]
+    stacked = [
+        {k: torch.cat([rows[i][k], rows[i + 1][k]]) for k in ("input_ids", "labels")} for i in (0, 2, 4)
+    ]
     big = train(make_l2a(), None, _config(tmp_path / "a"), data=stacked).history
     accumulated = train(make_l2a(), None, _config(tmp_path / "b", grad_accum_steps=2), data=rows).history
     for a, b in zip(big, accumulated, strict=True):
@@ -79,8 +81,13 @@ def test_gradient_accumulation_matches_one_big_batch(make_l2a, make_batches, tmp
 
 def test_log_records_and_jsonl(make_l2a, make_batches, tmp_path):
     seen = []
-    result = train(make_l2a(), None, _config(tmp_path, steps=4, logging=LoggingConfig(every=2, progress_bar=False)),
-                   data=make_batches(4), on_log=seen.append)
+    result = train(
+        make_l2a(),
+        None,
+        _config(tmp_path, steps=4, logging=LoggingConfig(every=2, progress_bar=False)),
+        data=make_batches(4),
+        on_log=seen.append,
+    )
     assert [r["step"] for r in result.history] == [2, 4] and seen == result.history
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lines == result.history
@@ -98,7 +105,12 @@ def test_data_exhaustion_stops_early(make_l2a, make_batches, tmp_path):
 
 def test_context_extension_rebuilds_rotary(make_l2a, make_batches, tmp_path):
     model = make_l2a()
-    train(model, None, _config(tmp_path, steps=1, rope_theta=5e6, max_position_embeddings=4096), data=make_batches(1))
+    train(
+        model,
+        None,
+        _config(tmp_path, steps=1, rope_theta=5e6, max_position_embeddings=4096),
+        data=make_batches(1),
+    )
     assert model.config.rope_parameters["rope_theta"] == 5e6 and model.config.max_position_embeddings == 4096
     d = model.config.head_dim
     expected = 1.0 / (5e6 ** (torch.arange(0, d, 2, dtype=torch.float) / d))
@@ -108,8 +120,14 @@ def test_context_extension_rebuilds_rotary(make_l2a, make_batches, tmp_path):
 def test_model_without_router_trains(make_batches, tmp_path):
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
     )
     model = Qwen3ForCausalLM(config)
     data = make_batches(4, packed=False, batch=2)
@@ -118,3 +136,13 @@ def test_model_without_router_trains(make_batches, tmp_path):
     assert all("sparsity" not in r and r["leakage_steps"] == 0 for r in result.history)
     with pytest.raises(ValueError, match="takes no cu_seqlens"):
         train(model, None, _config(tmp_path / "packed", trainable=["*"]), data=make_batches(3))
+
+
+def test_activation_checkpointing_gives_the_same_steps(make_l2a, make_batches, tmp_path):
+    plain = train(make_l2a(), None, _config(tmp_path / "a"), data=make_batches(3)).history
+    model = make_l2a()
+    checkpointed = train(model, None, _config(tmp_path / "b", gradient_checkpointing=True), data=make_batches(3))
+    assert model.model.gradient_checkpointing
+    for a, b in zip(plain, checkpointed.history, strict=True):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -30,7 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="model directories")
     parser.add_argument("--tasks", default="", help="comma-separated task names, e.g. niah_single_1,vt")
-    parser.add_argument("--lengths", type=_arg(parse_lengths), default=[], help="comma-separated prompt lengths, e.g. 4k,8k,16k")
+    parser.add_argument(
+        "--lengths",
+        type=_arg(parse_lengths),
+        default=[],
+        help="comma-separated prompt lengths, e.g. 4k,8k,16k",
+    )
     parser.add_argument("--samples", type=int, default=10, help="prompts per task and length (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
@@ -38,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     routing.add_argument(
         "--variants",
         default="l2a",
-        help="routing variants of L2A models: l2a (learned), local_only, all_global (dense reference); default l2a",
+        help="routing variants of L2A models: l2a (learned), local_only, all_global (dense reference)",
     )
     routing.add_argument(
         "--force-route",
@@ -47,19 +52,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tokenizer", help="tokenizer path or 'byte' (default: the model directory)")
     parser.add_argument("--perplexity", action="store_true", help="perplexity by position on held-out text")
-    parser.add_argument("--ppl-data", default="stdlib", help="corpus for perplexity and routing texts (default stdlib)")
-    parser.add_argument("--ppl-seq-len", type=_arg(parse_length), help="perplexity window (default: largest --lengths)")
+    parser.add_argument(
+        "--ppl-data", default="stdlib", help="corpus for perplexity and routing texts (default stdlib)"
+    )
+    parser.add_argument(
+        "--ppl-seq-len", type=_arg(parse_length), help="perplexity window (default: largest --lengths)"
+    )
     parser.add_argument("--ppl-windows", type=int, default=8, help="windows for perplexity (default 8)")
-    parser.add_argument("--ppl-buckets", choices=["log", "linear"], default="log", help="position bucket spacing")
+    parser.add_argument(
+        "--ppl-buckets", choices=["log", "linear"], default="log", help="position bucket spacing"
+    )
     parser.add_argument("--no-routing", action="store_true", help="skip the routing analysis of L2A models")
-    parser.add_argument("--routing-texts", type=int, default=4, help="corpus documents in the routing analysis")
-    parser.add_argument("--speed", action="store_true", help="prefill/decode speed, peak memory, KV-cache bytes")
-    parser.add_argument("--speed-lengths", type=_arg(parse_lengths), default=[], help="lengths for --speed (default: --lengths)")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)")
+    parser.add_argument(
+        "--routing-texts", type=int, default=4, help="corpus documents in the routing analysis"
+    )
+    parser.add_argument(
+        "--speed", action="store_true", help="prefill/decode speed, peak memory, KV-cache bytes"
+    )
+    parser.add_argument(
+        "--speed-lengths",
+        type=_arg(parse_lengths),
+        default=[],
+        help="lengths for --speed (default: --lengths)",
+    )
+    parser.add_argument(
+        "--decode-tokens", type=int, default=32, help="decode steps timed per run (default 32)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per length (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per length")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 

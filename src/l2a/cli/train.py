@@ -1,6 +1,6 @@
 """`l2a train CONFIG [--set key=value ...]`: train a converted L2A model from a YAML/TOML recipe.
 
-Several GPUs: `torchrun --nproc-per-node N -m l2a.cli train CONFIG --set parallel=fsdp`.
+Several GPUs: `torchrun --nproc-per-node N -m l2a train CONFIG --set parallel=fsdp`.
 """
 
 from __future__ import annotations

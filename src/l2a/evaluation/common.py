@@ -17,7 +17,9 @@ def parse_length(text: str | int) -> int:
     else:
         match = _LENGTH.match(text)
         if match is None:
-            raise ValueError(f"cannot parse length {text!r}: expected an integer with optional k/m suffix (4k, 512)")
+            raise ValueError(
+                f"cannot parse length {text!r}: expected an integer with optional k/m suffix (4k, 512)"
+            )
         value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
     if value <= 0:
         raise ValueError(f"length must be positive, got {text!r}")

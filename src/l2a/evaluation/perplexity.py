@@ -52,7 +52,7 @@ def _check_edges(edges: Sequence[int], seq_len: int) -> list[int]:
     edges = [int(e) for e in edges]
     if len(edges) < 2 or edges[0] < 1 or edges[-1] > seq_len or any(a >= b for a, b in zip(edges, edges[1:])):
         raise ValueError(
-            f"bucket edges must be strictly increasing, start at >= 1 and end at <= seq_len={seq_len}; got {edges}"
+            f"bucket edges must increase strictly from >= 1 to <= seq_len={seq_len}; got {edges}"
         )
     return edges
 
@@ -138,7 +138,9 @@ def windows_from_texts(
             if max_sequences is not None and len(windows) >= max_sequences:
                 return torch.stack(windows)
     if not windows:
-        raise ValueError(f"no text has {seq_len} tokens (longest: {longest}); pass longer texts or a smaller seq_len")
+        raise ValueError(
+            f"no text has {seq_len} tokens (longest: {longest}); pass longer texts or a smaller seq_len"
+        )
     return torch.stack(windows)
 
 

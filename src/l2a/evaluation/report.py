@@ -66,6 +66,17 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
+def _finite(value: Any) -> Any:
+    """NaN / inf → None, so that ``results.json`` is strict JSON (e.g. decode speed with decode_tokens=0)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
@@ -86,7 +97,7 @@ def markdown_report(results: Sequence[ModelEvaluation], settings: dict[str, Any]
     per-task scores, perplexity by position, routing and speed/memory."""
     lines = ["# Evaluation results", ""]
     if settings:
-        lines += [f"- {key}: `{value}`" for key, value in settings.items()] + [""]
+        lines += ["Settings: " + ", ".join(f"{key} `{value}`" for key, value in settings.items()), ""]
     tasks, lengths = _tasks_and_lengths(results)
     if tasks:
         lines += ["## Task score (mean over tasks, 0–100)", ""]
@@ -109,16 +120,23 @@ def markdown_report(results: Sequence[ModelEvaluation], settings: dict[str, Any]
             [m.label, task, *(_fmt(m.score(task, n)) for n in lengths)] for m in results for task in tasks
         ]
         lines += _table(["model", "task", *(format_length(n) for n in lengths)], rows) + [""]
-    for m in results:
-        for report in m.perplexity:
-            lines += [f"## Perplexity by position: {m.label}, N={report.seq_len} ({report.num_sequences} windows)", ""]
-            header = ["positions", "tokens", "NLL", "PPL"]
-            rows = [
-                [f"[{a}, {b})", str(t), _fmt(nll, 4), _fmt(ppl, 3)]
-                for a, b, t, nll, ppl in zip(report.edges, report.edges[1:], report.tokens, report.nll, report.ppl)
-            ]
-            rows.append(["all", str(sum(report.tokens)), _fmt(report.overall_nll, 4), _fmt(report.overall_ppl, 3)])
-            lines += _table(header, rows) + [""]
+    seq_lens = sorted({r.seq_len for m in results for r in m.perplexity})
+    for seq_len in seq_lens:
+        reports = [(m.label, r) for m in results for r in m.perplexity if r.seq_len == seq_len]
+        edges = reports[0][1].edges
+        if any(r.edges != edges for _, r in reports):
+            raise ValueError(f"perplexity reports at N={seq_len} use different bucket edges")
+        lines += [
+            f"## Loss by position, N={format_length(seq_len)} (mean NLL in nats/token; last row: perplexity)",
+            "",
+        ]
+        header = ["positions", *(f"{label} ({r.num_sequences} windows)" for label, r in reports)]
+        rows = [
+            [f"[{a}, {b})", *(_fmt(r.nll[i], 4) for _, r in reports)]
+            for i, (a, b) in enumerate(zip(edges, edges[1:]))
+        ]
+        rows.append(["all: PPL", *(_fmt(r.overall_ppl, 3) for _, r in reports)])
+        lines += _table(header, rows) + [""]
     routed = [m for m in results if m.routing is not None]
     if routed:
         lines += ["## Routing (fraction of tokens sent to global attention, mean over layers)", ""]
@@ -153,22 +171,50 @@ def markdown_report(results: Sequence[ModelEvaluation], settings: dict[str, Any]
             f"Peak memory: {first.memory_measure}.",
             "",
         ]
-        header = ["model", "N", "prefill ms (TTFT)", "prefill tok/s", "decode tok/s", "KV cache MiB", "peak MiB"]
-        rows = [
-            [
-                m.label,
-                format_length(p.length),
-                _fmt(p.prefill_ms, 2),
-                _fmt(p.prefill_tokens_per_s, 0),
-                _fmt(p.decode_tokens_per_s, 1),
-                _mib(p.kv_cache_bytes),
-                _mib(p.peak_memory_bytes),
-            ]
-            for m in timed
-            for p in m.speed.points
+        header = [
+            "model",
+            "N",
+            "prefill ms (TTFT)",
+            "TTFT speed-up",
+            "prefill tok/s",
+            "decode tok/s",
+            "KV cache MiB",
+            "peak MiB",
         ]
-        lines += _table(header, rows) + [""]
+        rows = []
+        for m in timed:
+            dense = _dense_reference(m, timed)
+            for p in m.speed.points:
+                ref = next((q for q in dense.speed.points if q.length == p.length), None) if dense else None
+                rows.append(
+                    [
+                        m.label,
+                        format_length(p.length),
+                        _fmt(p.prefill_ms, 2),
+                        "–" if ref is None else f"{ref.prefill_ms / p.prefill_ms:.2f}×",
+                        _fmt(p.prefill_tokens_per_s, 0),
+                        _fmt(p.decode_tokens_per_s, 1),
+                        _mib(p.kv_cache_bytes),
+                        _mib(p.peak_memory_bytes),
+                    ]
+                )
+        lines += _table(header, rows)
+        lines += [
+            "",
+            "TTFT speed-up: prefill time of the same checkpoint's all_global variant (dense reference) "
+            "divided by this model's.",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _dense_reference(model: ModelEvaluation, candidates: Sequence[ModelEvaluation]) -> ModelEvaluation | None:
+    """The all_global variant of the same checkpoint, if it was timed too."""
+    path = model.info.get("path")
+    for other in candidates:
+        if path is not None and other.info.get("path") == path and other.info.get("variant") == "all_global":
+            return other
+    return None
 
 
 def _figure(width: float = 6.0, height: float = 4.0):
@@ -242,19 +288,38 @@ def plot_routing(example: RoutingExample, path: Path, title: str = "", max_colum
     width = max(1, math.ceil(n / max_columns))
     if width > 1:
         pad = width * math.ceil(n / width) - n
-        decisions = torch.nn.functional.pad(decisions, (0, pad)).reshape(decisions.shape[0], -1, width).amax(-1)
+        decisions = (
+            torch.nn.functional.pad(decisions, (0, pad)).reshape(decisions.shape[0], -1, width).amax(-1)
+        )
         needles = torch.nn.functional.pad(needles, (0, pad)).reshape(-1, width).amax(-1)
     fig = _figure(10.0, 1.8 + 0.22 * len(example.layers))
     grid = fig.add_gridspec(2, 1, height_ratios=[max(len(example.layers), 2), 1])
     ax = fig.add_subplot(grid[0])
     extent = (0, n, -0.5, len(example.layers) - 0.5)
-    ax.imshow(decisions.numpy(), aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest", extent=extent, origin="lower")
+    ax.imshow(
+        decisions.numpy(),
+        aspect="auto",
+        cmap="Greys",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        extent=extent,
+        origin="lower",
+    )
     ax.set_yticks(range(len(example.layers)), [str(layer) for layer in example.layers])
     ax.set_ylabel("layer")
     ax.tick_params(labelbottom=False)
     ax.set_title(title or f"routed tokens ({example.task})")
     strip = fig.add_subplot(grid[1], sharex=ax)
-    strip.imshow(needles[None].numpy(), aspect="auto", cmap="Reds", vmin=0, vmax=1, interpolation="nearest", extent=(0, n, 0, 1))
+    strip.imshow(
+        needles[None].numpy(),
+        aspect="auto",
+        cmap="Reds",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        extent=(0, n, 0, 1),
+    )
     strip.set_yticks([])
     strip.set_ylabel("needle", rotation=0, ha="right", va="center")
     binned = f" (bins of {width} tokens: dark if any token routed)" if width > 1 else ""
@@ -266,15 +331,15 @@ def plot_routing(example: RoutingExample, path: Path, title: str = "", max_colum
 def write_report(
     results: Sequence[ModelEvaluation], out_dir: str | Path, settings: dict[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and the plots into ``out_dir``; returns the written paths by name."""
+    """Write ``results.json``, ``results.md`` and the plots into ``out_dir``; returns the paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [m.label for m in results]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique, got {labels}")
     written = {"json": out / "results.json", "markdown": out / "results.md"}
-    payload = {"settings": settings or {}, "models": [m.to_dict() for m in results]}
-    written["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    payload = _finite({"settings": settings or {}, "models": [m.to_dict() for m in results]})
+    written["json"].write_text(json.dumps(payload, indent=2, default=str, allow_nan=False) + "\n")
     written["markdown"].write_text(markdown_report(results, settings) + "\n")
     if any(m.tasks for m in results):
         written["scores_vs_length"] = out / "scores_vs_length.png"
@@ -289,5 +354,9 @@ def write_report(
     for m in results:
         if m.routing is not None and m.routing.example is not None:
             written[f"routing:{m.label}"] = out / f"routing_{_slug(m.label)}.png"
-            plot_routing(m.routing.example, written[f"routing:{m.label}"], f"routed tokens: {m.label} ({m.routing.example.task})")
+            plot_routing(
+                m.routing.example,
+                written[f"routing:{m.label}"],
+                f"routed tokens: {m.label} ({m.routing.example.task})",
+            )
     return written

@@ -25,7 +25,7 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
 def router_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The ``router`` submodules by decoder-layer index (sorted), e.g. ``model.layers.3.self_attn.router`` → 3."""
+    """The ``router`` submodules by decoder-layer index (sorted): ``model.layers.3.router`` → 3."""
     found: dict[int, torch.nn.Module] = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] != "router":
@@ -43,12 +43,16 @@ def _hard_decision(output: Any, layer: int, temperature: float, threshold: float
     hard = getattr(output, "hard", None)
     if hard is None:
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"router of layer {layer} returned {type(output).__name__}; expected a decision or logits")
+            raise TypeError(
+                f"router of layer {layer} returned {type(output).__name__}; expected a decision or logits"
+            )
         logits = output.float().reshape(output.shape[0], output.shape[1], -1)
         hard = torch.sigmoid(logits / temperature) >= threshold
     hard = hard.reshape(hard.shape[0], hard.shape[1], -1)
     if hard.shape[-1] != 1:
-        raise ValueError(f"router of layer {layer} makes head-wise decisions {tuple(hard.shape)}; expected token-wise")
+        raise ValueError(
+            f"router of layer {layer} makes head-wise decisions {tuple(hard.shape)}; expected token-wise"
+        )
     return hard[..., 0].detach().bool()
 
 
@@ -58,7 +62,9 @@ def capture_routing(model: torch.nn.Module) -> Iterator[dict[int, list[torch.Ten
     layer index → list of bool (B, N) tensors, one per router call."""
     routers = router_modules(model)
     if not routers:
-        raise ValueError(f"{type(model).__name__} has no `router` submodules; routing analysis needs an L2A model")
+        raise ValueError(
+            f"{type(model).__name__} has no `router` submodules; routing analysis needs an L2A model"
+        )
     config = model.config
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in routers}
     handles = []
@@ -98,7 +104,7 @@ def routing_decisions(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[
 
 @dataclass
 class RoutingExample:
-    """Decisions over one prompt, kept for plotting: bool (L, N), needle spans as [start, end) token ranges."""
+    """Decisions over one prompt, kept for plotting: bool (L, N); needle spans as [start, end) tokens."""
 
     task: str
     layers: list[int]
@@ -108,7 +114,7 @@ class RoutingExample:
 
 @dataclass
 class RoutingReport:
-    """Fraction of tokens routed to global attention, per layer (order as ``layers``); sparsity = 1 − fraction.
+    """Fraction of tokens routed to global attention per layer (order as ``layers``); sparsity = 1 − it.
 
     ``task_fraction``: over all task-prompt tokens; ``needle_fraction`` / ``haystack_fraction``: over tokens
     inside / outside the samples' needle spans; ``per_task``: task → per-layer fraction; ``text_fraction``:
@@ -206,7 +212,9 @@ def routing_analysis(
     if samples:
         report.task_fraction = _fraction(routed, report.num_task_tokens)
         report.needle_fraction = _fraction(needle_routed, report.num_needle_tokens)
-        report.haystack_fraction = _fraction(routed - needle_routed, report.num_task_tokens - report.num_needle_tokens)
+        report.haystack_fraction = _fraction(
+            routed - needle_routed, report.num_task_tokens - report.num_needle_tokens
+        )
         report.per_task = {name: _fraction(task_routed[name], task_tokens[name]) for name in task_routed}
     text_routed = torch.zeros(len(layers), dtype=torch.long)
     for text in texts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +68,7 @@ class EvalSettings:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" → cuda when available, else cpu."""
+    """ "auto" → cuda when available, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
@@ -78,7 +78,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" → bfloat16 on CUDA, float32 on CPU."""
+    """ "auto" → bfloat16 on CUDA, float32 on CPU."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -90,13 +90,16 @@ def load_model(
     path: str | Path, *, force_route: str | None = None, device: torch.device, dtype: torch.dtype
 ) -> torch.nn.Module:
     """Load a causal LM for evaluation (L2A or any HF model), optionally overriding ``config.force_route``."""
-    import l2a.models  # noqa: F401  (registers model_type "l2a" with the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import l2a.models  # noqa: F401  (registers model_type "l2a" with the Auto classes)
 
     config = AutoConfig.from_pretrained(path)
     if force_route is not None:
         if config.model_type != "l2a":
-            raise ValueError(f"force_route={force_route!r} needs an L2A model; {path} has model_type={config.model_type!r}")
+            raise ValueError(
+                f"force_route={force_route!r} needs an L2A model; {path} has model_type={config.model_type!r}"
+            )
         config.force_route = force_route
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     return model.to(device).eval()
@@ -123,6 +126,12 @@ def model_info(model: torch.nn.Module, path: str | Path | None, variant: str | N
     return info
 
 
+def _documents(settings: EvalSettings) -> Iterator[str]:
+    """Documents of the perplexity corpus in a seeded shuffled order (a small buffer: the order only
+    needs to vary between files, not to be a uniform shuffle)."""
+    return iter_documents(settings.perplexity_data, shuffle_seed=settings.seed, shuffle_buffer=64)
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -134,11 +143,17 @@ def evaluate_model(
     result = ModelEvaluation(label=label, info=info if info is not None else model_info(model, None, None))
     if settings.tasks:
         result.tasks = evaluate_tasks(
-            model, tokenizer, settings.tasks, settings.lengths, settings.samples, settings.seed, progress=settings.progress
+            model,
+            tokenizer,
+            settings.tasks,
+            settings.lengths,
+            settings.samples,
+            settings.seed,
+            progress=settings.progress,
         )
     if settings.perplexity:
         seq_len = settings.perplexity_seq_len or max(settings.lengths)
-        texts = iter_documents(settings.perplexity_data, shuffle_seed=settings.seed)
+        texts = _documents(settings)
         result.perplexity.append(
             perplexity_by_position(
                 model,
@@ -158,11 +173,11 @@ def evaluate_model(
         text_len = settings.perplexity_seq_len or (max(settings.lengths) if settings.lengths else None)
         texts = []
         if settings.routing_texts:
-            documents = iter_documents(settings.perplexity_data, shuffle_seed=settings.seed)
-            texts = list(itertools.islice(documents, settings.routing_texts))
-        result.routing = routing_analysis(
-            model, tokenizer, samples, texts=texts, text_len=text_len, progress=settings.progress
-        )
+            texts = list(itertools.islice(_documents(settings), settings.routing_texts))
+        if samples or texts:
+            result.routing = routing_analysis(
+                model, tokenizer, samples, texts=texts, text_len=text_len, progress=settings.progress
+            )
     if settings.speed:
         result.speed = measure_speed(
             model,
@@ -193,7 +208,7 @@ def run_evaluation(
     device: str = "auto",
     dtype: str = "auto",
 ) -> list[ModelEvaluation]:
-    """Evaluate every model (and, for L2A models, every routing variant), then write the report to ``out_dir``.
+    """Evaluate every model (and every routing variant of L2A models), then write the report to ``out_dir``.
 
     Args:
         model_paths: directories (or hub names available locally) of L2A or plain HF causal LMs.
@@ -216,9 +231,14 @@ def run_evaluation(
         is_l2a = AutoConfig.from_pretrained(path).model_type == "l2a"
         tok = load_tokenizer(tokenizer or str(path))
         for variant in variants if is_l2a else [None]:
-            label = name if variant in (None, "l2a") and len(variants) == 1 else f"{name} [{variant or 'base'}]"
+            label = (
+                name if variant in (None, "l2a") and len(variants) == 1 else f"{name} [{variant or 'base'}]"
+            )
             model = load_model(
-                path, force_route=VARIANTS[variant] if variant else None, device=torch_device, dtype=torch_dtype
+                path,
+                force_route=VARIANTS[variant] if variant else None,
+                device=torch_device,
+                dtype=torch_dtype,
             )
             results.append(evaluate_model(model, tok, settings, label, model_info(model, path, variant)))
             del model

@@ -26,7 +26,9 @@ def kv_cache_bytes(cache: Any) -> int:
     value tensors of an HF ``Cache`` (``cache.layers[i].keys/values``) or of a legacy tuple of tuples.
     """
     if cache is None:
-        raise ValueError("the model returned no cache (past_key_values is None); was use_cache=True honoured?")
+        raise ValueError(
+            "the model returned no cache (past_key_values is None); was use_cache=True honoured?"
+        )
     if callable(getattr(cache, "nbytes", None)):
         return int(cache.nbytes())
     if hasattr(cache, "layers"):
@@ -38,7 +40,9 @@ def kv_cache_bytes(cache: Any) -> int:
                     total += tensor.numel() * tensor.element_size()
         return total
     if isinstance(cache, (tuple, list)):
-        return sum(kv_cache_bytes(item) if not isinstance(item, torch.Tensor) else item.nbytes for item in cache)
+        return sum(
+            kv_cache_bytes(item) if not isinstance(item, torch.Tensor) else item.nbytes for item in cache
+        )
     raise TypeError(f"cannot measure the size of a cache of type {type(cache).__name__}")
 
 
@@ -77,7 +81,11 @@ class SpeedReport:
 def _environment(device: torch.device) -> dict[str, str]:
     import transformers
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = str(torch.version.cuda)
@@ -91,7 +99,7 @@ def _environment(device: torch.device) -> dict[str, str]:
 def _run_once(
     model: torch.nn.Module, input_ids: torch.Tensor, decode_tokens: int, device: torch.device
 ) -> tuple[float, float, int]:
-    """One prefill and ``decode_tokens`` greedy single-token steps. Returns (prefill s, decode s, cache bytes)."""
+    """One prefill and ``decode_tokens`` greedy steps; returns (prefill s, decode s, cache bytes)."""
     start = timer(device)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     prefill_end = timer(device)

@@ -95,18 +95,22 @@ def record_prefill_router_fraction(model: torch.nn.Module) -> Iterator[list[torc
 @torch.no_grad()
 def generate_answer(model: torch.nn.Module, tokenizer: Any, sample: TaskSample) -> str:
     """Greedy continuation of the sample's prompt (at most ``sample.max_new_tokens``), decoded without
-    special tokens and stripped."""
+    special tokens and stripped. The prompt is used raw (no chat template), as RULER does for base models;
+    generation stops at the model's ``generation_config.eos_token_id`` (else the tokenizer's eos)."""
     device = model_device(model)
     input_ids = torch.as_tensor(sample.input_ids, dtype=torch.long, device=device).unsqueeze(0)
-    pad = getattr(tokenizer, "pad_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    kwargs = {"pad_token_id": pad if pad is not None else eos}
+    # the model's generation config may list several stop tokens (e.g. Qwen); only fill in a missing one
+    if getattr(getattr(model, "generation_config", None), "eos_token_id", None) is None and eos is not None:
+        kwargs["eos_token_id"] = eos
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=sample.max_new_tokens,
         do_sample=False,
-        pad_token_id=pad if pad is not None else eos,
-        eos_token_id=eos,
+        **kwargs,
     )
     new_tokens = output[0, input_ids.shape[1] :].tolist()
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
@@ -150,7 +154,9 @@ def evaluate_tasks(
                     predictions.append(generate_answer(model, tokenizer, sample))
                 fractions.extend(recorded[:1])
                 bar.update(1)
-            per_sample = [100.0 * score_prediction(p, s.answers, s.metric) for s, p in zip(batch, predictions)]
+            per_sample = [
+                100.0 * score_prediction(p, s.answers, s.metric) for s, p in zip(batch, predictions)
+            ]
             results.append(
                 TaskResult(
                     task=name,

@@ -10,7 +10,7 @@ its methods): `update_local(k, v) -> (k_all, v_all, first_position)` and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from l2a.ops import conditional_attention, sliding_window_attention
 class AttentionProjections(nn.Module):
     """q/k/v/o projections of one attention branch (and Qwen3's per-head q/k RMSNorms).
 
+    `config.attention_backend` (and, for the local branch, `config.sliding_window`) are read at every
+    forward, so changing them on the model's config takes effect at once.
+
     Parameter names match the base models' `self_attn` (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`,
     `k_norm`), so conversion is a renaming of state-dict keys.
     """
@@ -33,7 +36,7 @@ class AttentionProjections(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.backend = config.attention_backend
+        self.config = config
         hidden, d = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=config.attention_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=config.attention_bias)
@@ -67,10 +70,6 @@ class AttentionProjections(nn.Module):
 class LocalAttention(AttentionProjections):
     """Causal attention over the last `sliding_window` tokens (the token itself included)."""
 
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self.window = config.sliding_window
-
     def forward(
         self,
         h: torch.Tensor,
@@ -92,7 +91,13 @@ class LocalAttention(AttentionProjections):
             if key_start is not None:
                 key_start = (key_start - first_position).clamp_min(0)
         out = sliding_window_attention(
-            q, k, v, self.window, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.backend
+            q,
+            k,
+            v,
+            self.config.sliding_window,
+            cu_seqlens=cu_seqlens,
+            key_start=key_start,
+            backend=self.config.attention_backend,
         )
         return self.o_proj(out.flatten(-2))
 
@@ -128,7 +133,7 @@ class GlobalAttention(AttentionProjections):
                 return torch.zeros_like(h)
         q = self.project_q(h, cos, sin)
         out = conditional_attention(
-            q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.backend
+            q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.config.attention_backend
         )
         if gate.dim() == 3:
             return self.o_proj((out * gate.unsqueeze(-1)).flatten(-2))
@@ -149,7 +154,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: Any, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.force_route: Literal["all", "none"] | None = config.force_route
+        self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.local_attn = LocalAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -201,7 +206,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         soft = hard = None
         if self.has_global:
             g = self.global_layernorm(hidden_states)
-            decision = self.router(g, self.force_route)
+            decision = self.router(g, self.config.force_route)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
             hidden_states = hidden_states + self.global_attn(
                 g,

@@ -142,7 +142,8 @@ def convert_state_dict(base_state: dict[str, torch.Tensor], config: L2AConfig) -
             out[key] = tensor.clone()
     for layer in sorted(global_layers):
         ref = out[f"model.layers.{layer}.input_layernorm.weight"]
-        out[f"model.layers.{layer}.router.weight"] = torch.zeros(1, config.hidden_size, dtype=ref.dtype)
+        router = torch.zeros(1, config.hidden_size, dtype=ref.dtype, device=ref.device)
+        out[f"model.layers.{layer}.router.weight"] = router
     return out
 
 

@@ -14,10 +14,12 @@ half-written `step-*` directory and never touches an existing one; after the ren
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' per-save progress bars (they would break the training bar's line)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -110,7 +126,8 @@ def save_checkpoint(
     _barrier()
     torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
     if rank == 0:
-        model.save_pretrained(tmp, state_dict=model_state)
+        with _quiet_hf_progress():
+            model.save_pretrained(tmp, state_dict=model_state)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")

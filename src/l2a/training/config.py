@@ -65,8 +65,12 @@ class DataConfig(_Validated):
         `cu_seqlens` describes one packed row).
     separate_documents: pack with `cu_seqlens` and per-document `position_ids` so documents do not attend
         to each other.
-    task, task_ratio, task_kwargs: mix synthetic task samples (`l2a.data.tasks`) into the corpus stream;
-        `task_ratio` is the fraction of sequences that are task samples.
+    task, task_ratio, task_kwargs: mix samples of the task `task` (a name in `l2a.data.tasks.TASKS`,
+        built with `get_task(task, **task_kwargs)`) into the corpus stream: each sequence is a task
+        sample with probability `task_ratio` (`l2a.data.MixedDataset`).
+    task_loss: "all" (LM loss on the whole task sample) or "answer" (on the answer tokens only).
+    task_min_length: None: task prompts fill the sequence; else their length is drawn from
+        [task_min_length, seq_len] (varied needle distances).
     """
 
     sources: list[str] = field(default_factory=lambda: ["stdlib"])
@@ -77,6 +81,8 @@ class DataConfig(_Validated):
     task: str | None = None
     task_ratio: float = 0.0
     task_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_loss: Literal["all", "answer"] = "all"
+    task_min_length: int | None = None
 
     def _validate(self) -> None:
         _check(len(self.sources) > 0, "data.sources must name at least one corpus source")
@@ -94,6 +100,11 @@ class DataConfig(_Validated):
         )
         _check(
             self.task is not None or not self.task_kwargs, "data.task_kwargs given but data.task is not set"
+        )
+        _check(self.task is None or self.task_ratio > 0, f"data.task={self.task!r} needs data.task_ratio > 0")
+        _check(
+            self.task_min_length is None or 1 <= self.task_min_length <= self.seq_len,
+            f"data.task_min_length must be in [1, seq_len={self.seq_len}], got {self.task_min_length}",
         )
 
 
@@ -116,13 +127,16 @@ class OptimConfig(_Validated):
 
     def _validate(self) -> None:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+        )
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas must lie in [0, 1), got {self.betas}")
         _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _check(
-            self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or None, got {self.grad_clip}"
+            self.grad_clip is None or self.grad_clip > 0,
+            f"optim.grad_clip must be > 0 or None, got {self.grad_clip}",
         )
 
 
@@ -143,7 +157,10 @@ class RouterConfig(_Validated):
     leakage_probability: float = 0.1
 
     def _validate(self) -> None:
-        _check(self.regularizer_weight >= 0, f"router.regularizer_weight must be >= 0, got {self.regularizer_weight}")
+        _check(
+            self.regularizer_weight >= 0,
+            f"router.regularizer_weight must be >= 0, got {self.regularizer_weight}",
+        )
         _check(
             self.regularizer_ramp_steps is None or self.regularizer_ramp_steps >= 1,
             f"router.regularizer_ramp_steps must be >= 1 or None, got {self.regularizer_ramp_steps}",
@@ -228,7 +245,9 @@ class TrainConfig(_Validated):
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         _check(len(self.trainable) > 0, "trainable must name at least one group or pattern")
-        _check(self.rope_theta is None or self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _check(
+            self.rope_theta is None or self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}"
+        )
         _check(
             self.max_position_embeddings is None or self.max_position_embeddings >= 1,
             f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}",

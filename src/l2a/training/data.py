@@ -1,11 +1,13 @@
 """Micro-batches for the training loop from `TrainConfig.data`, through `l2a.data`.
 
 Each rank packs the whole document stream (`l2a.data.PackedDataset`, endless) and keeps every
-`world_size`-th sequence; the stream's `state_dict` is the data position saved in checkpoints.
+`world_size`-th sequence, optionally mixing in task samples (`l2a.data.MixedDataset`); the stream's
+`state_dict` is the data position saved in checkpoints.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +42,10 @@ class BatchStream:
                     group.append(next(rows))
                 except StopIteration:
                     return
-            batch = {key: torch.stack([row[key] for row in group]) for key in ("input_ids", "labels", "position_ids")}
+            batch = {
+                key: torch.stack([row[key] for row in group])
+                for key in ("input_ids", "labels", "position_ids")
+            }
             if self.separate_documents:
                 batch["cu_seqlens"] = group[0]["cu_seqlens"]
             yield batch
@@ -53,14 +58,17 @@ class BatchStream:
 
 
 def build_batches(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_size: int = 1) -> BatchStream:
-    """This rank's endless, resumable micro-batch stream described by `config.data`."""
-    from l2a.data import DocumentStream, PackedDataset
+    """This rank's endless, resumable micro-batch stream described by `config.data`.
+
+    Text rows are sharded over ranks (sequence i goes to rank i % world_size); task rows, when mixed in,
+    come from a generator seeded by (seed, rank), so ranks draw different samples.
+    """
+    from l2a.data import DocumentStream, MixedDataset, PackedDataset, TaskSampler
+    from l2a.data.tasks import get_task
 
     data = config.data
     if tokenizer is None:
         raise ValueError("building the data stream from config.data needs a tokenizer")
-    if data.task is not None:
-        raise NotImplementedError("task mixing is not wired yet")
     documents = DocumentStream(data.sources, shuffle_seed=config.seed)
     rows = PackedDataset(
         documents,
@@ -71,4 +79,10 @@ def build_batches(config: TrainConfig, tokenizer: Any, *, rank: int = 0, world_s
         num_shards=world_size,
         shard_index=rank,
     )
+    if data.task is not None:
+        sampler = TaskSampler(
+            get_task(data.task, **data.task_kwargs), tokenizer, min_length=data.task_min_length
+        )
+        seed = random.Random(f"{config.seed}:{rank}").getrandbits(63)
+        rows = MixedDataset(rows, sampler, data.task_ratio, seed, task_loss=data.task_loss)
     return BatchStream(rows, data.micro_batch_size, data.separate_documents)

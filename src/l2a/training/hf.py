@@ -8,7 +8,7 @@ For users of the HF Trainer, accelerate or DeepSpeed (through the Trainer's own 
     trainer = L2ATrainer(
         model=l2a_model,
         args=TrainingArguments(output_dir="runs/hf", max_steps=1000, learning_rate=5e-5, ...),
-        train_dataset=dataset,                       # rows with input_ids / labels (/ position_ids, cu_seqlens)
+        train_dataset=dataset,  # rows with input_ids, labels (and optionally position_ids, cu_seqlens)
         router=RouterConfig(regularizer_weight=1e-8, regularizer_ramp_steps=500, leakage_probability=0.1),
         trainable=["attention", "norms", "router"],  # freezes the rest before the optimizer is built
     )
@@ -43,13 +43,17 @@ class L2ATrainer(Trainer):
             None keeps the model's current `requires_grad` flags.
     """
 
-    def __init__(self, *args: Any, router: RouterConfig | None = None, trainable: list[str] | None = None, **kwargs):
+    def __init__(
+        self, *args: Any, router: RouterConfig | None = None, trainable: list[str] | None = None, **kwargs
+    ):
         self.router_config = router if router is not None else RouterConfig()
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("L2ATrainer needs a model")
         if "global_leakage" not in inspect.signature(model.forward).parameters:
-            raise TypeError(f"{type(model).__name__} has no router (no `global_leakage` argument); use Trainer")
+            raise TypeError(
+                f"{type(model).__name__} has no router (no `global_leakage` argument); use Trainer"
+            )
         if trainable is not None:
             set_trainable(model, trainable)
         super().__init__(*args, **kwargs)
@@ -67,7 +71,10 @@ class L2ATrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """LM loss + λ(step) · router regulariser, with this step's leakage draw."""
         if "labels" not in inputs:
-            raise ValueError("L2ATrainer needs `labels` in the batches (use DataCollatorForLanguageModeling or copy input_ids)")
+            raise ValueError(
+                "L2ATrainer needs `labels` in the batches "
+                "(use DataCollatorForLanguageModeling or copy input_ids)"
+            )
         step = self.state.global_step
         total = self.state.max_steps if self.state.max_steps > 0 else step + 1
         lam = regularizer_weight(step, self.router_config, total)
@@ -79,7 +86,11 @@ class L2ATrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _accumulate(self, lm: torch.Tensor, reg: torch.Tensor, fraction: torch.Tensor, lam: float) -> None:
-        values = {"lm_loss": lm.detach().float(), "router_regularizer": reg.detach().float(), "fraction": fraction.float()}
+        values = {
+            "lm_loss": lm.detach().float(),
+            "router_regularizer": reg.detach().float(),
+            "fraction": fraction.float(),
+        }
         for key, value in values.items():
             self._router_sums[key] = self._router_sums[key] + value if key in self._router_sums else value
         self._router_count += 1
@@ -87,14 +98,19 @@ class L2ATrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._router_count:
-            means = {k: self.accelerator.reduce(v / self._router_count, reduction="mean") for k, v in self._router_sums.items()}
+            means = {
+                k: self.accelerator.reduce(v / self._router_count, reduction="mean")
+                for k, v in self._router_sums.items()
+            }
             logs["lm_loss"] = means["lm_loss"].item()
             logs["router_regularizer"] = means["router_regularizer"].item()
             logs["router_lambda"] = self._router_lambda
             sparsity = (1.0 - means["fraction"]).tolist()
             if sparsity:
                 logs["sparsity"] = sum(sparsity) / len(sparsity)
-                for layer, value in zip(self.accelerator.unwrap_model(self.model).config.global_layers, sparsity):
+                for layer, value in zip(
+                    self.accelerator.unwrap_model(self.model).config.global_layers, sparsity
+                ):
                     logs[f"sparsity_layer_{layer}"] = value
             self._router_sums, self._router_count = {}, 0
         super().log(logs, *args, **kwargs)

@@ -64,7 +64,9 @@ class TrainResult:
     data_exhausted: bool = False
 
 
-def apply_context_extension(model: nn.Module, rope_theta: float | None, max_position_embeddings: int | None) -> None:
+def apply_context_extension(
+    model: nn.Module, rope_theta: float | None, max_position_embeddings: int | None
+) -> None:
     """Set RoPE θ / max positions in `model.config` and rebuild the rotary embedding modules from it.
 
     Every submodule holding an `inv_freq` buffer and a `config` is re-created as `type(m)(config=config)`
@@ -88,8 +90,8 @@ def apply_context_extension(model: nn.Module, rope_theta: float | None, max_posi
                 rebuilt += 1
     if rebuilt == 0:
         raise ValueError(
-            f"{type(model).__name__} has no rotary embedding module (a submodule with `inv_freq` and `config`) "
-            "to rebuild for the new rope_theta / max_position_embeddings"
+            f"{type(model).__name__} has no rotary embedding module (a submodule with `inv_freq` and "
+            "`config`) to rebuild for the new rope_theta / max_position_embeddings"
         )
 
 
@@ -113,7 +115,9 @@ def _prepare(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Ten
         out["labels"] = out["input_ids"]
     if "cu_seqlens" in out:
         if out["input_ids"].shape[0] != 1:
-            raise ValueError(f"a batch with cu_seqlens must have one row, got input_ids {tuple(out['input_ids'].shape)}")
+            raise ValueError(
+                f"a batch with cu_seqlens must have one row, got input_ids {tuple(out['input_ids'].shape)}"
+            )
         out["cu_seqlens"] = out["cu_seqlens"].to(torch.int32)
     return out
 
@@ -180,7 +184,9 @@ def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
         return ckpt.latest_checkpoint(root)
     path = Path(resume)
     if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint directory (no trainer_state.pt)")
+        raise FileNotFoundError(
+            f"checkpoint.resume={resume!r} is not a checkpoint directory (no trainer_state.pt)"
+        )
     return path
 
 
@@ -244,15 +250,30 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing: inputs of the first layer come from a frozen embedding (no grad).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     resume_dir = _resolve_resume(config, ckpt_root)
+    if config.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):
+        raise FileExistsError(
+            f"{ckpt_root} already holds checkpoints; set checkpoint.resume (auto or a path) to continue "
+            "that run, or choose another output_dir"
+        )
     if resume_dir is not None:
         missing, unexpected = model.load_state_dict(ckpt.load_model_state(resume_dir), strict=False)
-        tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
+        tied = set(
+            getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or []
+        )
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
-            raise ValueError(f"checkpoint {resume_dir} does not match the model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"checkpoint {resume_dir} does not match the model: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
 
     bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
     model.to(info.device)
@@ -261,7 +282,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     fsdp = config.parallel == "fsdp" and info.distributed
     base = unwrap(wrapped)
     optimizer = _optimizer(wrapped, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.optim, config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.optim, config.steps)
+    )
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
 
     if data is None:
@@ -280,7 +303,11 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
         stream.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
 
-    writer = LogWriter(output_dir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard) if info.is_main else None
+    writer = (
+        LogWriter(output_dir, jsonl=config.logging.jsonl, tensorboard=config.logging.tensorboard)
+        if info.is_main
+        else None
+    )
     flops_tok = flops_per_token(base, config.data.seq_len)
     peak = peak_flops(info.device, config.logging.peak_tflops)
     result = TrainResult(step=start_step, output_dir=output_dir)
@@ -338,7 +365,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             tokens = 0
             for i, mb in enumerate(micro):
                 last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                sync = (
+                    contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                )
                 with sync:
                     with _autocast(info, bf16, fsdp):
                         out = wrapped(**mb, **extra)
@@ -392,9 +421,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             final = step == config.steps and config.checkpoint.save_final
             if (every and step % every == 0) or final:
                 result.checkpoint = save(step)
-        if result.data_exhausted and config.checkpoint.save_final and step > start_step:
-            if result.checkpoint is None or result.checkpoint.name != ckpt.checkpoint_name(step):
-                result.checkpoint = save(step)
+        saved_now = result.checkpoint is not None and result.checkpoint.name == ckpt.checkpoint_name(step)
+        if result.data_exhausted and config.checkpoint.save_final and step > start_step and not saved_now:
+            result.checkpoint = save(step)
     finally:
         if progress is not None:
             progress.close()
@@ -404,7 +433,11 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
-    post = {"lm": f"{record['lm_loss']:.4f}", "reg": f"{record['router_regularizer']:.3g}", "λ": f"{record['lambda']:.2g}"}
+    post = {
+        "lm": f"{record['lm_loss']:.4f}",
+        "reg": f"{record['router_regularizer']:.3g}",
+        "λ": f"{record['lambda']:.2g}",
+    }
     if "sparsity" in record:
         post["sparsity"] = f"{record['sparsity']:.3f}"
     post["lr"] = f"{record['lr']:.2e}"
@@ -420,9 +453,10 @@ def run_training(config: TrainConfig) -> TrainResult:
     (or `config.data.tokenizer`) and `train` it on the data described by `config.data`."""
     if config.model is None:
         raise ValueError("config.model must name a model directory (from `l2a convert`)")
+    from transformers import AutoModelForCausalLM
+
     import l2a.models  # noqa: F401  (registers the L2A model with the Auto classes)
     from l2a.data import load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32)
     tokenizer = load_tokenizer(config.data.tokenizer or config.model)

@@ -12,7 +12,15 @@ from torch import nn
 from l2a.training.parallel import DistInfo, all_reduce_sum
 
 # Dense bf16 peak (TFLOP/s, no sparsity) by substring of the CUDA device name.
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
+_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+}
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -106,7 +114,9 @@ class LogWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ImportError("logging.tensorboard needs the `tensorboard` package: pip install 'l2a[train]'") from exc
+                raise ImportError(
+                    "logging.tensorboard needs the `tensorboard` package: pip install 'l2a[train]'"
+                ) from exc
             self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 `parallel="ddp"` wraps the model in `DistributedDataParallel`; `parallel="fsdp"` applies FSDP2
 (`torch.distributed.fsdp.fully_shard`) to every decoder layer (`model._no_split_modules`) and then to the
 root, with a bf16 `MixedPrecisionPolicy` (fp32 gradient reduction) when training in bf16.
-Launch with `torchrun --nproc-per-node N -m l2a.cli train CONFIG`.
+Launch with `torchrun --nproc-per-node N -m l2a train CONFIG`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def init_distributed(parallel: str, device: str | torch.device | None = None) ->
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1 and parallel == "none":
-        raise ValueError(f"{world} processes were launched but parallel='none'; set parallel to 'ddp' or 'fsdp'")
+        raise ValueError(
+            f"{world} processes were launched but parallel='none'; set parallel to 'ddp' or 'fsdp'"
+        )
     if device is None:
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -83,7 +85,9 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo, *, bf16: bool) -
     if parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        )
         kwargs: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
         for layer in _decoder_layers(model):
             fully_shard(layer, **kwargs)
@@ -130,7 +134,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -35,10 +35,7 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
         return 1.0
     decay_steps = max(total_steps - 1 - optim.warmup_steps, 1)
     progress = min((step - optim.warmup_steps) / decay_steps, 1.0)
-    if optim.lr_schedule == "linear":
-        shape = 1.0 - progress
-    else:
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    shape = 1.0 - progress if optim.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
 
 

@@ -14,13 +14,8 @@ from itertools import accumulate
 from typing import Any
 
 from l2a.data.tasks.base import TaskSample
-from l2a.data.tasks.text import english_then_pseudo_words, fit_count, length_tolerance
+from l2a.data.tasks.text import answer_token_ids, english_then_pseudo_words, fit_count, length_tolerance
 from l2a.data.tokenization import encode, encode_with_offsets, special_prefix
-
-
-def _answer_ids(tokenizer: Any, answer_text: str) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return encode(tokenizer, answer_text) + ([eos] if eos is not None else [])
 
 
 def _context_span(tokenizer: Any, text: str, start: int, end: int, shift: int) -> tuple[int, int]:
@@ -76,7 +71,8 @@ class CommonWordsTask:
             raise ValueError(f"{self.name} has no needle: depth must be None")
         head = special_prefix(tokenizer)
         seed = rng.getrandbits(64)
-        base = len(head) + len(encode(tokenizer, "".join(self._prompt([])[::2])))
+        prefix, _, suffix = self._prompt([])
+        base = len(head) + len(encode(tokenizer, prefix + suffix))
         upper = max(0, length - base) // 2 + 1  # every item costs at least two tokens ("k." and the word)
         words = english_then_pseudo_words(
             random.Random(seed), self.num_common + upper // self.freq_uncommon + 1
@@ -98,14 +94,14 @@ class CommonWordsTask:
                 f"~{2 * (measure(floor, 0) - base)} tokens with the uncommon ones"
             )
         freq = fit_count(lambda f: measure(f, 0), (length + base) // 2, floor, self.freq_common, self.name)
-        count = fit_count(lambda c: measure(freq, c), length, 0, upper, self.name)
+        count = fit_count(lambda c: measure(freq, c), length, 0, upper, self.name, slack=4)
         listed = items(freq, count)
         prefix, body, suffix = self._prompt(listed)
         text = prefix + body + suffix
         input_ids = head + encode(tokenizer, text)
         _check_fit(self.name, len(input_ids), length)
         answer_text = " " + ", ".join(common)
-        answer_ids = _answer_ids(tokenizer, answer_text)
+        answer_ids = answer_token_ids(tokenizer, answer_text)
         return TaskSample(
             task=self.name,
             input_ids=input_ids,
@@ -164,7 +160,8 @@ class FrequentWordsTask:
         if depth is not None:
             raise ValueError(f"{self.name} has no needle: depth must be None")
         head = special_prefix(tokenizer)
-        base = len(head) + len(encode(tokenizer, "".join(self._prompt([])[::2])))
+        prefix, _, suffix = self._prompt([])
+        base = len(head) + len(encode(tokenizer, prefix + suffix))
         upper = max(1, length - base)
         cumulative = list(accumulate(rank ** (-self.alpha) for rank in range(1, self.vocab_size + 1)))
         for _ in range(100):
@@ -182,7 +179,7 @@ class FrequentWordsTask:
             def measure(count: int, stream: list[str] = stream) -> int:
                 return len(head) + len(encode(tokenizer, "".join(self._prompt(stream[:count]))))
 
-            count = fit_count(measure, length, 1, upper, self.name)
+            count = fit_count(measure, length, 1, upper, self.name, slack=4)
             ranked = Counter(stream[:count]).most_common(self.num_answers + 1)
             k = self.num_answers
             if len(ranked) > k and ranked[k - 1][1] == ranked[k][1]:
@@ -196,7 +193,7 @@ class FrequentWordsTask:
         input_ids = head + encode(tokenizer, text)
         _check_fit(self.name, len(input_ids), length)
         answer_text = " " + ", ".join(answers)
-        answer_ids = _answer_ids(tokenizer, answer_text)
+        answer_ids = answer_token_ids(tokenizer, answer_text)
         return TaskSample(
             task=self.name,
             input_ids=input_ids,

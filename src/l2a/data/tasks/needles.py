@@ -15,6 +15,7 @@ from l2a.data.corpora import STDLIB
 from l2a.data.tasks.base import TaskSample
 from l2a.data.tasks.text import (
     Haystack,
+    answer_token_ids,
     compose,
     corpus_haystack,
     distinct,
@@ -32,11 +33,6 @@ _ITEM_KINDS = ("words", "numbers", "uuids")
 def _check_depth(depth: float | None, task: str) -> None:
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"{task}: depth must be in [0, 1], got {depth}")
-
-
-def _answer_ids(tokenizer: Any, answer_text: str) -> list[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return encode(tokenizer, answer_text) + ([eos] if eos is not None else [])
 
 
 def _corpus_key(corpus: str | list[str] | tuple[str, ...]) -> str | tuple[str, ...]:
@@ -137,7 +133,7 @@ class NeedleTask:
             seed=rng.getrandbits(64),
             task=self.name,
         )
-        answer_ids = _answer_ids(tokenizer, answer_text)
+        answer_ids = answer_token_ids(tokenizer, answer_text)
         return TaskSample(
             task=self.name,
             input_ids=composition.input_ids,
@@ -235,7 +231,7 @@ class VariableTrackingTask:
             seed=rng.getrandbits(64),
             task=self.name,
         )
-        answer_ids = _answer_ids(tokenizer, answer_text)
+        answer_ids = answer_token_ids(tokenizer, answer_text)
         hops = self.num_hops + 1
         return TaskSample(
             task=self.name,
@@ -373,7 +369,7 @@ class KVRetrievalTask:
                 f"{self.name}: a needle landed {min(distances)} < {self.min_distance} tokens from the end"
             )
         answer_text = f" {values[-1]}"
-        answer_ids = _answer_ids(tokenizer, answer_text)
+        answer_ids = answer_token_ids(tokenizer, answer_text)
         return TaskSample(
             task=self.name,
             input_ids=composition.input_ids,

@@ -2,7 +2,7 @@
 
 `compose` lays out ``prefix + haystack-with-needles + suffix`` so that the tokenised prompt has the
 requested length: it tokenises the haystack once, cuts it at a token boundary, inserts the needles at
-word/sentence boundaries nearest to their depths, tokenises the whole text, and corrects the haystack
+the last word/sentence boundary before their depths, tokenises the whole text, and corrects the haystack
 budget by the measured difference (tokens can merge across the seams) until the length is met.
 """
 
@@ -61,6 +61,12 @@ NOUNS = tuple(_NOUNS_TEXT.split())
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
+
+
+def answer_token_ids(tokenizer: Any, answer_text: str) -> list[int]:
+    """``answer_text`` encoded as a continuation of the prompt, followed by eos when the tokenizer has one."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return encode(tokenizer, answer_text) + ([eos] if eos is not None else [])
 
 
 def word_key(rng: random.Random) -> str:
@@ -272,14 +278,16 @@ def compose(
             token = min(max(0, round(depths[i] * (budget + sum(needle_tokens)) - before)), budget)
             before += needle_tokens[i]
             wanted = hay_offsets[token][0] if token < budget else cut
-            j = bisect.bisect_left(allowed, wanted)
-            nearest = min(allowed[max(0, j - 1) : j + 1], key=lambda c: abs(c - wanted))
-            nearest = max(nearest, position)
-            pieces.append(hay[position:nearest])
+            # The last boundary at or before the wanted position: a needle never lands later than asked,
+            # so a minimum distance to the question (kv_retrieval) holds.
+            at = max(allowed[bisect.bisect_right(allowed, wanted) - 1], position)
+            pieces.append(hay[position:at])
+            if at == cut and cut > 0 and not hay[cut - 1].isspace():
+                pieces.append(" ")  # the cut fell inside a word: do not glue the needle onto it
             start = sum(map(len, pieces))
             spans[i] = (start, start + len(needles[i]))
             pieces.append(needles[i] + " ")
-            position = nearest
+            position = at
         pieces += [hay[position:cut], suffix]
         text = "".join(pieces)
         ids, offsets = encode_with_offsets(tokenizer, text)
@@ -305,17 +313,38 @@ def compose(
     return best
 
 
-def fit_count(measure: Callable[[int], int], length: int, lower: int, upper: int, task: str) -> int:
-    """The largest count in [lower, upper] whose ``measure(count)`` (a token length that grows with the
-    count) is at most ``length``; raises if even ``lower`` is too long."""
-    if measure(lower) > length:
-        raise ValueError(
-            f"{task}: length {length} is too short (the smallest prompt has {measure(lower)} tokens)"
-        )
-    while lower < upper:
-        middle = (lower + upper + 1) // 2
-        if measure(middle) <= length:
-            lower = middle
+def fit_count(
+    measure: Callable[[int], int], length: int, lower: int, upper: int, task: str, slack: int = 0
+) -> int:
+    """A count in [lower, upper] whose ``measure(count)`` (a token length growing with the count) is at
+    most ``length`` and at least ``length - slack`` if one exists, else the largest one under ``length``.
+
+    Secant steps first (the length is nearly linear in the count: a few tokenisations even at 128K
+    tokens), then bisection on the bracket they leave. Raises if even ``lower`` is too long.
+    """
+    low_value = measure(lower)
+    if low_value > length:
+        raise ValueError(f"{task}: length {length} is too short (the smallest prompt has {low_value} tokens)")
+    high, high_value = upper + 1, None  # counts >= high are known (or assumed) to be too long
+    for _ in range(8):
+        if length - low_value <= slack or lower >= high - 1:
+            return lower
+        if high_value is None:
+            per_count = max((low_value - measure(0)) / lower, 1e-3) if lower > 0 else 1.0
+            guess = lower + int((length - low_value) / per_count)
         else:
-            upper = middle - 1
+            guess = lower + int((length - low_value) * (high - lower) / max(1, high_value - low_value))
+        guess = min(max(guess, lower + 1), high - 1)
+        value = measure(guess)
+        if value <= length:
+            lower, low_value = guess, value
+        else:
+            high, high_value = guess, value
+    while lower < high - 1:
+        middle = (lower + high) // 2
+        value = measure(middle)
+        if value <= length:
+            lower, low_value = middle, value
+        else:
+            high = middle
     return lower

@@ -57,19 +57,26 @@ def _env_config(name: str, default: Config) -> Config:
 def fwd_config(d: int) -> Config:
     if interpreting():
         return Config(16, 16, 1, 1)
-    return _env_config("FWD", Config(128, 64, 8, 3) if d <= 64 else Config(128, 64, 8, 2))
+    # D=128 default: fastest of 4 configs on an H100 (benchmarks/KERNEL_NOTES.md); D<=64 not yet tuned
+    return _env_config("FWD", Config(128, 64, 8, 3))
 
 
 def bwd_dq_config(d: int) -> Config:
     if interpreting():
         return Config(16, 16, 1, 1)
-    return _env_config("BWD_DQ", Config(64, 64, 4, 2) if d <= 64 else Config(64, 64, 8, 2))
+    return _env_config("BWD_DQ", Config(64, 64, 4, 2) if d <= 64 else Config(128, 64, 8, 2))
 
 
 def bwd_dkdv_config(d: int) -> Config:
     if interpreting():
         return Config(16, 16, 1, 1)
     return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 2))
+
+
+def dkdv_mask_every_tile() -> bool:
+    """`L2A_DKDV_MASK_EVERY_TILE=1`: mask every row tile in the dK/dV loop instead of branching per tile
+    (a branch-free loop body that Triton can software-pipeline; an experiment, not yet timed on a GPU)."""
+    return os.environ.get("L2A_DKDV_MASK_EVERY_TILE", "0") == "1"
 
 
 @dataclass
@@ -616,6 +623,7 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MASK_EVERY_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block of one K/V head, summed over every compact row that sees it.
@@ -666,7 +674,13 @@ def _bwd_dkdv_kernel(
             hi_first = tl.load(HI + list_off + r0 // R)
             lo_last = tl.load(LO + list_off + (tl.minimum(r0 + BLOCK_M, row_end) - 1) // R)
             # padded rows load q = dO = 0 and lse = +inf, so they add nothing even unmasked
-            if (lo_last <= j_first) & (hi_first >= j_last):
+            if MASK_EVERY_TILE:
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                    True, DOT_PRECISION,
+                )  # fmt: skip
+            elif (lo_last <= j_first) & (hi_first >= j_last):
                 dk, dv = _bwd_dkdv_inner(
                     dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
                     o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
@@ -798,8 +812,8 @@ def backward(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
         *lse.stride()[:2], *_list_strides(rows)[:2], stride_sb, stride_sl,
         b * hkv, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
-        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_EVERY_TILE=dkdv_mask_every_tile(),
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dq, dk, dv
 
