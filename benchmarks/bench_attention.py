@@ -275,8 +275,18 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         ms, cfg = None, f"{cfg} ({type(e).__name__})"
                     results.append(dict(N=n, task=task, kernel="fwd+bwd", cfg=cfg, ms=ms))
                     print(json.dumps(results[-1]), flush=True)
-            os.environ.pop("L2A_BWD_DQ")
-            os.environ.pop("L2A_BWD_DKDV")
+            os.environ["L2A_DKDV_MASK_EVERY_TILE"] = "1"
+            for dkdv_cfg in DKDV_SWEEP:
+                os.environ["L2A_BWD_DQ"], os.environ["L2A_BWD_DKDV"] = DQ_SWEEP[0], dkdv_cfg
+                cfg = f"dq {DQ_SWEEP[0]} / dkdv {dkdv_cfg} / mask every tile"
+                try:
+                    ms = bench(_fwd_bwd(fn, (q, k, v), dout))
+                except Exception as e:  # noqa: BLE001
+                    ms, cfg = None, f"{cfg} ({type(e).__name__})"
+                results.append(dict(N=n, task=task, kernel="fwd+bwd", cfg=cfg, ms=ms))
+                print(json.dumps(results[-1]), flush=True)
+            for name in ("L2A_BWD_DQ", "L2A_BWD_DKDV", "L2A_DKDV_MASK_EVERY_TILE"):
+                os.environ.pop(name)
     return results
 
 
@@ -299,8 +309,11 @@ def best_configs(results: list[dict]) -> dict[str, str]:
         if kernel == "fwd":
             best["L2A_FWD"] = choice
         else:
-            dq, dkdv = choice.removeprefix("dq ").split(" / dkdv ")
-            best["L2A_BWD_DQ"], best["L2A_BWD_DKDV"] = dq, dkdv
+            parts = choice.split(" / ")
+            best["L2A_BWD_DQ"] = parts[0].removeprefix("dq ")
+            best["L2A_BWD_DKDV"] = parts[1].removeprefix("dkdv ")
+            if "mask every tile" in parts:
+                best["L2A_DKDV_MASK_EVERY_TILE"] = "1"
     return best
 
 

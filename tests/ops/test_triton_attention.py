@@ -197,3 +197,9 @@ def test_conditional_attention_matches_reference(case: Case) -> None:
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: c.id)
 def test_sliding_window_attention_matches_reference(case: Case) -> None:
     _check(case, seed=zlib.crc32(case.id.encode()))
+
+
+@pytest.mark.parametrize("case", [CONDITIONAL_CASES[6], WINDOW_CASES[0]], ids=lambda c: c.id)
+def test_dkdv_mask_every_tile_variant_matches_reference(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L2A_DKDV_MASK_EVERY_TILE", "1")
+    _check(case, seed=zlib.crc32(case.id.encode()) + 1)

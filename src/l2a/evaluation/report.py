@@ -92,6 +92,44 @@ def _tasks_and_lengths(results: Sequence[ModelEvaluation]) -> tuple[list[str], l
     return tasks, lengths
 
 
+def distance_buckets(results: Sequence[ModelEvaluation]) -> dict[str, dict[int, list[float]]]:
+    """Sample scores grouped by needle distance in powers of two: label → {k: scores with
+    2^k <= distance < 2^(k+1)} (k = 0 also holds distance 0)."""
+    grouped: dict[str, dict[int, list[float]]] = {}
+    for m in results:
+        for result in m.tasks:
+            for sample in result.samples:
+                if sample.needle_distance is not None:
+                    k = max(sample.needle_distance, 1).bit_length() - 1
+                    grouped.setdefault(m.label, {}).setdefault(k, []).append(sample.score)
+    return grouped
+
+
+def _distance_table(results: Sequence[ModelEvaluation]) -> list[str]:
+    grouped = distance_buckets(results)
+    if not grouped:
+        return []
+    ks = sorted({k for buckets in grouped.values() for k in buckets})
+    windows = {m.info["sliding_window"] for m in results if "sliding_window" in m.info}
+    note = f" Sliding window: {', '.join(map(str, sorted(windows)))} tokens." if windows else ""
+    lines = [
+        "## Score by needle distance (all needle tasks and lengths; score, samples)",
+        "",
+        f"Distance: tokens from the end of the earliest needle to the end of the prompt.{note}",
+        "",
+    ]
+    header = ["model", *(f"[{1 << k}, {1 << (k + 1)})" if k else "[0, 2)" for k in ks)]
+    rows = []
+    for m in results:
+        buckets = grouped.get(m.label, {})
+        cells = [
+            f"{sum(buckets[k]) / len(buckets[k]):.1f} ({len(buckets[k])})" if k in buckets else "–"
+            for k in ks
+        ]
+        rows.append([m.label, *cells])
+    return lines + _table(header, rows) + [""]
+
+
 def markdown_report(results: Sequence[ModelEvaluation], settings: dict[str, Any] | None = None) -> str:
     """The comparison as markdown: mean task score by length (like the papers' RULER tables) with sparsity,
     per-task scores, perplexity by position, routing and speed/memory."""
@@ -120,6 +158,7 @@ def markdown_report(results: Sequence[ModelEvaluation], settings: dict[str, Any]
             [m.label, task, *(_fmt(m.score(task, n)) for n in lengths)] for m in results for task in tasks
         ]
         lines += _table(["model", "task", *(format_length(n) for n in lengths)], rows) + [""]
+    lines += _distance_table(results)
     seq_lens = sorted({r.seq_len for m in results for r in m.perplexity})
     for seq_len in seq_lens:
         reports = [(m.label, r) for m in results for r in m.perplexity if r.seq_len == seq_len]

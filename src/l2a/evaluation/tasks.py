@@ -23,13 +23,25 @@ from l2a.evaluation.common import model_device
 
 @dataclass
 class SampleResult:
-    """One scored sample: the model's text, the references and the sample's score (0–100)."""
+    """One scored sample: the model's text, the references and the sample's score (0–100).
+
+    ``needle_distance``: tokens between the end of the earliest needle and the end of the prompt, i.e. how
+    far back the model must look (None for tasks without needles); compare it with the sliding window.
+    """
 
     depth: float | None
     prediction: str
     answers: list[str]
     score: float
     prompt_tokens: int
+    needle_distance: int | None = None
+
+
+def needle_distance(sample: TaskSample) -> int | None:
+    """Tokens from the end of the sample's earliest needle span to the end of its prompt (None: no needles)."""
+    if not sample.needle_spans:
+        return None
+    return len(sample.input_ids) - min(end for _, end in sample.needle_spans)
 
 
 @dataclass
@@ -170,6 +182,7 @@ def evaluate_tasks(
                             answers=list(s.answers),
                             score=score,
                             prompt_tokens=len(s.input_ids),
+                            needle_distance=needle_distance(s),
                         )
                         for s, p, score in zip(batch, predictions, per_sample)
                     ],
