@@ -172,7 +172,9 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device) -> list[dict]
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
             dt = dout.transpose(1, 2).contiguous()
             try:
-                mask = create_block_mask(_sliding_mask(window), None, None, n, n, device=device)
+                mask = create_block_mask(
+                    _sliding_mask(window), None, None, n, n, device=device, _compile=True
+                )
                 fn = partial(flex, qt, kt, vt, block_mask=mask, enable_gqa=True)
                 fwd = bench(fn)
                 fb = None if args.fwd_only else bench(_fwd_bwd(fn, (qt, kt, vt), dt))
@@ -219,7 +221,7 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device) -> list[dict]
                 dg = dout[:, pos.long()].transpose(1, 2).contiguous()
                 try:
                     mask = create_block_mask(
-                        _gathered_causal_mask(pos), None, None, n_active, n, device=device
+                        _gathered_causal_mask(pos), None, None, n_active, n, device=device, _compile=True
                     )
                     fn = partial(flex, qg, kt, vt, block_mask=mask, enable_gqa=True)
                     fwd = bench(fn)

@@ -1,4 +1,4 @@
-"""`l2a train configs/tiny-cpu.yaml` on a tiny model converted in the test, then resumed from its checkpoint."""
+"""`l2a train configs/tiny-cpu.yaml` on a tiny model converted in the test, then resumed."""
 
 from __future__ import annotations
 
@@ -55,4 +55,6 @@ def test_train_cli_runs_and_resumes(tmp_path, capsys):
     trained = L2AForCausalLM.from_pretrained(out / "checkpoints" / "step-000004")
     converted = L2AForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(trained.model.layers[0].router.weight, converted.model.layers[0].router.weight)
-    assert torch.equal(trained.model.layers[0].mlp.up_proj.weight, converted.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(
+        trained.model.layers[0].mlp.up_proj.weight, converted.model.layers[0].mlp.up_proj.weight
+    )

@@ -9,15 +9,32 @@ from l2a.evaluation.perplexity import PerplexityReport
 from l2a.evaluation.report import ModelEvaluation, markdown_report, write_report
 from l2a.evaluation.routing import RoutingExample, RoutingReport
 from l2a.evaluation.speed import SpeedPoint, SpeedReport
-from l2a.evaluation.tasks import TaskResult
+from l2a.evaluation.tasks import SampleResult, TaskResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _results() -> list[ModelEvaluation]:
     tasks = [
-        TaskResult("niah_single_1", 4096, 100.0, 2, router_fraction=[0.5, 0.1]),
-        TaskResult("niah_single_1", 8192, 50.0, 2, router_fraction=[0.3, 0.1]),
+        TaskResult(
+            "niah_single_1",
+            4096,
+            100.0,
+            2,
+            [
+                SampleResult(0.5, "1", ["1"], 100.0, 4096, 1500),
+                SampleResult(0.1, "2", ["2"], 100.0, 4096, 3000),
+            ],
+            router_fraction=[0.5, 0.1],
+        ),
+        TaskResult(
+            "niah_single_1",
+            8192,
+            50.0,
+            2,
+            [SampleResult(0.9, "3", ["3"], 100.0, 8192, 1), SampleResult(0.1, "x", ["4"], 0.0, 8192, 2500)],
+            router_fraction=[0.3, 0.1],
+        ),
         TaskResult("vt", 4096, 80.0, 2, router_fraction=[0.2, 0.0]),
         TaskResult("vt", 8192, 40.0, 2, router_fraction=[0.2, 0.0]),
     ]
@@ -85,6 +102,10 @@ def test_markdown_tables():
     assert "| tiny | 4K | 12.50 | 2.00× | 327680 | 500.0 | 1.0 | n/a |" in text
     assert "| tiny [all_global] | 4K | 25.00 | 1.00× | 163840 |" in text
     assert "Settings: samples `2`" in text
+    # needle distances 1500 → [1024, 2048); 3000 and 2500 → [2048, 4096); 1 → [0, 2)
+    assert "| model | [0, 2) | [1024, 2048) | [2048, 4096) |" in text
+    assert "| tiny | 100.0 (1) | 100.0 (1) | 50.0 (2) |" in text
+    assert "| tiny [all_global] | – | – | – |" in text
 
 
 def test_write_report_files(tmp_path):
@@ -107,6 +128,7 @@ def test_write_report_files(tmp_path):
     first = payload["models"][0]
     assert first["label"] == "tiny"
     assert first["task_sparsity"] == pytest.approx(0.825)
+    assert first["tasks"][1]["samples"][1]["needle_distance"] == 2500
     assert first["tasks"][1] | {"samples": []} == {
         "task": "niah_single_1",
         "length": 8192,

@@ -54,6 +54,13 @@ def test_oracle_scores_100(tokenizer):
         assert result.num_samples == 2 and len(result.samples) == 2
         assert all(s.score == 100.0 and s.prompt_tokens > 0.9 * result.length for s in result.samples)
         assert result.router_fraction is None
+    first = drawn["niah_single_1", 768][0]
+    assert (
+        results[0].samples[0].needle_distance
+        == len(first.input_ids) - min(e for _, e in first.needle_spans)
+        > 0
+    )
+    assert all(s.needle_distance is None for r in results if r.task == "fwe" for s in r.samples)
 
 
 def test_constant_model_scores_about_zero(tokenizer):

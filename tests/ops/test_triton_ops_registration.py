@@ -67,3 +67,19 @@ def test_float64_is_a_clear_error() -> None:
     q, k, v = _qkv(dtype=torch.float64)
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
         conditional_attention(q, k, v, torch.ones(1, 20, dtype=torch.bool, device=DEVICE), backend="triton")
+
+
+def test_strided_inputs_match_contiguous_ones() -> None:
+    """q, k, v as views into fused projections (row strides larger than Hq·D) give the same result."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 24, 4 + 2 + 2, 32, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
+    active = (torch.arange(24, device=DEVICE) % 3 != 1)[None]
+    out = conditional_attention(q, k, v, active, backend="triton")
+    dout = torch.randn(out.shape, generator=g).to(DEVICE)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    out_c = conditional_attention(qc, kc, vc, active, backend="triton")
+    grads_c = torch.autograd.grad(out_c, (qc, kc, vc), dout)
+    torch.testing.assert_close(out, out_c)
+    torch.testing.assert_close(grad, torch.cat(grads_c, dim=2))

@@ -79,12 +79,12 @@ def test_gradient_accumulation_matches_one_big_batch(make_l2a, make_batches, tmp
         assert a["sparsity_per_layer"] == pytest.approx(b["sparsity_per_layer"], abs=1e-6)
 
 
-def test_log_records_and_jsonl(make_l2a, make_batches, tmp_path):
+def test_log_records_jsonl_and_tensorboard(make_l2a, make_batches, tmp_path):
     seen = []
     result = train(
         make_l2a(),
         None,
-        _config(tmp_path, steps=4, logging=LoggingConfig(every=2, progress_bar=False)),
+        _config(tmp_path, steps=4, logging=LoggingConfig(every=2, progress_bar=False, tensorboard=True)),
         data=make_batches(4),
         on_log=seen.append,
     )
@@ -96,6 +96,7 @@ def test_log_records_and_jsonl(make_l2a, make_batches, tmp_path):
         assert isinstance(record[key], float), key
     assert len(record["sparsity_per_layer"]) == len(record["global_layers"]) == 2
     assert 0 <= record["leakage_steps"] <= 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_data_exhaustion_stops_early(make_l2a, make_batches, tmp_path):
@@ -141,7 +142,9 @@ def test_model_without_router_trains(make_batches, tmp_path):
 def test_activation_checkpointing_gives_the_same_steps(make_l2a, make_batches, tmp_path):
     plain = train(make_l2a(), None, _config(tmp_path / "a"), data=make_batches(3)).history
     model = make_l2a()
-    checkpointed = train(model, None, _config(tmp_path / "b", gradient_checkpointing=True), data=make_batches(3))
+    checkpointed = train(
+        model, None, _config(tmp_path / "b", gradient_checkpointing=True), data=make_batches(3)
+    )
     assert model.model.gradient_checkpointing
     for a, b in zip(plain, checkpointed.history, strict=True):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-6)

@@ -38,7 +38,7 @@ class SampleResult:
 
 
 def needle_distance(sample: TaskSample) -> int | None:
-    """Tokens from the end of the sample's earliest needle span to the end of its prompt (None: no needles)."""
+    """Tokens from the end of the earliest needle span to the end of the prompt (None: no needles)."""
     if not sample.needle_spans:
         return None
     return len(sample.input_ids) - min(end for _, end in sample.needle_spans)

@@ -276,10 +276,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             )
 
     bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
-    model.to(info.device)
-    model.train()
-    wrapped = wrap_model(model, config.parallel, info, bf16=bf16)
     fsdp = config.parallel == "fsdp" and info.distributed
+    if not fsdp:
+        model.to(info.device)
+    model.train()
+    # fully_shard moves each layer to the device as it shards it: the full model never sits on one GPU.
+    wrapped = wrap_model(model, config.parallel, info, bf16=bf16)
+    if fsdp:
+        wrapped.to(info.device)
     base = unwrap(wrapped)
     optimizer = _optimizer(wrapped, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -83,12 +83,14 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo, *, bf16: bool) -
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        )
-        kwargs: dict[str, Any] = {"mp_policy": policy} if policy is not None else {}
+        if info.device.type == "cuda":
+            torch.cuda.set_device(info.device)
+        kwargs: dict[str, Any] = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
+        if bf16:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in _decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)

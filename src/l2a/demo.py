@@ -1,0 +1,419 @@
+"""The embedded demo: train a tiny Qwen3-style model, convert it to L2A, route it, and show that it works.
+
+`run_demo` runs on a laptop CPU in a few minutes with no download:
+
+1. builds a tiny `Qwen3ForCausalLM` over the byte tokenizer;
+2. pretrains it with full attention on the Python standard library's sources mixed with copies of them
+   (which teach the induction heads retrieval needs) and the synthetic ``kv_retrieval`` task;
+3. converts it to L2A with a small sliding window (`l2a.convert_model`);
+4. trains attention, norms and routers with the sparsity regulariser (λ ramp) and leakage steps;
+5. evaluates beyond-window key–value retrieval for three routings of the same weights: the learned one,
+   ``force_route="none"`` (local attention only) and ``force_route="all"`` (every token global);
+6. writes ``report.json`` and ``routing.png`` (sparsity per layer, accuracy by needle–query distance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from l2a.data import byte_tokenizer, stdlib_corpus
+from l2a.data.packing import IGNORE_INDEX
+from l2a.data.tasks import TaskSample, get_task
+
+ROUTINGS = {"l2a": None, "local_only": "none", "all_global": "all"}
+"""Report key → `L2AConfig.force_route` of the evaluated routing."""
+
+_QUERY = re.compile(rb"\n[a-z]+: (\d+)")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and schedule of the demo; the defaults are tuned to finish in about 3 minutes on 2 CPU cores.
+
+    Model: a Qwen3 decoder with `hidden_size`, `num_layers`, `num_heads` (head dim `hidden_size //
+    num_heads`), `num_kv_heads` and an MLP of `4 * hidden_size`.
+    Data: sequences of `seq_len` byte tokens; each training row is a task sample with probability
+    `task_ratio`, a corpus slice written twice with probability `copy_ratio`, else a corpus slice.
+    Task: ``kv_retrieval`` with `key_chars` letters per key, `value_digits` digits per value and
+    `num_queries` queries per sample; every needle lies more than `window` tokens before its query.
+    Training: `pretrain_steps` full-attention steps at `pretrain_lr`, then `routed_steps` L2A steps at
+    `routed_lr` with λ ramped linearly to `regularizer_weight` over the first `ramp_fraction` of them
+    and dense-global leakage steps with probability `leakage_probability`.
+    """
+
+    seq_len: int = 256
+    window: int = 32
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    batch_size: int = 16
+    task_ratio: float = 0.5
+    copy_ratio: float = 0.25
+    key_chars: int = 1
+    value_digits: int = 2
+    num_queries: int = 4
+    task_pool: int = 1024
+    eval_samples: int = 96
+    pretrain_steps: int = 600
+    pretrain_lr: float = 3e-3
+    routed_steps: int = 300
+    routed_lr: float = 1e-3
+    regularizer_weight: float = 2e-3
+    ramp_fraction: float = 0.5
+    leakage_probability: float = 0.1
+    corpus_chars: int = 400_000
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 4 * self.window:
+            raise ValueError(f"seq_len={self.seq_len} must be at least 4 * window={4 * self.window}")
+        if not 0.0 <= self.task_ratio + self.copy_ratio <= 1.0:
+            raise ValueError(
+                f"task_ratio + copy_ratio must lie in [0, 1], got {self.task_ratio + self.copy_ratio}"
+            )
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads, num_heads of num_kv_heads")
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """A reduced run (tens of seconds) for tests: same pipeline, far fewer steps and samples."""
+        return cls(pretrain_steps=30, routed_steps=20, task_pool=64, eval_samples=16, corpus_chars=100_000)
+
+
+@dataclass
+class _TaskRow:
+    """A task sample laid out as one training/evaluation row of `seq_len` tokens."""
+
+    input_ids: list[int]
+    answer_positions: list[list[int]]  # per query: positions of its value tokens
+    distances: list[int]  # per query: tokens from the needle's last token to the query's first value token
+
+
+def _task_row(sample: TaskSample, tokenizer: Any) -> _TaskRow:
+    ids = sample.input_ids + sample.answer_ids[:-1]  # drop eos: rows end with the last value digit
+    start = sample.meta["context_span"][1]
+    suffix = bytes(ids[start:])
+    answers = [list(range(start + m.start(1), start + m.end(1))) for m in _QUERY.finditer(suffix)]
+    prompt_len = len(sample.input_ids)
+    needle_ends = [prompt_len - d for d in sample.meta["query_distances"]]
+    if len(answers) != len(needle_ends):
+        raise RuntimeError(f"parsed {len(answers)} queries, the task reports {len(needle_ends)}")
+    distances = [pos[0] - end for pos, end in zip(answers, needle_ends)]
+    return _TaskRow(ids, answers, distances)
+
+
+def _task_rows(
+    config: DemoConfig, tokenizer: Any, count: int, rng: random.Random, desc: str
+) -> list[_TaskRow]:
+    from tqdm.auto import tqdm
+
+    # The needle must stay beyond the window for every query; earlier queries sit up to one
+    # "\nk: vv" record per later query before the prompt's end.
+    record = config.key_chars + config.value_digits + 3
+    task = get_task(
+        "kv_retrieval",
+        key_chars=config.key_chars,
+        value_digits=config.value_digits,
+        num_queries=config.num_queries,
+        min_distance=config.window + record * config.num_queries,
+        filler="corpus",
+        num_pairs=8,
+        corpus_chars=config.corpus_chars,
+    )
+    answer_len = config.value_digits + 1  # " " + digits (eos dropped)
+    rows = []
+    for _ in tqdm(range(count), desc=desc, dynamic_ncols=True):
+        row = _task_row(task.sample(tokenizer, config.seq_len - answer_len, rng), tokenizer)
+        if len(row.input_ids) != config.seq_len:
+            raise RuntimeError(f"task row has {len(row.input_ids)} tokens, expected {config.seq_len}")
+        rows.append(row)
+    return rows
+
+
+def _corpus_ids(config: DemoConfig, tokenizer: Any) -> torch.Tensor:
+    chunks, size = [], 0
+    for doc in stdlib_corpus(shuffle_seed=0):
+        chunks.append(doc)
+        size += len(doc)
+        if size >= config.corpus_chars:
+            break
+    ids = tokenizer("\n".join(chunks), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _batches(
+    config: DemoConfig, corpus: torch.Tensor, pool: list[_TaskRow], rng: random.Random
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches: input_ids and labels (B, N); task rows carry labels on answers only."""
+    n = config.seq_len
+    while True:
+        ids, labels = [], []
+        for _ in range(config.batch_size):
+            draw = rng.random()
+            if draw < config.task_ratio:
+                row = pool[rng.randrange(len(pool))]
+                x = torch.tensor(row.input_ids)
+                y = torch.full_like(x, IGNORE_INDEX)
+                for pos in row.answer_positions:
+                    y[pos] = x[pos]
+            elif draw < config.task_ratio + config.copy_ratio:
+                start = rng.randrange(len(corpus) - n // 2)
+                half = corpus[start : start + n // 2]
+                x = torch.cat([half, half])
+                y = x.clone()
+            else:
+                start = rng.randrange(len(corpus) - n)
+                x = corpus[start : start + n]
+                y = x.clone()
+            ids.append(x)
+            labels.append(y)
+        yield {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
+
+
+def build_base_model(config: DemoConfig, tokenizer: Any) -> torch.nn.Module:
+    """A freshly initialised tiny `Qwen3ForCausalLM` over the byte tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    base_config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=4 * config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.hidden_size // config.num_heads,
+        max_position_embeddings=2 * config.seq_len,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    base_config._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(base_config)
+
+
+@torch.no_grad()
+def evaluate_routings(model: torch.nn.Module, rows: list[_TaskRow], batch_size: int) -> dict[str, Any]:
+    """Teacher-forced exact match of every query's value under each routing of `ROUTINGS`.
+
+    Returns per routing the accuracy over all queries, the per-query hits (for distance buckets) and, for
+    the learned routing, the fraction of tokens routed to global attention in each global layer.
+    """
+    was_training = model.training
+    model.eval()
+    saved = model.config.force_route
+    results: dict[str, Any] = {}
+    try:
+        for name, force in ROUTINGS.items():
+            model.config.force_route = force
+            hits: list[bool] = []
+            fractions = []
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                ids = torch.tensor([row.input_ids for row in chunk])
+                out = model(input_ids=ids)
+                pred = out.logits.argmax(-1)
+                fractions.append(out.router_fraction.float() * len(chunk))
+                for b, row in enumerate(chunk):
+                    for pos in row.answer_positions:
+                        p = torch.tensor(pos)
+                        hits.append(bool((pred[b, p - 1] == ids[b, p]).all()))
+            routed = (torch.stack(fractions).sum(0) / len(rows)).tolist()
+            results[name] = {"hits": hits, "accuracy": sum(hits) / len(hits), "routed_fraction": routed}
+    finally:
+        model.config.force_route = saved
+        model.train(was_training)
+    return results
+
+
+def _distance_buckets(distances: list[int], window: int, count: int = 4) -> list[tuple[int, int]]:
+    lo, hi = window + 1, max(distances) + 1
+    step = math.ceil((hi - lo) / count)
+    return [(lo + i * step, min(hi, lo + (i + 1) * step)) for i in range(count) if lo + i * step < hi]
+
+
+def _plot(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    layers = report["global_layers"]
+    left.bar([str(i) for i in layers], report["sparsity_per_layer"], color="tab:blue")
+    left.axhline(report["sparsity"], color="k", ls="--", lw=1, label=f"mean {report['sparsity']:.2f}")
+    left.set_ylim(0, 1)
+    left.set_xlabel("layer")
+    left.set_ylabel("tokens skipping global attention")
+    left.legend(loc="lower right")
+    left.set_title("L2A sparsity per layer")
+    buckets = report["accuracy_by_distance"]
+    labels = [f"{b['min']}–{b['max'] - 1}" for b in buckets]
+    x = range(len(buckets))
+    for name, style in (("all_global", "s-"), ("l2a", "o-"), ("local_only", "^-")):
+        right.plot(x, [100 * b[name] for b in buckets], style, label=name)
+    right.axhline(100 * report["chance"], color="gray", ls=":", lw=1, label="chance")
+    right.set_xticks(list(x), labels)
+    right.set_ylim(-2, 102)
+    right.set_xlabel(f"needle–query distance (tokens; window {report['config']['window']})")
+    right.set_ylabel("retrieval accuracy (%)")
+    right.legend(fontsize=8)
+    right.set_title("Beyond-window key–value retrieval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    config: DemoConfig | None = None,
+    threads: int | None = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole demo and write ``out_dir/report.json`` and ``out_dir/routing.png``.
+
+    Args:
+        out_dir: output directory (created).
+        seed: seeds model initialisation, data and leakage draws; the run is deterministic given it.
+        quick: use `DemoConfig.quick()` (a reduced run for tests); exclusive with ``config``.
+        config: sizes and schedule (default `DemoConfig()`).
+        threads: `torch.set_num_threads` for the run (None: leave as is).
+        progress: show tqdm progress bars.
+
+    Returns:
+        the report: ``sparsity`` (mean fraction of tokens skipping global attention on the evaluation
+        sequences), ``sparsity_per_layer``, ``accuracy`` ``{"l2a", "local_only", "all_global"}`` (fractions
+        of queries whose value is predicted exactly), ``accuracy_by_distance``, ``chance``, ``seconds``,
+        ``config`` and the training histories' last records.
+    """
+    from l2a.models import convert_model
+    from l2a.training import TrainConfig, train
+
+    if quick and config is not None:
+        raise ValueError("pass either quick=True or config, not both")
+    config = DemoConfig.quick() if quick else (config or DemoConfig())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if threads is not None:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        tokenizer = byte_tokenizer()
+        corpus = _corpus_ids(config, tokenizer)
+        pool = _task_rows(config, tokenizer, config.task_pool, rng, "task samples")
+        eval_rows = _task_rows(
+            config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples"
+        )
+
+        common = {
+            "trainable": ["*"],
+            "seed": seed,
+            "precision": "fp32",
+            "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
+            "checkpoint": {"save_final": False},
+        }
+        model = build_base_model(config, tokenizer)
+        pre = train(
+            model,
+            tokenizer,
+            TrainConfig(
+                output_dir=str(out / "pretrain"),
+                steps=config.pretrain_steps,
+                optim={"lr": config.pretrain_lr, "warmup_steps": min(30, config.pretrain_steps)},
+                **common,
+            ),
+            data=_batches(config, corpus, pool, rng),
+        )
+
+        l2a_model = convert_model(model, sliding_window=config.window)
+        del common[
+            "trainable"
+        ]  # the paper's default: attention, norms and router train; MLPs, embeddings not
+        routed = train(
+            l2a_model,
+            tokenizer,
+            TrainConfig(
+                output_dir=str(out / "routed"),
+                steps=config.routed_steps,
+                optim={"lr": config.routed_lr, "warmup_steps": min(10, config.routed_steps)},
+                router={
+                    "regularizer_weight": config.regularizer_weight,
+                    "regularizer_schedule": "linear",
+                    "regularizer_ramp_steps": max(1, int(config.ramp_fraction * config.routed_steps)),
+                    "leakage_probability": config.leakage_probability,
+                },
+                **common,
+            ),
+            data=_batches(config, corpus, pool, rng),
+        )
+
+        results = evaluate_routings(l2a_model, eval_rows, config.batch_size)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous_threads)
+
+    distances = [d for row in eval_rows for d in row.distances]
+    buckets = []
+    for lo, hi in _distance_buckets(distances, config.window):
+        index = [i for i, d in enumerate(distances) if lo <= d < hi]
+        entry: dict[str, Any] = {"min": lo, "max": hi, "queries": len(index)}
+        for name in ROUTINGS:
+            hits = results[name]["hits"]
+            entry[name] = sum(hits[i] for i in index) / max(1, len(index))
+        buckets.append(entry)
+    routed_fraction = results["l2a"]["routed_fraction"]
+    sparsity_per_layer = [1.0 - f for f in routed_fraction]
+    report = {
+        "sparsity": sum(sparsity_per_layer) / len(sparsity_per_layer),
+        "sparsity_per_layer": sparsity_per_layer,
+        "global_layers": list(l2a_model.config.global_layers),
+        "accuracy": {name: results[name]["accuracy"] for name in ROUTINGS},
+        "accuracy_by_distance": buckets,
+        "chance": 10.0**-config.value_digits,
+        "eval_queries": len(distances),
+        "min_distance": min(distances),
+        "seconds": time.perf_counter() - start,
+        "seed": seed,
+        "threads": threads,
+        "config": dataclasses.asdict(config),
+        "pretrain_last": pre.history[-1] if pre.history else None,
+        "routed_last": routed.history[-1] if routed.history else None,
+    }
+    _plot(out / "routing.png", report)
+    report["seconds"] = time.perf_counter() - start
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The demo's result as a small text table."""
+    acc = report["accuracy"]
+    lines = [
+        f"{'routing':<12} {'global tokens':>14} {'retrieval acc':>14}",
+        f"{'l2a':<12} {1 - report['sparsity']:>13.1%} {acc['l2a']:>13.1%}",
+        f"{'local_only':<12} {0.0:>13.1%} {acc['local_only']:>13.1%}",
+        f"{'all_global':<12} {1.0:>13.1%} {acc['all_global']:>13.1%}",
+        f"chance {report['chance']:.1%}; sparsity per layer "
+        + ", ".join(f"{s:.2f}" for s in report["sparsity_per_layer"])
+        + f"; {report['eval_queries']} queries, needle–query distance ≥ {report['min_distance']} tokens "
+        + f"(window {report['config']['window']}); {report['seconds']:.0f} s",
+    ]
+    return "\n".join(lines)
