@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -277,17 +278,17 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         ms, cfg = None, f"{cfg} ({type(e).__name__})"
                     results.append(dict(N=n, task=task, kernel="fwd+bwd", cfg=cfg, ms=ms))
                     print(json.dumps(results[-1]), flush=True)
-            os.environ["L2A_DKDV_MASK_EVERY_TILE"] = "1"
-            for dkdv_cfg in DKDV_SWEEP:
+            for loop, dkdv_cfg in itertools.product(("masked", "split"), DKDV_SWEEP):
+                os.environ["L2A_DKDV_LOOP"] = loop
                 os.environ["L2A_BWD_DQ"], os.environ["L2A_BWD_DKDV"] = DQ_SWEEP[0], dkdv_cfg
-                cfg = f"dq {DQ_SWEEP[0]} / dkdv {dkdv_cfg} / mask every tile"
+                cfg = f"dq {DQ_SWEEP[0]} / dkdv {dkdv_cfg} / loop {loop}"
                 try:
                     ms = bench(_fwd_bwd(fn, (q, k, v), dout))
                 except Exception as e:  # noqa: BLE001
                     ms, cfg = None, f"{cfg} ({type(e).__name__})"
                 results.append(dict(N=n, task=task, kernel="fwd+bwd", cfg=cfg, ms=ms))
                 print(json.dumps(results[-1]), flush=True)
-            for name in ("L2A_BWD_DQ", "L2A_BWD_DKDV", "L2A_DKDV_MASK_EVERY_TILE"):
+            for name in ("L2A_BWD_DQ", "L2A_BWD_DKDV", "L2A_DKDV_LOOP"):
                 os.environ.pop(name)
     return results
 
@@ -314,8 +315,8 @@ def best_configs(results: list[dict]) -> dict[str, str]:
             parts = choice.split(" / ")
             best["L2A_BWD_DQ"] = parts[0].removeprefix("dq ")
             best["L2A_BWD_DKDV"] = parts[1].removeprefix("dkdv ")
-            if "mask every tile" in parts:
-                best["L2A_DKDV_MASK_EVERY_TILE"] = "1"
+            if len(parts) == 3:
+                best["L2A_DKDV_LOOP"] = parts[2].removeprefix("loop ")
     return best
 
 

@@ -135,8 +135,11 @@ def _task_rows(
     rows = []
     for _ in tqdm(range(count), desc=desc, dynamic_ncols=True):
         row = _task_row(task.sample(tokenizer, config.seq_len - answer_len, rng), tokenizer)
-        if len(row.input_ids) != config.seq_len:
-            raise RuntimeError(f"task row has {len(row.input_ids)} tokens, expected {config.seq_len}")
+        # prompts may come out a few tokens short (`length_tolerance`): pad on the right, never scored
+        missing = config.seq_len - len(row.input_ids)
+        if missing < 0:
+            raise RuntimeError(f"task row has {len(row.input_ids)} tokens, more than seq_len={config.seq_len}")
+        row.input_ids += [tokenizer.pad_token_id] * missing
         rows.append(row)
     return rows
 

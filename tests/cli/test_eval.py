@@ -157,6 +157,8 @@ def test_eval_force_route_and_argument_errors(checkpoints, tmp_path, capsys):
     assert payload["models"][0]["info"]["force_route"] == "none"
     with pytest.raises(ValueError, match="nothing to evaluate"):
         main(["eval", str(checkpoints / "tiny-l2a"), "--out", str(out)])
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["eval", str(checkpoints / "tiny-l2a"), "--tasks", "niah", "--lengths", "1k"])
     with pytest.raises(ValueError, match="variants"):
         main(
             ["eval", str(checkpoints / "tiny-l2a"), "--variants", "sparse", "--speed", "--speed-lengths", "8"]

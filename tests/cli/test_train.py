@@ -39,7 +39,7 @@ def test_train_cli_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", str(REPO / "configs" / "tiny-cpu.yaml"), "--set", f"model={model_dir}", "--set",
             f"output_dir={out}", "--set", "data.seq_len=64", "--set", "logging.every=1", "--set",
-            "logging.progress_bar=false", "--set", "checkpoint.every=2"]  # fmt: skip
+            "logging.progress_bar=false", "--set", "checkpoint.every=2", "--set", "device=cpu"]  # fmt: skip
     assert main([*args, "--set", "steps=3"]) == 0
     assert "checkpoint:" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

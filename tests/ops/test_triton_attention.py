@@ -24,6 +24,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 from l2a.ops.triton import _flash  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SLACK = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 
 
@@ -55,9 +56,7 @@ class Case:
             parts.append(f"Nk{self.nk}")
         parts += [f"Hq{self.hq}", f"Hkv{self.hkv}", f"D{self.d}"]
         parts.append(f"W{self.window}" if self.window is not None else f"s{self.sparsity}")
-        parts.append(
-            str(self.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
-        )
+        parts.append(DTYPE_IDS[self.dtype])
         if self.headwise:
             parts.append("headwise")
         if self.key_offset:
@@ -200,9 +199,18 @@ def test_sliding_window_attention_matches_reference(case: Case) -> None:
     _check(case, seed=zlib.crc32(case.id.encode()))
 
 
-@pytest.mark.parametrize("case", [CONDITIONAL_CASES[6], WINDOW_CASES[0]], ids=lambda c: c.id)
-def test_dkdv_mask_every_tile_variant_matches_reference(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("L2A_DKDV_MASK_EVERY_TILE", "1")
+# long documents / windows, so that whole key blocks are covered by some rows and not by later ones
+LOOP_CASES = [
+    CONDITIONAL_CASES[6],
+    Case(80, 4, 1, sparsity=0.3, docs=(0, 37, 80)),
+    Case(80, 4, 2, window=35),
+]
+
+
+@pytest.mark.parametrize("loop", ["masked", "split"])
+@pytest.mark.parametrize("case", LOOP_CASES, ids=lambda c: c.id)
+def test_dkdv_loop_variants_match_reference(case: Case, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L2A_DKDV_LOOP", loop)
     _check(case, seed=zlib.crc32(case.id.encode()) + 1)
 
 

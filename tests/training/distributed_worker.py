@@ -25,6 +25,7 @@ def main() -> None:
     rows = batches()
     config = TrainConfig(
         output_dir=str(out.parent / f"run-{parallel}"),
+        device="cpu",
         steps=4,
         parallel=parallel,
         optim=OptimConfig(lr=1e-2),

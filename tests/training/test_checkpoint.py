@@ -39,6 +39,7 @@ MIXES = {
 def _config(out, corpus, mix="text", **checkpoint) -> TrainConfig:
     return TrainConfig(
         output_dir=str(out),
+        device="cpu",
         steps=4,
         grad_accum_steps=2,
         data=DataConfig(sources=[str(corpus)], seq_len=48, **MIXES[mix]),
@@ -94,6 +95,7 @@ def test_checkpoint_loads_with_from_pretrained(make_l2a, make_batches, tmp_path)
     model = make_l2a()
     config = TrainConfig(
         output_dir=str(tmp_path),
+        device="cpu",
         steps=3,
         logging=LoggingConfig(progress_bar=False),
         checkpoint=CheckpointConfig(every=1, keep_last=2),

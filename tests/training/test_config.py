@@ -24,13 +24,14 @@ def test_defaults_follow_the_paper():
     [
         (lambda: TrainConfig(parallel="zero2"), "parallel must be one of"),
         (lambda: TrainConfig(steps=0), "steps must be >= 1"),
+        (lambda: TrainConfig(device="gpu"), "device must be"),
         (lambda: OptimConfig(lr=0.0), "optim.lr"),
         (lambda: RouterConfig(leakage_probability=1.5), "leakage_probability"),
         (lambda: DataConfig(micro_batch_size=2), "micro_batch_size must be 1"),
         (lambda: DataConfig(task_ratio=0.5), "needs data.task"),
         (lambda: TrainConfig.from_dict({"optim": {"learning_rate": 1.0}}), r"optim.learning_rate"),
     ],
-    ids=["literal", "steps", "lr", "leakage", "packed-batch", "task-ratio", "unknown-key"],
+    ids=["literal", "steps", "device", "lr", "leakage", "packed-batch", "task-ratio", "unknown-key"],
 )
 def test_invalid_values_are_rejected(make, match):
     with pytest.raises(ValueError, match=match):

@@ -43,6 +43,7 @@ def test_two_ranks_match_gradient_accumulation(make_l2a, make_batches, tmp_path,
         row["labels"][:, : 3 * i] = -100
     config = TrainConfig(
         output_dir=str(tmp_path / "single"),
+        device="cpu",
         steps=4,
         grad_accum_steps=2,
         optim=OptimConfig(lr=1e-2),

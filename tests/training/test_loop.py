@@ -24,6 +24,7 @@ from l2a.training.checkpoint import load_trainer_state
 def _config(tmp_path, **kwargs) -> TrainConfig:
     fields = dict(
         output_dir=str(tmp_path),
+        device="cpu",  # deterministic comparisons; the same on GPU machines
         steps=3,
         optim=OptimConfig(lr=1e-2, warmup_steps=0),
         router=RouterConfig(regularizer_weight=1e-2, leakage_probability=0.5),
@@ -100,8 +101,17 @@ def test_log_records_jsonl_and_tensorboard(make_l2a, make_batches, tmp_path):
 
 
 def test_data_exhaustion_stops_early(make_l2a, make_batches, tmp_path):
-    result = train(make_l2a(), None, _config(tmp_path, steps=5, grad_accum_steps=2), data=make_batches(5))
+    config = _config(
+        tmp_path,
+        steps=5,
+        grad_accum_steps=2,
+        logging=LoggingConfig(every=10, progress_bar=False),
+        checkpoint=CheckpointConfig(save_final=True),
+    )
+    result = train(make_l2a(), None, config, data=make_batches(5))
     assert result.step == 2 and result.data_exhausted
+    assert [r["step"] for r in result.history] == [2]  # the partial log interval is still reported
+    assert result.checkpoint.name == "step-000002"
 
 
 def test_context_extension_rebuilds_rotary(make_l2a, make_batches, tmp_path):
@@ -149,3 +159,15 @@ def test_activation_checkpointing_gives_the_same_steps(make_l2a, make_batches, t
     for a, b in zip(plain, checkpointed.history, strict=True):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_mfu_flop_count(make_l2a):
+    from l2a.training.metrics import attention_pairs, flops_coefficients
+
+    packed = {"input_ids": torch.zeros(1, 10, dtype=torch.long), "cu_seqlens": torch.tensor([0, 4, 10])}
+    assert attention_pairs(packed) == 4**2 + 6**2
+    assert attention_pairs({"input_ids": torch.zeros(3, 10, dtype=torch.long)}) == 3 * 10**2
+    model = make_l2a()
+    per_token, per_pair = flops_coefficients(model)
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if n != "model.embed_tokens.weight")
+    assert per_token == 6 * non_embedding and per_pair == 6 * 2 * 4 * 16

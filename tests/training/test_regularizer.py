@@ -55,6 +55,7 @@ def test_regulariser_in_the_loop_switches_routing_off(make_l2a, tmp_path, lam):
     data = [{"input_ids": torch.full((1, 32), 65)} for _ in range(6)]
     config = TrainConfig(
         output_dir=str(tmp_path),
+        device="cpu",
         steps=6,
         trainable=["router"],
         optim=OptimConfig(lr=1e-2, grad_clip=None),

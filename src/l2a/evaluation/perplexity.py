@@ -81,9 +81,9 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, chunk_size: int =
     targets = input_ids[:, 1:]
     nll = []
     for start in range(0, targets.shape[1], chunk_size):
-        logits = head(hidden[:, start : start + chunk_size][:, : targets.shape[1] - start]).float()
-        chunk_targets = targets[:, start : start + logits.shape[1]]
-        nll.append(F.cross_entropy(logits.transpose(1, 2), chunk_targets, reduction="none"))
+        end = min(start + chunk_size, targets.shape[1])
+        logits = head(hidden[:, start:end]).float()
+        nll.append(F.cross_entropy(logits.transpose(1, 2), targets[:, start:end], reduction="none"))
     return torch.cat(nll, dim=1)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from l2a.data.corpora import iter_documents
+from l2a.data.tasks import TASKS
 from l2a.data.tokenization import load_tokenizer
 from l2a.evaluation.common import format_length, is_l2a_model, model_device
 from l2a.evaluation.perplexity import perplexity_by_position, position_buckets
@@ -55,6 +56,9 @@ class EvalSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        unknown = [name for name in self.tasks if name not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
         if self.tasks and not self.lengths:
             raise ValueError("tasks need at least one length")
         if self.samples < 1:

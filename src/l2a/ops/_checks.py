@@ -30,10 +30,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
     if dk != d:
         raise ValueError(f"q has head_dim {d} but k/v have head_dim {dk}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention")
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
+        )
     if nk < n:
         raise ValueError(
-            f"k/v have {nk} tokens but q has {n}: queries are aligned to the last key, so need seqlen_k >= seqlen_q"
+            f"k/v have {nk} tokens but q has {n}: queries are aligned to the last key, "
+            "so need seqlen_k >= seqlen_q"
         )
     return b, n, nk, hq, hkv, d
 
@@ -46,8 +49,8 @@ def check_active(active: torch.Tensor, b: int, n: int, hq: int, device: torch.de
         raise TypeError(f"active must have dtype torch.bool, got {active.dtype}")
     if tuple(active.shape) not in ((b, n), (b, n, hq)):
         raise ValueError(
-            f"active must have shape (batch, seqlen)=({b}, {n}) or (batch, seqlen, q_heads)=({b}, {n}, {hq}), "
-            f"got {tuple(active.shape)}"
+            f"active must have shape (batch, seqlen)=({b}, {n}) or "
+            f"(batch, seqlen, q_heads)=({b}, {n}, {hq}), got {tuple(active.shape)}"
         )
     if active.device != device:
         raise ValueError(f"active is on {active.device} but q is on {device}")

@@ -98,7 +98,9 @@ def conditional_attention_reference(
     """Causal attention for active queries only; see `l2a.ops.conditional_attention`."""
     b, n, hq, _ = q.shape
     nk = k.shape[1]
-    allowed = attention_mask(b, n, nk, q.device, key_offset=key_offset, cu_seqlens=cu_seqlens, key_start=key_start)
+    allowed = attention_mask(
+        b, n, nk, q.device, key_offset=key_offset, cu_seqlens=cu_seqlens, key_start=key_start
+    )
     if active.dim() == 2:
         allowed = allowed & active[:, :, None]
     else:

@@ -2,7 +2,7 @@
 
 Programmatic use::
 
-    from l2a.training import TrainConfig, train
+    from l2a.training import CheckpointConfig, LoggingConfig, OptimConfig, RouterConfig, TrainConfig, train
 
     config = TrainConfig(
         output_dir="runs/l2a",
@@ -17,19 +17,22 @@ Programmatic use::
     result = train(model, tokenizer, config, data=batches)   # -> TrainResult
     result.history[-1]["lm_loss"], result.history[-1]["sparsity"], result.checkpoint
 
+Sections may also be given as dicts (`checkpoint={"save_final": False}`); all fields are validated.
+
 - `model`: an in-memory `L2AForCausalLM` or any HF causal LM (e.g. `Qwen3ForCausalLM` for full-attention
   pretraining: no router fields, so the regulariser is 0 and no leakage is drawn). Trained in place.
 - `data`: an iterable of micro-batches, dicts with `input_ids` (B, N) [or (N,)], optional `labels`
   (default `input_ids`; -100 ignored; the model shifts them), `position_ids`, `cu_seqlens` (packed row,
   B = 1, L2A models only), `attention_mask`. Training stops early when it runs out
   (`TrainResult.data_exhausted`). None: built from `config.data` (corpus + packing via `l2a.data`).
+  Under torchrun it is this rank's stream; every rank must supply the same number of micro-batches.
 - `train(..., on_log=fn)` calls `fn(record)` at each log step; records (also in `output_dir/log.jsonl`)
   hold `step, loss, lm_loss, router_regularizer, lambda, sparsity, sparsity_per_layer, global_layers,
   lr, grad_norm, tokens_per_s, mfu (GPU), leakage_steps`.
 - `run_training(config)` loads `config.model` (a directory from `l2a convert`) and its tokenizer;
   `l2a train CONFIG --set key=value` is its command line; `load_config(path, overrides)` reads YAML/TOML.
 - `set_trainable(model, groups_or_globs)` freezes everything else; groups: `TRAINABLE_GROUPS`.
-- HF Trainer users: `l2a.training.hf.L2ATrainer` (imported lazily; see docs/training.md).
+- HF Trainer users: `l2a.training.hf.L2ATrainer` (its own module, not imported here; docs/training.md).
 
 Config reference and multi-GPU commands: docs/training.md.
 """

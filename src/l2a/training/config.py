@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,8 +216,12 @@ class TrainConfig(_Validated):
     trainable: named groups (`TRAINABLE_GROUPS`) and/or glob patterns on parameter names; everything
         else gets requires_grad=False and stays out of the optimizer. Default as the paper.
     rope_theta, max_position_embeddings: context extension applied to the model before training.
-    precision: "auto" = bf16 autocast on CUDA, fp32 on CPU. Master weights stay fp32.
-    gradient_checkpointing: activation checkpointing through `model.gradient_checkpointing_enable`.
+    device: "cpu", "cuda" (under torchrun: the process's `LOCAL_RANK` GPU) or "cuda:N";
+        None = "cuda" when available, else "cpu".
+    precision: "auto" = bf16 on CUDA, fp32 on CPU. bf16 is autocast (DDP / one device) or FSDP2's
+        MixedPrecisionPolicy over the model's own weights (fp32 when loaded by `run_training`).
+    gradient_checkpointing: activation checkpointing of every decoder layer (HF
+        `activation_checkpointing_enable` / `gradient_checkpointing_enable`, non-reentrant).
     parallel: "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`), under torchrun.
     """
 
@@ -228,6 +233,7 @@ class TrainConfig(_Validated):
     trainable: list[str] = field(default_factory=lambda: ["attention", "norms", "router"])
     rope_theta: float | None = None
     max_position_embeddings: int | None = None
+    device: str | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     parallel: Literal["none", "ddp", "fsdp"] = "none"
@@ -242,6 +248,12 @@ class TrainConfig(_Validated):
         hints = get_type_hints(type(self))
         for name in ("data", "optim", "router", "checkpoint", "logging"):
             setattr(self, name, _coerce(getattr(self, name), hints[name], name))
+        _check(
+            self.device is None
+            or self.device == "cpu"
+            or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+            f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
+        )
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         _check(len(self.trainable) > 0, "trainable must name at least one group or pattern")

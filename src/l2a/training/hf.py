@@ -1,5 +1,7 @@
 """`L2ATrainer`: the HF `transformers.Trainer` with the router regulariser and leakage steps.
 
+`L2ALossMixin` brings the same to other Trainer subclasses (e.g. TRL's): `class T(L2ALossMixin, SFTTrainer)`.
+
 For users of the HF Trainer, accelerate or DeepSpeed (through the Trainer's own integrations)::
 
     from l2a.training import RouterConfig
@@ -34,8 +36,8 @@ from l2a.training.params import set_trainable
 from l2a.training.schedules import leakage_draw, regularizer_weight
 
 
-class L2ATrainer(Trainer):
-    """`transformers.Trainer` for L2A models.
+class L2ALossMixin:
+    """The L2A objective for any `transformers.Trainer` subclass: `class MyTrainer(L2ALossMixin, SFTTrainer)`.
 
     Args (besides the Trainer's):
         router: λ schedule and leakage probability (`RouterConfig`; default: its defaults).
@@ -49,8 +51,11 @@ class L2ATrainer(Trainer):
         self.router_config = router if router is not None else RouterConfig()
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
-            raise ValueError("L2ATrainer needs a model")
-        if "global_leakage" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"{type(self).__name__} needs a model")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(f"{type(self).__name__} computes the loss itself; do not pass compute_loss_func")
+        is_l2a = getattr(getattr(model, "config", None), "model_type", None) == "l2a"
+        if not is_l2a and "global_leakage" not in inspect.signature(model.forward).parameters:
             raise TypeError(
                 f"{type(model).__name__} has no router (no `global_leakage` argument); use Trainer"
             )
@@ -69,10 +74,14 @@ class L2ATrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """LM loss + λ(step) · router regulariser, with this step's leakage draw."""
+        """LM loss + λ(step) · router regulariser, with this step's leakage draw.
+
+        `num_items_in_batch` is part of the Trainer's signature; it stays None here because the mixin
+        sets `model_accepts_loss_kwargs = False` (per-micro-batch mean losses).
+        """
         if "labels" not in inputs:
             raise ValueError(
-                "L2ATrainer needs `labels` in the batches "
+                f"{type(self).__name__} needs `labels` in the batches "
                 "(use DataCollatorForLanguageModeling or copy input_ids)"
             )
         step = self.state.global_step
@@ -114,3 +123,7 @@ class L2ATrainer(Trainer):
                     logs[f"sparsity_layer_{layer}"] = value
             self._router_sums, self._router_count = {}, 0
         super().log(logs, *args, **kwargs)
+
+
+class L2ATrainer(L2ALossMixin, Trainer):
+    """`transformers.Trainer` with the L2A objective (see `L2ALossMixin` for the extra arguments)."""

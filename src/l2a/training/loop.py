@@ -31,7 +31,7 @@ from torch import nn
 
 from l2a.training import checkpoint as ckpt
 from l2a.training.config import TrainConfig
-from l2a.training.metrics import LogWriter, StepStats, flops_per_token, peak_flops
+from l2a.training.metrics import LogWriter, StepStats, attention_pairs, flops_coefficients, peak_flops
 from l2a.training.parallel import (
     DistInfo,
     all_reduce_sum,
@@ -96,6 +96,9 @@ def apply_context_extension(
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes `name` (L2A models always do, also behind `**kwargs` wrappers)."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "l2a":
+        return True
     return name in inspect.signature(model.forward).parameters
 
 
@@ -219,14 +222,15 @@ def train(
         tokenizer: saved into checkpoints (when it has `save_pretrained`) and used to build the
             config's data stream; may be None when `data` is given.
         config: a `TrainConfig`.
-        data: this rank's micro-batches (dicts with `BATCH_KEYS`); None builds the stream from
-            `config.data` through `l2a.data`. Training stops early when it runs out.
+        data: this rank's micro-batches (dicts with `BATCH_KEYS`; every rank must supply as many);
+            None builds the stream from `config.data` through `l2a.data`. Training stops early when
+            it runs out.
         on_log: called on rank 0 with each log record.
 
     Returns:
         TrainResult with the log history and the last checkpoint.
     """
-    info = init_distributed(config.parallel)
+    info = init_distributed(config.parallel, config.device)
     try:
         return _train(model, tokenizer, config, data, on_log, info)
     finally:
@@ -312,7 +316,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
         if info.is_main
         else None
     )
-    flops_tok = flops_per_token(base, config.data.seq_len)
+    flops_per_token, flops_per_pair = flops_coefficients(base)
     peak = peak_flops(info.device, config.logging.peak_tflops)
     result = TrainResult(step=start_step, output_dir=output_dir)
     stats = StepStats(info.device)
@@ -341,16 +345,44 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             tokenizer=tokenizer,
         )
 
+    def log(step: int, lam: float, lr: float) -> None:
+        nonlocal interval_start
+        reduced = stats.reduce(info)  # the only host sync: once per log step
+        now = time.perf_counter()
+        elapsed = now - interval_start
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": reduced["lm_loss"] + lam * reduced["router_regularizer"],
+            **reduced,
+            "lambda": lam,
+            "lr": lr,
+            "tokens_per_s": stats.tokens / elapsed if elapsed > 0 else float("nan"),
+        }
+        if peak is not None and elapsed > 0:
+            record["mfu"] = stats.flops / elapsed / (peak * info.world_size)
+        if routed:
+            record["global_layers"] = list(getattr(base.config, "global_layers", []))
+        stats.reset()
+        interval_start = now
+        if info.is_main:
+            result.history.append(record)
+            writer.write(record)
+            if on_log is not None:
+                on_log(record)
+            if progress is not None:
+                progress.set_postfix(_postfix(record), refresh=False)
+
     zero = torch.zeros((), device=info.device)
     interval_start = time.perf_counter()
     step = start_step
     try:
         while step < config.steps:
-            micro = []
+            micro, pairs = [], 0
             for _ in range(config.grad_accum_steps):
                 batch = stream.next()
                 if batch is None:
                     break
+                pairs += attention_pairs(batch)  # on the host copy: no device sync
                 micro.append(_prepare(batch, info.device))
             if len(micro) < config.grad_accum_steps:
                 result.data_exhausted = True
@@ -390,41 +422,21 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            stats.add_step(grad_norm, leak, tokens)
+            flops = flops_per_token * tokens + flops_per_pair * pairs * info.world_size
+            stats.add_step(grad_norm, leak, tokens, flops)
             step += 1
             result.step = step
 
             if step % config.logging.every == 0 or step == config.steps:
-                reduced = stats.reduce(info)
-                now = time.perf_counter()
-                elapsed = now - interval_start
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": reduced["lm_loss"] + lam * reduced["router_regularizer"],
-                    **reduced,
-                    "lambda": lam,
-                    "lr": lr,
-                    "tokens_per_s": stats.tokens / elapsed if elapsed > 0 else float("nan"),
-                }
-                if peak is not None and elapsed > 0:
-                    record["mfu"] = stats.tokens * flops_tok / elapsed / (peak * info.world_size)
-                if routed:
-                    record["global_layers"] = list(getattr(base.config, "global_layers", []))
-                stats.reset()
-                interval_start = now
-                if info.is_main:
-                    result.history.append(record)
-                    writer.write(record)
-                    if on_log is not None:
-                        on_log(record)
-                    if progress is not None:
-                        progress.set_postfix(_postfix(record), refresh=False)
+                log(step, lam, lr)
             if progress is not None:
                 progress.update(1)
             every = config.checkpoint.every
             final = step == config.steps and config.checkpoint.save_final
             if (every and step % every == 0) or final:
                 result.checkpoint = save(step)
+        if stats.steps:  # the data ran out within a log interval
+            log(step, lam, lr)
         saved_now = result.checkpoint is not None and result.checkpoint.name == ckpt.checkpoint_name(step)
         if result.data_exhausted and config.checkpoint.save_final and step > start_step and not saved_now:
             result.checkpoint = save(step)

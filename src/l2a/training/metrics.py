@@ -36,16 +36,30 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Dense-equivalent training FLOPs per token: 6·P (non-embedding parameters) + 6·L·Hq·D·N for causal
-    attention (forward + backward). Routing and windows make the real cost lower: MFU is an estimate."""
+def flops_coefficients(model: nn.Module) -> tuple[float, float]:
+    """Dense-equivalent training FLOPs (forward + backward) as `per_token · tokens + per_pair · pairs`.
+
+    per_token = 6·P (non-embedding parameters); per_pair = 6·L·Hq·D for causal attention, where `pairs`
+    is Σ over documents of n² (so a token of an n-token document adds 6·L·Hq·D·n). Routing and windows
+    make the real cost lower, so MFU computed from it is an estimate of model (not hardware) FLOPs.
+    """
     params = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
     config = getattr(model, "config", None)
-    attention = 0.0
+    per_pair = 0.0
     if config is not None and hasattr(config, "num_hidden_layers") and hasattr(config, "num_attention_heads"):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        attention = 6.0 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
-    return 6.0 * params + attention
+        per_pair = 6.0 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    return 6.0 * params, per_pair
+
+
+def attention_pairs(batch: dict[str, torch.Tensor]) -> int:
+    """Σ n² over the documents of a host-side batch (rows of N tokens, or the documents of `cu_seqlens`)."""
+    ids = torch.as_tensor(batch["input_ids"])
+    if "cu_seqlens" in batch:
+        lengths = torch.as_tensor(batch["cu_seqlens"]).diff().long()
+        return int(lengths.square().sum())
+    rows = ids.shape[0] if ids.dim() == 2 else 1
+    return rows * ids.shape[-1] ** 2
 
 
 class StepStats:
@@ -65,6 +79,7 @@ class StepStats:
         self.steps = 0
         self.leakage_steps = 0
         self.tokens = 0
+        self.flops = 0.0
         self.grad_norm: torch.Tensor | None = None  # of the last step
 
     def add_micro(
@@ -78,11 +93,12 @@ class StepStats:
             self.fraction_sum = fraction if self.fraction_sum is None else self.fraction_sum + fraction
         self.micro_steps += 1
 
-    def add_step(self, grad_norm: torch.Tensor, leakage: bool, tokens: int) -> None:
+    def add_step(self, grad_norm: torch.Tensor, leakage: bool, tokens: int, flops: float) -> None:
         self.grad_norm = grad_norm.detach()
         self.steps += 1
         self.leakage_steps += int(leakage)
         self.tokens += tokens
+        self.flops += flops
 
     def reduce(self, info: DistInfo) -> dict[str, Any]:
         """Means over the interval and over ranks (collective when distributed)."""

@@ -35,18 +35,27 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(parallel: str, device: str | torch.device | None = None) -> DistInfo:
+def init_distributed(parallel: str, device: str | None = None) -> DistInfo:
     """Join the process group started by torchrun (env `WORLD_SIZE` > 1), or use an existing one.
 
-    The backend is NCCL on CUDA, gloo on CPU. Raises when several processes run with `parallel="none"`.
+    device: "cpu", "cuda" (this process's GPU: `LOCAL_RANK`) or "cuda:N"; None = "cuda" when available.
+    A group created here uses NCCL on CUDA, gloo on CPU. Raises when several processes run with
+    `parallel="none"`.
     """
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available")
+        if resolved.index is None:
+            resolved = torch.device(
+                "cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+            )
+        torch.cuda.set_device(resolved)
     created = False
-    if world_env > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
         created = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -54,12 +63,7 @@ def init_distributed(parallel: str, device: str | torch.device | None = None) ->
         raise ValueError(
             f"{world} processes were launched but parallel='none'; set parallel to 'ddp' or 'fsdp'"
         )
-    if device is None:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        else:
-            device = torch.device("cpu")
-    return DistInfo(rank=rank, world_size=world, device=torch.device(device), created_group=created)
+    return DistInfo(rank=rank, world_size=world, device=resolved, created_group=created)
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -86,8 +90,6 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo, *, bf16: bool) -
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if info.device.type == "cuda":
-            torch.cuda.set_device(info.device)
         kwargs: dict[str, Any] = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
         if bf16:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

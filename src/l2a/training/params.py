@@ -60,6 +60,14 @@ def set_trainable(model: nn.Module, trainable: list[str]) -> list[str]:
             hits = [n for n in names if classify_parameter(n) == entry]
         else:
             hits = [n for n in names if fnmatch.fnmatchcase(n, entry)]
+        if (
+            not hits
+            and entry == "lm_head"
+            and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        ):
+            raise ValueError(
+                "trainable entry 'lm_head': the LM head is tied to the input embeddings; use 'embeddings'"
+            )
         if not hits:
             raise ValueError(
                 f"trainable entry {entry!r} selects no parameter of {type(model).__name__} "

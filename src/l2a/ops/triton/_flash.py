@@ -73,10 +73,17 @@ def bwd_dkdv_config(d: int) -> Config:
     return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 2))
 
 
-def dkdv_mask_every_tile() -> bool:
-    """`L2A_DKDV_MASK_EVERY_TILE=1`: mask every row tile in the dK/dV loop instead of branching per tile
-    (a branch-free loop body that Triton can software-pipeline; an experiment, not yet timed on a GPU)."""
-    return os.environ.get("L2A_DKDV_MASK_EVERY_TILE", "0") == "1"
+DKDV_LOOPS = ("branch", "masked", "split")
+
+
+def dkdv_loop() -> str:
+    """Row loop of the dK/dV kernel, `L2A_DKDV_LOOP` (see `_bwd_dkdv_kernel`). "branch" is the version timed
+    in docs/benchmarks.md; "masked" and "split" have branch-free loop bodies that Triton can software-pipeline
+    (experiments, correct on CPU, not yet timed on a GPU)."""
+    loop = os.environ.get("L2A_DKDV_LOOP", "branch")
+    if loop not in DKDV_LOOPS:
+        raise ValueError(f"L2A_DKDV_LOOP must be one of {DKDV_LOOPS}, got {loop!r}")
+    return loop
 
 
 @dataclass
@@ -577,6 +584,82 @@ def _bwd_dkdv_inner(
 
 
 @triton.jit
+def _bwd_dkdv_rows(
+    dk,
+    dv,
+    k,
+    v,
+    IDX,
+    LO,
+    HI,
+    list_off,
+    head0,
+    r_begin,
+    r_end,
+    row_end,
+    j_first,
+    j_last,
+    kpos,
+    q_base,
+    stride_qn,
+    stride_qh,
+    o_base,
+    stride_on,
+    stride_oh,
+    l_base,
+    d_base,
+    stride_lh,
+    qk_scale,
+    offs_d,
+    MASK_MODE: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate the row tiles starting at r_begin, r_begin + BLOCK_M, ... < r_end of one list.
+
+    MASK_MODE 0: no mask (every row sees the whole key block); 1: always masked; 2: decided per tile.
+    Padded rows (>= row_end) load q = dO = 0 and lse = +inf, so they add nothing even unmasked.
+    """
+    for r0 in range(r_begin, r_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_valid = rows < row_end
+        slot = rows // R
+        tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
+        head = head0 + rows % R
+        lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
+        hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
+        if MASK_MODE == 2:
+            hi_first = tl.load(HI + list_off + r0 // R)
+            lo_last = tl.load(LO + list_off + (tl.minimum(r0 + BLOCK_M, row_end) - 1) // R)
+            if (lo_last <= j_first) & (hi_first >= j_last):
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                    False, DOT_PRECISION,
+                )  # fmt: skip
+            else:
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                    True, DOT_PRECISION,
+                )  # fmt: skip
+        elif MASK_MODE == 1:
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                True, DOT_PRECISION,
+            )  # fmt: skip
+        else:
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
+                o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
+                False, DOT_PRECISION,
+            )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q,
     K,
@@ -591,6 +674,8 @@ def _bwd_dkdv_kernel(
     HI,
     ROW_START,
     ROW_END,
+    FULL_START,
+    FULL_END,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -623,13 +708,15 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MASK_EVERY_TILE: tl.constexpr,
+    LOOP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key block of one K/V head, summed over every compact row that sees it.
 
     ROW_START/ROW_END (B, Lc, num_key_blocks): the compact slots [start, end) whose key range meets
-    the block, found on the device by searchsorted over the sorted per-slot hi / lo.
+    the block, found on the device by searchsorted over the sorted per-slot hi / lo; FULL_START/FULL_END
+    (LOOP "split" only): the slots whose range covers the whole block. LOOP "branch" decides masking per
+    row tile, "masked" masks every tile, "split" runs masked / unmasked / masked tile ranges.
     """
     pid = tl.program_id(0)
     kb = pid // n_bh
@@ -661,37 +748,43 @@ def _bwd_dkdv_kernel(
         lid = hkv * n_lists + li
         list_off = b * stride_ib + lid * stride_il
         se_off = b * stride_sb + lid * stride_sl + kb
+        head0 = hkv * group + li * R
         row_begin = tl.load(ROW_START + se_off) * R
         row_end = tl.load(ROW_END + se_off) * R
-        for r0 in range(row_begin, row_end, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_valid = rows < row_end
-            slot = rows // R
-            tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
-            head = hkv * group + li * R + rows % R
-            lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
-            hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
-            hi_first = tl.load(HI + list_off + r0 // R)
-            lo_last = tl.load(LO + list_off + (tl.minimum(r0 + BLOCK_M, row_end) - 1) // R)
-            # padded rows load q = dO = 0 and lse = +inf, so they add nothing even unmasked
-            if MASK_EVERY_TILE:
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                    True, DOT_PRECISION,
-                )  # fmt: skip
-            elif (lo_last <= j_first) & (hi_first >= j_last):
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                    False, DOT_PRECISION,
-                )  # fmt: skip
-            else:
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                    True, DOT_PRECISION,
-                )  # fmt: skip
+        if LOOP == "split":
+            # tiles stay on the grid row_begin + i * BLOCK_M; those inside [full_begin, full_end) go unmasked
+            full_begin = tl.load(FULL_START + se_off) * R
+            full_end = tl.load(FULL_END + se_off) * R
+            u0 = row_begin + tl.cdiv(tl.maximum(full_begin - row_begin, 0), BLOCK_M) * BLOCK_M
+            u0 = tl.minimum(u0, row_end)
+            u1 = u0 + (tl.maximum(full_end - u0, 0) // BLOCK_M) * BLOCK_M
+            dk, dv = _bwd_dkdv_rows(
+                dk, dv, k, v, IDX, LO, HI, list_off, head0, row_begin, u0, row_end, j_first, j_last, kpos,
+                q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
+                qk_scale, offs_d, 1, R, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
+            dk, dv = _bwd_dkdv_rows(
+                dk, dv, k, v, IDX, LO, HI, list_off, head0, u0, u1, row_end, j_first, j_last, kpos,
+                q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
+                qk_scale, offs_d, 0, R, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
+            dk, dv = _bwd_dkdv_rows(
+                dk, dv, k, v, IDX, LO, HI, list_off, head0, u1, row_end, row_end, j_first, j_last, kpos,
+                q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
+                qk_scale, offs_d, 1, R, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
+        elif LOOP == "masked":
+            dk, dv = _bwd_dkdv_rows(
+                dk, dv, k, v, IDX, LO, HI, list_off, head0, row_begin, row_end, row_end, j_first, j_last,
+                kpos, q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
+                qk_scale, offs_d, 1, R, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
+        else:
+            dk, dv = _bwd_dkdv_rows(
+                dk, dv, k, v, IDX, LO, HI, list_off, head0, row_begin, row_end, row_end, j_first, j_last,
+                kpos, q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
+                qk_scale, offs_d, 2, R, BLOCK_M, DOT_PRECISION,
+            )  # fmt: skip
     out_off = b * stride_dkb + hkv * stride_dkh + kpos[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -796,23 +889,29 @@ def backward(
     n_kb = triton.cdiv(nk, cfg.block_n)
     starts = torch.arange(n_kb, device=q.device, dtype=torch.int32) * cfg.block_n
     lists = rows.idx.shape[1]
-    # first slot whose range reaches the block (hi >= j0), one past the last that starts in it (lo <= j1)
-    row_start = torch.searchsorted(
-        rows.hi, starts.expand(b, lists, n_kb).contiguous(), side="left", out_int32=True
-    )
-    row_end = torch.searchsorted(
-        rows.lo, (starts + cfg.block_n - 1).expand(b, lists, n_kb).contiguous(), side="right", out_int32=True
-    )
+    first_key = starts.expand(b, lists, n_kb).contiguous()
+    last_key = (starts + cfg.block_n - 1).expand(b, lists, n_kb).contiguous()
+    # rows meeting the block: from the first slot with hi >= j0 to the last with lo <= j1
+    row_start = torch.searchsorted(rows.hi, first_key, side="left", out_int32=True)
+    row_end = torch.searchsorted(rows.lo, last_key, side="right", out_int32=True)
+    loop = dkdv_loop()
+    if loop == "split":
+        # rows covering the whole block: hi >= j1 and lo <= j0
+        full_start = torch.searchsorted(rows.hi, last_key, side="left", out_int32=True)
+        full_end = torch.searchsorted(rows.lo, first_key, side="right", out_int32=True)
+    else:
+        full_start, full_end = row_start, row_end
     dk = torch.full_like(k, float("nan")) if POISON_UNWRITTEN else torch.empty_like(k)
     dv = torch.full_like(v, float("nan")) if POISON_UNWRITTEN else torch.empty_like(v)
     grid = (n_kb * b * hkv,)
     stride_sb, stride_sl = row_start.stride(0), 0 if rows.shared else row_start.stride(1)
     _bwd_dkdv_kernel[grid](
-        q, k, v, dout, dk, dv, lse, delta, rows.idx, rows.lo, rows.hi, row_start, row_end,
+        q, k, v, dout, dk, dv, lse, delta, rows.idx, rows.lo, rows.hi,
+        row_start, row_end, full_start, full_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
         *lse.stride()[:2], *_list_strides(rows)[:2], stride_sb, stride_sl,
         b * hkv, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
-        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_EVERY_TILE=dkdv_mask_every_tile(),
+        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LOOP=loop,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dq, dk, dv
