@@ -51,15 +51,15 @@ def random_batches(n: int, seq_len: int, vocab: int, seed: int) -> list[dict[str
 
 def settle_routers(model: l2a.L2AForCausalLM, seq_len: int, args: argparse.Namespace) -> float:
     """Train the routers alone until the mean sparsity reaches the target; returns the sparsity reached."""
-    model.cuda().train()
+    model.to(args.device).train()
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith("router.weight"))
     routers = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(routers, lr=args.settle_lr)
     sparsity = 0.0
     for step, batch in enumerate(random_batches(args.settle_steps, seq_len, args.vocab, seed=1)):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=batch["input_ids"].cuda(), global_leakage=True)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            out = model(input_ids=batch["input_ids"].to(args.device), global_leakage=True)
         loss = args.settle_lambda * out.router_regularizer
         loss.backward()
         opt.step()
@@ -84,7 +84,8 @@ def run_phase(model, seq_len: int, args: argparse.Namespace, out_dir: Path) -> d
         checkpoint=CheckpointConfig(every=0, save_final=False),
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    torch.cuda.reset_peak_memory_stats()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     train(
         model,
@@ -98,7 +99,7 @@ def run_phase(model, seq_len: int, args: argparse.Namespace, out_dir: Path) -> d
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "sparsity": statistics.mean(r["sparsity"] for r in timed),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan"),
         "steps": len(records),
         "wall_s": wall,
     }
@@ -121,9 +122,10 @@ def main() -> None:
     parser.add_argument("--settle-lambda", type=float, default=1e-2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--out", default="runs/bench_training")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_training.py needs a CUDA device")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_training.py needs a CUDA device (--device cpu only smoke-tests the script)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -137,9 +139,10 @@ def main() -> None:
             {"seq_len": seq_len, "settled_sparsity": settled, "learned": learned, "all_global": dense}
         )
         del model
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     meta = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
