@@ -1,6 +1,7 @@
 """Run by `torchrun` from test_distributed.py: trains the tiny model on this rank's share of the batches
 (rank r takes rows r, r + world, ...): first with data for 2 of the 4 steps (the run stops and saves a
-checkpoint), then resumed to step 4. Rank 0 writes both histories as JSON to argv[1]."""
+checkpoint), then resumed to step 4; once per wrapper named in argv[2:] (ddp, fsdp). Rank 0 writes
+{wrapper: {"history", "checkpoint"}} as JSON to argv[1]."""
 
 from __future__ import annotations
 
@@ -17,29 +18,29 @@ from l2a.training import LoggingConfig, OptimConfig, RouterConfig, TrainConfig, 
 
 
 def main() -> None:
-    out, parallel = Path(sys.argv[1]), sys.argv[2]
+    out, wrappers = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
-    # One group for both runs (train() joins an existing group and leaves it open).
+    # One group for all runs (train() joins an existing group and leaves it open).
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = batches()
-    config = TrainConfig(
-        output_dir=str(out.parent / f"run-{parallel}"),
-        device="cpu",
-        steps=4,
-        parallel=parallel,
-        optim=OptimConfig(lr=1e-2),
-        router=RouterConfig(regularizer_weight=1e-2, leakage_probability=0.5),
-        logging=LoggingConfig(every=1, progress_bar=False),
-        checkpoint={"keep_last": 1, "resume": "auto"},
-    )
-    mine = rows[rank::world]
-    first = train(tiny_l2a(), None, config, data=mine[:2])
-    second = train(tiny_l2a(seed=1), None, config, data=mine)
-    if rank == 0:
-        out.write_text(
-            json.dumps({"history": first.history + second.history, "checkpoint": str(second.checkpoint)})
+    mine = batches()[rank::world]
+    results = {}
+    for parallel in wrappers:
+        config = TrainConfig(
+            output_dir=str(out.parent / f"run-{parallel}"),
+            device="cpu",
+            steps=4,
+            parallel=parallel,
+            optim=OptimConfig(lr=1e-2),
+            router=RouterConfig(regularizer_weight=1e-2, leakage_probability=0.5),
+            logging=LoggingConfig(every=1, progress_bar=False),
+            checkpoint={"keep_last": 1, "resume": "auto"},
         )
+        first = train(tiny_l2a(), None, config, data=mine[:2])
+        second = train(tiny_l2a(seed=1), None, config, data=mine)
+        results[parallel] = {"history": first.history + second.history, "checkpoint": str(second.checkpoint)}
+    if rank == 0:
+        out.write_text(json.dumps(results))
     dist.destroy_process_group()
 
 

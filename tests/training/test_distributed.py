@@ -17,26 +17,33 @@ from l2a.models import L2AForCausalLM
 from l2a.training import LoggingConfig, OptimConfig, RouterConfig, TrainConfig, train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+WRAPPERS = ("ddp", "fsdp")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_match_gradient_accumulation(make_l2a, make_batches, tmp_path, parallel):
-    out = tmp_path / "history.json"
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Both wrappers in one torchrun launch (process start-up dominates the cost)."""
+    out = tmp_path_factory.mktemp("distributed") / "histories.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), str(out), parallel]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+           str(WORKER), str(out), *WRAPPERS]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
-        log, _ = proc.communicate(timeout=150)
+        log, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:  # timed out: stop torchrun and its workers (its own process group)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, log[-4000:]
-    ranks2 = json.loads(out.read_text())
+    return json.loads(out.read_text())
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", WRAPPERS)
+def test_two_ranks_match_gradient_accumulation(two_rank_runs, make_l2a, make_batches, tmp_path, parallel):
+    ranks2 = two_rank_runs[parallel]
     rows = make_batches(8, packed=False, seq_len=24)  # as distributed_worker.batches()
     for i, row in enumerate(rows):
         row["labels"] = row["input_ids"].clone()
@@ -53,12 +60,12 @@ def test_two_ranks_match_gradient_accumulation(make_l2a, make_batches, tmp_path,
     )
     model = make_l2a()
     single = train(model, None, config, data=rows).history
+    assert len(single) == 4
     for a, b in zip(single, ranks2["history"], strict=True):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5)
         assert a["router_regularizer"] == pytest.approx(b["router_regularizer"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["leakage_steps"] == b["leakage_steps"]
-    assert len(single) == 4
     # rank 0 saved the full (unsharded) model; it matches the single-process result
     loaded = L2AForCausalLM.from_pretrained(ranks2["checkpoint"])
     for name, param in model.state_dict().items():

@@ -22,6 +22,18 @@ def _triton_available() -> bool:
     return True
 
 
+def _autocast(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast, run in the autocast dtype as SDPA does (fp32 norms/rotary tables would otherwise
+    hand us fp32 q/k next to a low-precision v)."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _use_triton(backend: str, device: torch.device) -> bool:
     _checks.check_backend(backend)
     if backend == "torch":
@@ -61,8 +73,10 @@ def conditional_attention(
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
 
     Returns:
-        out (B, N, Hq, D) in q's dtype; inactive rows and rows with no keys are 0 (lse -inf).
+        out (B, N, Hq, D) in q's dtype (the autocast dtype under autocast); inactive rows and rows
+        with no keys are 0 (lse -inf).
     """
+    q, k, v = _autocast(q, k, v)
     b, n, nk, hq, _, d = _checks.check_qkv(q, k, v)
     _checks.check_active(active, b, n, hq, q.device)
     _checks.check_nonnegative_int("key_offset", key_offset, 0)
@@ -98,8 +112,9 @@ def sliding_window_attention(
         softmax_scale, cu_seqlens, key_start, return_lse, backend: as in `conditional_attention`.
 
     Returns:
-        out (B, N, Hq, D) in q's dtype [, lse float32 (B, Hq, N)].
+        out (B, N, Hq, D) in q's dtype (the autocast dtype under autocast) [, lse float32 (B, Hq, N)].
     """
+    q, k, v = _autocast(q, k, v)
     b, n, nk, _, _, d = _checks.check_qkv(q, k, v)
     _checks.check_nonnegative_int("window", window, 1)
     _checks.check_cu_seqlens(cu_seqlens, b, n, nk, q.device)

@@ -1,0 +1,5 @@
+import sys
+
+from l2a.cli import main
+
+sys.exit(main())
