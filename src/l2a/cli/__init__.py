@@ -13,7 +13,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2a", description="Conditional long-range attention (L2A) toolkit.")
+    parser = argparse.ArgumentParser(
+        prog="l2a", description="Conditional long-range attention (L2A) toolkit."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):

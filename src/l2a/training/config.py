@@ -59,7 +59,7 @@ class DataConfig(_Validated):
 
     sources: corpus sources read by `l2a.data.iter_documents`: directories (of .txt/.py/.md, .jsonl,
         .parquet), .jsonl or .parquet files, or "stdlib" (the embedded corpus, the default).
-    tokenizer: None = the model directory's tokenizer, "byte" = `l2a.data.ByteTokenizer`, else a path/name
+    tokenizer: None = the model directory's tokenizer, "byte" = `l2a.data.byte_tokenizer()`, else a path/name
         for `l2a.data.load_tokenizer`.
     seq_len: tokens per packed sequence (N).
     micro_batch_size: sequences per micro-step per rank (must be 1 with `separate_documents`, because
