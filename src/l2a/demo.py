@@ -61,9 +61,11 @@ class DemoConfig:
     batch_size: int = 16
     task_ratio: float = 0.5
     copy_ratio: float = 0.25
+    copy_loss_tokens: int = 64
     key_chars: int = 1
     value_digits: int = 2
     num_queries: int = 4
+    filler: str = "pairs"
     task_pool: int = 1024
     eval_samples: int = 96
     pretrain_steps: int = 600
@@ -127,9 +129,8 @@ def _task_rows(
         value_digits=config.value_digits,
         num_queries=config.num_queries,
         min_distance=config.window + record * config.num_queries,
-        filler="corpus",
-        num_pairs=8,
-        corpus_chars=config.corpus_chars,
+        filler=config.filler,
+        **({"num_pairs": 8, "corpus_chars": config.corpus_chars} if config.filler == "corpus" else {}),
     )
     answer_len = config.value_digits + 1  # " " + digits (eos dropped)
     rows = []
@@ -174,7 +175,9 @@ def _batches(
                 start = rng.randrange(len(corpus) - n // 2)
                 half = corpus[start : start + n // 2]
                 x = torch.cat([half, half])
-                y = x.clone()
+                # loss on the end of the copy only: it teaches induction without drowning the answers
+                y = torch.full_like(x, IGNORE_INDEX)
+                y[-config.copy_loss_tokens :] = x[-config.copy_loss_tokens :]
             else:
                 start = rng.randrange(len(corpus) - n)
                 x = corpus[start : start + n]
@@ -382,14 +385,14 @@ def run_demo(
             hits = results[name]["hits"]
             entry[name] = sum(hits[i] for i in index) / max(1, len(index))
         buckets.append(entry)
-    routed_fraction = results["l2a"]["routed_fraction"]
-    sparsity_per_layer = [1.0 - f for f in routed_fraction]
+    sparsity_per_layer = [1.0 - f for f in results["l2a"]["routed_fraction"]]
     report = {
         "sparsity": sum(sparsity_per_layer) / len(sparsity_per_layer),
         "sparsity_per_layer": sparsity_per_layer,
         "global_layers": list(l2a_model.config.global_layers),
         "accuracy": {name: results[name]["accuracy"] for name in ROUTINGS},
         "accuracy_by_distance": buckets,
+        "global_fraction": {name: results[name]["routed_fraction"] for name in ROUTINGS},
         "chance": 10.0**-config.value_digits,
         "eval_queries": len(distances),
         "min_distance": min(distances),

@@ -208,15 +208,18 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             g = self.global_layernorm(hidden_states)
             decision = self.router(g, self.config.force_route)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
-            hidden_states = hidden_states + self.global_attn(
-                g,
-                position_embeddings,
-                active,
-                decision.gate,
-                cu_seqlens=cu_seqlens,
-                key_start=key_start,
-                layer_cache=layer_cache,
-            )
+            # force_route="none" multiplies the branch by a constant 0: skip it (a cache still records K/V).
+            skip = self.config.force_route == "none" and not global_leakage and layer_cache is None
+            if not skip:
+                hidden_states = hidden_states + self.global_attn(
+                    g,
+                    position_embeddings,
+                    active,
+                    decision.gate,
+                    cu_seqlens=cu_seqlens,
+                    key_start=key_start,
+                    layer_cache=layer_cache,
+                )
             soft, hard = decision.soft, decision.hard
         residual = hidden_states
         hidden_states = residual + self.mlp(self.post_attention_layernorm(hidden_states))
