@@ -19,7 +19,7 @@ def test_demo_writes_report_and_plot(quick_report):
     saved = json.loads((out / "report.json").read_text())
     assert saved["accuracy"] == report["accuracy"]
     assert set(saved["accuracy"]) == {"l2a", "local_only", "all_global"}
-    assert all(0.0 <= a <= 1.0 for a in saved["accuracy"].values())
+    assert all(0.0 <= a <= 1.0 for a in [*saved["accuracy"].values(), saved["base_accuracy"]])
     assert 0.0 <= saved["sparsity"] <= 1.0
     assert len(saved["sparsity_per_layer"]) == len(saved["global_layers"]) == DemoConfig.quick().num_layers
     assert saved["seconds"] > 0

@@ -3,8 +3,8 @@
 `run_demo` runs on a laptop CPU in a few minutes with no download:
 
 1. builds a tiny `Qwen3ForCausalLM` over the byte tokenizer;
-2. pretrains it with full attention on the Python standard library's sources mixed with copies of them
-   (which teach the induction heads retrieval needs) and the synthetic ``kv_retrieval`` task;
+2. pretrains it with full attention on the Python standard library's sources mixed with the synthetic
+   ``kv_retrieval`` task of `l2a.data.tasks` (key-value pairs hidden in that text, queried at the end);
 3. converts it to L2A with a small sliding window (`l2a.convert_model`);
 4. trains attention, norms and routers with the sparsity regulariser (λ ramp) and leakage steps;
 5. evaluates beyond-window key–value retrieval for three routings of the same weights: the learned one,
@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -44,35 +44,39 @@ class DemoConfig:
     Model: a Qwen3 decoder with `hidden_size`, `num_layers`, `num_heads` (head dim `hidden_size //
     num_heads`), `num_kv_heads` and an MLP of `4 * hidden_size`.
     Data: sequences of `seq_len` byte tokens; each training row is a task sample with probability
-    `task_ratio`, a corpus slice written twice with probability `copy_ratio`, else a corpus slice.
-    Task: ``kv_retrieval`` with `key_chars` letters per key, `value_digits` digits per value and
-    `num_queries` queries per sample; every needle lies more than `window` tokens before its query.
+    `task_ratio` (loss on the answers only), else a slice of the corpus with loss on its last
+    `text_loss_tokens` tokens. The trainer averages the loss over labelled tokens, so these two counts
+    set the weight of retrieval against language modelling; a full-text loss drowns the answers.
+    Task: ``kv_retrieval`` (`filler` "corpus": needles in standard-library text, plus `distractors`
+    unqueried pairs) with `key_chars` letters per key, `value_digits` digits per value and `num_queries`
+    queries per sample; every needle lies more than `window` tokens before its query. Samples come from a
+    pool of `task_pool` (generating one costs milliseconds); evaluation uses `eval_samples` others.
     Training: `pretrain_steps` full-attention steps at `pretrain_lr`, then `routed_steps` L2A steps at
     `routed_lr` with λ ramped linearly to `regularizer_weight` over the first `ramp_fraction` of them
     and dense-global leakage steps with probability `leakage_probability`.
     """
 
-    seq_len: int = 256
+    seq_len: int = 128
     window: int = 32
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
     num_kv_heads: int = 1
-    batch_size: int = 16
+    batch_size: int = 32
     task_ratio: float = 0.5
-    copy_ratio: float = 0.25
-    copy_loss_tokens: int = 64
-    key_chars: int = 1
+    key_chars: int = 2
     value_digits: int = 2
     num_queries: int = 4
-    filler: str = "pairs"
+    filler: Literal["corpus", "pairs"] = "corpus"
+    distractors: int = 0
+    text_loss_tokens: int = 16
     task_pool: int = 1024
     eval_samples: int = 96
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1800
     pretrain_lr: float = 3e-3
-    routed_steps: int = 300
+    routed_steps: int = 150
     routed_lr: float = 1e-3
-    regularizer_weight: float = 2e-3
+    regularizer_weight: float = 1e-3
     ramp_fraction: float = 0.5
     leakage_probability: float = 0.1
     corpus_chars: int = 400_000
@@ -80,10 +84,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 4 * self.window:
             raise ValueError(f"seq_len={self.seq_len} must be at least 4 * window={4 * self.window}")
-        if not 0.0 <= self.task_ratio + self.copy_ratio <= 1.0:
-            raise ValueError(
-                f"task_ratio + copy_ratio must lie in [0, 1], got {self.task_ratio + self.copy_ratio}"
-            )
+        if not 0.0 < self.task_ratio <= 1.0:
+            raise ValueError(f"task_ratio must lie in (0, 1], got {self.task_ratio}")
+        if self.filler not in ("corpus", "pairs"):
+            raise ValueError(f"filler must be 'corpus' or 'pairs', got {self.filler!r}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must be a multiple of num_heads, num_heads of num_kv_heads")
 
@@ -102,7 +106,7 @@ class _TaskRow:
     distances: list[int]  # per query: tokens from the needle's last token to the query's first value token
 
 
-def _task_row(sample: TaskSample, tokenizer: Any) -> _TaskRow:
+def _task_row(sample: TaskSample) -> _TaskRow:
     ids = sample.input_ids + sample.answer_ids[:-1]  # drop eos: rows end with the last value digit
     start = sample.meta["context_span"][1]
     suffix = bytes(ids[start:])
@@ -116,7 +120,7 @@ def _task_row(sample: TaskSample, tokenizer: Any) -> _TaskRow:
 
 
 def _task_rows(
-    config: DemoConfig, tokenizer: Any, count: int, rng: random.Random, desc: str
+    config: DemoConfig, tokenizer: Any, count: int, rng: random.Random, desc: str, progress: bool
 ) -> list[_TaskRow]:
     from tqdm.auto import tqdm
 
@@ -130,16 +134,22 @@ def _task_rows(
         num_queries=config.num_queries,
         min_distance=config.window + record * config.num_queries,
         filler=config.filler,
-        **({"num_pairs": 8, "corpus_chars": config.corpus_chars} if config.filler == "corpus" else {}),
+        **(
+            {"num_pairs": config.distractors, "corpus_chars": config.corpus_chars}
+            if config.filler == "corpus"
+            else {}
+        ),
     )
     answer_len = config.value_digits + 1  # " " + digits (eos dropped)
     rows = []
-    for _ in tqdm(range(count), desc=desc, dynamic_ncols=True):
-        row = _task_row(task.sample(tokenizer, config.seq_len - answer_len, rng), tokenizer)
+    for _ in tqdm(range(count), desc=desc, dynamic_ncols=True, disable=not progress):
+        row = _task_row(task.sample(tokenizer, config.seq_len - answer_len, rng))
         # prompts may come out a few tokens short (`length_tolerance`): pad on the right, never scored
         missing = config.seq_len - len(row.input_ids)
         if missing < 0:
-            raise RuntimeError(f"task row has {len(row.input_ids)} tokens, more than seq_len={config.seq_len}")
+            raise RuntimeError(
+                f"task row has {len(row.input_ids)} tokens, more than seq_len={config.seq_len}"
+            )
         row.input_ids += [tokenizer.pad_token_id] * missing
         rows.append(row)
     return rows
@@ -171,17 +181,11 @@ def _batches(
                 y = torch.full_like(x, IGNORE_INDEX)
                 for pos in row.answer_positions:
                     y[pos] = x[pos]
-            elif draw < config.task_ratio + config.copy_ratio:
-                start = rng.randrange(len(corpus) - n // 2)
-                half = corpus[start : start + n // 2]
-                x = torch.cat([half, half])
-                # loss on the end of the copy only: it teaches induction without drowning the answers
-                y = torch.full_like(x, IGNORE_INDEX)
-                y[-config.copy_loss_tokens :] = x[-config.copy_loss_tokens :]
             else:
                 start = rng.randrange(len(corpus) - n)
                 x = corpus[start : start + n]
-                y = x.clone()
+                y = torch.full_like(x, IGNORE_INDEX)
+                y[-config.text_loss_tokens :] = x[-config.text_loss_tokens :]
             ids.append(x)
             labels.append(y)
         yield {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
@@ -211,41 +215,55 @@ def build_base_model(config: DemoConfig, tokenizer: Any) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate_routings(model: torch.nn.Module, rows: list[_TaskRow], batch_size: int) -> dict[str, Any]:
-    """Teacher-forced exact match of every query's value under each routing of `ROUTINGS`.
+def retrieval_hits(
+    model: torch.nn.Module, rows: list[_TaskRow], batch_size: int
+) -> tuple[list[bool], list[float] | None]:
+    """Teacher-forced exact match of every query's value (all its digits predicted greedily).
 
-    Returns per routing the accuracy over all queries, the per-query hits (for distance buckets) and, for
-    the learned routing, the fraction of tokens routed to global attention in each global layer.
+    Returns one hit per query (rows in order, queries in order) and, for an L2A model, the fraction of
+    tokens routed to global attention in each global layer over all tokens of the rows (else None).
     """
     was_training = model.training
     model.eval()
+    hits: list[bool] = []
+    fractions = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            ids = torch.tensor([row.input_ids for row in chunk])
+            out = model(input_ids=ids)
+            pred = out.logits.argmax(-1)
+            if getattr(out, "router_fraction", None) is not None:
+                fractions.append(out.router_fraction.float() * len(chunk))
+            for b, row in enumerate(chunk):
+                for pos in row.answer_positions:
+                    p = torch.tensor(pos)
+                    hits.append(bool((pred[b, p - 1] == ids[b, p]).all()))
+    finally:
+        model.train(was_training)
+    routed = (torch.stack(fractions).sum(0) / len(rows)).tolist() if fractions else None
+    return hits, routed
+
+
+def evaluate_routings(model: torch.nn.Module, rows: list[_TaskRow], batch_size: int) -> dict[str, Any]:
+    """`retrieval_hits` of an L2A model under each routing of `ROUTINGS` (`config.force_route`).
+
+    Returns per routing: ``hits``, ``accuracy`` and ``routed_fraction`` (per global layer).
+    """
     saved = model.config.force_route
     results: dict[str, Any] = {}
     try:
         for name, force in ROUTINGS.items():
             model.config.force_route = force
-            hits: list[bool] = []
-            fractions = []
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i : i + batch_size]
-                ids = torch.tensor([row.input_ids for row in chunk])
-                out = model(input_ids=ids)
-                pred = out.logits.argmax(-1)
-                fractions.append(out.router_fraction.float() * len(chunk))
-                for b, row in enumerate(chunk):
-                    for pos in row.answer_positions:
-                        p = torch.tensor(pos)
-                        hits.append(bool((pred[b, p - 1] == ids[b, p]).all()))
-            routed = (torch.stack(fractions).sum(0) / len(rows)).tolist()
+            hits, routed = retrieval_hits(model, rows, batch_size)
             results[name] = {"hits": hits, "accuracy": sum(hits) / len(hits), "routed_fraction": routed}
     finally:
         model.config.force_route = saved
-        model.train(was_training)
     return results
 
 
-def _distance_buckets(distances: list[int], window: int, count: int = 4) -> list[tuple[int, int]]:
-    lo, hi = window + 1, max(distances) + 1
+def _distance_buckets(distances: list[int], count: int = 4) -> list[tuple[int, int]]:
+    lo, hi = min(distances), max(distances) + 1
     step = math.ceil((hi - lo) / count)
     return [(lo + i * step, min(hi, lo + (i + 1) * step)) for i in range(count) if lo + i * step < hi]
 
@@ -270,6 +288,7 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     x = range(len(buckets))
     for name, style in (("all_global", "s-"), ("l2a", "o-"), ("local_only", "^-")):
         right.plot(x, [100 * b[name] for b in buckets], style, label=name)
+    right.plot(x, [100 * b["base"] for b in buckets], "k--", lw=1, label="base (dense, before L2A)")
     right.axhline(100 * report["chance"], color="gray", ls=":", lw=1, label="chance")
     right.set_xticks(list(x), labels)
     right.set_ylim(-2, 102)
@@ -304,8 +323,9 @@ def run_demo(
     Returns:
         the report: ``sparsity`` (mean fraction of tokens skipping global attention on the evaluation
         sequences), ``sparsity_per_layer``, ``accuracy`` ``{"l2a", "local_only", "all_global"}`` (fractions
-        of queries whose value is predicted exactly), ``accuracy_by_distance``, ``chance``, ``seconds``,
-        ``config`` and the training histories' last records.
+        of queries whose value is predicted exactly), ``base_accuracy`` (the full-attention model before
+        conversion), ``accuracy_by_distance``, ``global_fraction`` (per routing and layer), ``chance``,
+        ``seconds``, ``config`` and the training histories' last records.
     """
     from l2a.models import convert_model
     from l2a.training import TrainConfig, train
@@ -324,9 +344,9 @@ def run_demo(
         rng = random.Random(seed)
         tokenizer = byte_tokenizer()
         corpus = _corpus_ids(config, tokenizer)
-        pool = _task_rows(config, tokenizer, config.task_pool, rng, "task samples")
+        pool = _task_rows(config, tokenizer, config.task_pool, rng, "task samples", progress)
         eval_rows = _task_rows(
-            config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples"
+            config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples", progress
         )
 
         common = {
@@ -336,6 +356,8 @@ def run_demo(
             "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
             "checkpoint": {"save_final": False},
         }
+        for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
+            (out / phase / "log.jsonl").unlink(missing_ok=True)
         model = build_base_model(config, tokenizer)
         pre = train(
             model,
@@ -344,11 +366,13 @@ def run_demo(
                 output_dir=str(out / "pretrain"),
                 steps=config.pretrain_steps,
                 optim={"lr": config.pretrain_lr, "warmup_steps": min(30, config.pretrain_steps)},
+                router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
                 **common,
             ),
             data=_batches(config, corpus, pool, rng),
         )
 
+        base_hits, _ = retrieval_hits(model, eval_rows, config.batch_size)
         l2a_model = convert_model(model, sliding_window=config.window)
         del common[
             "trainable"
@@ -378,11 +402,10 @@ def run_demo(
 
     distances = [d for row in eval_rows for d in row.distances]
     buckets = []
-    for lo, hi in _distance_buckets(distances, config.window):
+    for lo, hi in _distance_buckets(distances):
         index = [i for i, d in enumerate(distances) if lo <= d < hi]
         entry: dict[str, Any] = {"min": lo, "max": hi, "queries": len(index)}
-        for name in ROUTINGS:
-            hits = results[name]["hits"]
+        for name, hits in [*((name, results[name]["hits"]) for name in ROUTINGS), ("base", base_hits)]:
             entry[name] = sum(hits[i] for i in index) / max(1, len(index))
         buckets.append(entry)
     sparsity_per_layer = [1.0 - f for f in results["l2a"]["routed_fraction"]]
@@ -391,6 +414,7 @@ def run_demo(
         "sparsity_per_layer": sparsity_per_layer,
         "global_layers": list(l2a_model.config.global_layers),
         "accuracy": {name: results[name]["accuracy"] for name in ROUTINGS},
+        "base_accuracy": sum(base_hits) / len(base_hits),
         "accuracy_by_distance": buckets,
         "global_fraction": {name: results[name]["routed_fraction"] for name in ROUTINGS},
         "chance": 10.0**-config.value_digits,
@@ -417,6 +441,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'l2a':<12} {1 - report['sparsity']:>13.1%} {acc['l2a']:>13.1%}",
         f"{'local_only':<12} {0.0:>13.1%} {acc['local_only']:>13.1%}",
         f"{'all_global':<12} {1.0:>13.1%} {acc['all_global']:>13.1%}",
+        f"{'base (dense)':<12} {1.0:>13.1%} {report['base_accuracy']:>13.1%}",
         f"chance {report['chance']:.1%}; sparsity per layer "
         + ", ".join(f"{s:.2f}" for s in report["sparsity_per_layer"])
         + f"; {report['eval_queries']} queries, needle–query distance ≥ {report['min_distance']} tokens "

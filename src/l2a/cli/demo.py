@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "retrieval of the learned routing with local-only and all-global routing. "
         "Writes DIR/report.json and DIR/routing.png.",
     )
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
+    parser.add_argument(
+        "--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and leakage draws")
     parser.add_argument("--quick", action="store_true", help="a reduced run (tens of seconds; no accuracy)")
     parser.add_argument(
