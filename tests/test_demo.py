@@ -1,11 +1,25 @@
-"""The embedded demo, reduced (`quick=True`): the pipeline runs end to end and writes a sane report."""
+"""The embedded demo, reduced (`quick=True`): the pipeline runs end to end, writes a sane report and saves
+models that reproduce it; `--set` overrides and `--device` are checked."""
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from l2a.cli import main
-from l2a.demo import DemoConfig, format_report, run_demo
+from l2a.demo import (
+    DemoConfig,
+    eval_rows,
+    evaluate_routings,
+    format_report,
+    kv_task_args,
+    retrieval_hits,
+    run_demo,
+    task_arg_flags,
+)
+from l2a.evaluation.runner import load_model
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +63,110 @@ def test_cli_registers_demo(capsys):
 def test_quick_and_config_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="either quick"):
         run_demo(tmp_path, quick=True, config=DemoConfig())
+
+
+def test_saved_models_reproduce_the_report(quick_report):
+    out, report = quick_report
+    config = DemoConfig.quick()
+    assert report["model_dir"] == str(out / "model") and report["base_dir"] == str(out / "base")
+    assert report["device"] == "cpu" and report["precision"] == "fp32"
+    # the tokenizer travels with both models: `l2a eval` needs no --tokenizer
+    for name in ("model", "base"):
+        tokenizer = AutoTokenizer.from_pretrained(out / name)
+        assert tokenizer("qz: 47", add_special_tokens=False)["input_ids"] == list(b"qz: 47")
+    rows = eval_rows(config, tokenizer, seed=0)
+    l2a_model = load_model(out / "model", device=torch.device("cpu"), dtype=torch.float32)
+    results = evaluate_routings(l2a_model, rows, config.batch_size)
+    for name, result in results.items():
+        assert result["accuracy"] == report["accuracy"][name]
+        assert result["routed_fraction"] == pytest.approx(report["global_fraction"][name], abs=1e-6)
+    # trained routers: neither every token (the converted model's zero router) nor none is routed
+    assert all(0.0 < f < 1.0 for f in report["global_fraction"]["l2a"])
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    assert base.config.model_type == "qwen3"
+    hits, routed = retrieval_hits(base, rows, config.batch_size)
+    assert routed is None and sum(hits) / len(hits) == report["base_accuracy"]
+    # `base` holds the weights before routed training: MLPs were frozen then, attention was not
+    base_state, l2a_state = load_file(out / "base" / "model.safetensors"), l2a_model.state_dict()
+    mlp = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(base_state[mlp], l2a_state[mlp])
+    assert not torch.equal(
+        base_state["model.layers.0.self_attn.q_proj.weight"],
+        l2a_state["model.layers.0.local_attn.q_proj.weight"],
+    )
+
+
+def test_report_records_the_eval_task_format(quick_report, tmp_path):
+    out, report = quick_report
+    args = report["eval_task_args"]["kv_retrieval"]
+    assert args == kv_task_args(DemoConfig.quick())
+    assert args["min_distance"] > report["config"]["window"] and args["num_pairs"] == 0
+    flags = task_arg_flags(report).split()
+    code = main(
+        ["eval", report["model_dir"], report["base_dir"], *flags, "--lengths", "128", "--samples", "2"]
+        + ["--device", "cpu", "--no-routing", "--out", str(tmp_path / "eval"), "--no-progress"]
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert payload["settings"]["task_args"] == report["eval_task_args"]
+    for model in payload["models"]:
+        samples = model["tasks"][0]["samples"]
+        assert all(len(s["answers"][0]) == args["value_digits"] for s in samples)
+        assert all(s["needle_distance"] >= args["min_distance"] for s in samples)
+
+
+def test_set_overrides_convert_to_field_types():
+    config = DemoConfig.quick().with_overrides(
+        ["seq_len=256", "window=48", "pretrain_lr=1e-3", "filler=pairs", "seq_len=512"]
+    )
+    assert config.seq_len == 512 and config.window == 48  # the last override of a key wins
+    assert config.pretrain_lr == 1e-3 and isinstance(config.pretrain_lr, float)
+    assert config.filler == "pairs"
+    assert config.pretrain_steps == DemoConfig.quick().pretrain_steps  # quick first, then the overrides
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seqlen=256", "unknown demo config key 'seqlen'"),
+        ("seq_len=abc", "seq_len takes an integer, got 'abc'"),
+        ("seq_len=1.5", "seq_len takes an integer"),
+        ("pretrain_lr=fast", "pretrain_lr takes a number"),
+        ("filler=noise", "filler must be one of"),
+        ("window=64", "seq_len=128 must be at least 4 \\* window=256"),
+        ("pretrain_steps=0", "pretrain_steps must be >= 1"),
+        ("seq_len", "must look like KEY=VALUE"),
+    ],
+)
+def test_bad_set_overrides_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig().with_overrides([override])
+
+
+def test_cli_demo_passes_quick_set_and_device(monkeypatch, tmp_path, capsys):
+    import l2a.demo
+
+    seen = {}
+
+    def fake_run_demo(out_dir, *, seed, config, threads, device):
+        seen.update(config=config, device=device, threads=threads)
+        raise SystemExit(7)  # stop before training: only the arguments are under test
+
+    monkeypatch.setattr(l2a.demo, "run_demo", fake_run_demo)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--quick", "--set", "seq_len=256", "--set", "window=16", "--device", "auto"])
+    assert exc.value.code == 7
+    assert seen["config"] == DemoConfig.quick().with_overrides(["seq_len=256", "window=16"])
+    assert seen["device"] == "auto" and seen["threads"] == 2
+    with pytest.raises(ValueError, match="unknown demo config key 'steps'"):
+        main(["demo", "--set", "steps=10", "--out", str(tmp_path)])
+
+
+def test_bad_device_is_rejected_before_training(tmp_path):
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        run_demo(tmp_path, quick=True, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            run_demo(tmp_path, quick=True, device="cuda:0")
+    assert not (tmp_path / "report.json").exists()

@@ -9,7 +9,12 @@
 4. trains attention, norms and routers with the sparsity regulariser (λ ramp) and leakage steps;
 5. evaluates beyond-window key–value retrieval for three routings of the same weights: the learned one,
    ``force_route="none"`` (local attention only) and ``force_route="all"`` (every token global);
-6. writes ``report.json`` and ``routing.png`` (sparsity per layer, accuracy by needle–query distance).
+6. writes ``report.json`` and ``routing.png`` (sparsity per layer, accuracy by needle–query distance),
+   and saves the trained models (``model``: L2A, ``base``: the full-attention model before conversion)
+   with the byte tokenizer, ready for ``l2a eval``.
+
+The same pipeline runs on a GPU (``device="cuda"``) and at other sizes (`DemoConfig.with_overrides`,
+``l2a demo --set KEY=VALUE``).
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import math
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -35,6 +40,7 @@ ROUTINGS = {"l2a": None, "local_only": "none", "all_global": "all"}
 """Report key → `L2AConfig.force_route` of the evaluated routing."""
 
 _QUERY = re.compile(rb"\n[a-z]+: (\d+)")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -82,6 +88,16 @@ class DemoConfig:
     corpus_chars: int = 400_000
 
     def __post_init__(self) -> None:
+        for name, tp in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if tp is int and value < (0 if name == "distractors" else 1):
+                raise ValueError(f"{name} must be {'>= 0' if name == 'distractors' else '>= 1'}, got {value}")
+        if min(self.pretrain_lr, self.routed_lr) <= 0 or self.regularizer_weight < 0:
+            raise ValueError("pretrain_lr and routed_lr must be > 0, regularizer_weight >= 0")
+        if not (0.0 <= self.ramp_fraction <= 1.0 and 0.0 <= self.leakage_probability <= 1.0):
+            raise ValueError("ramp_fraction and leakage_probability must lie in [0, 1]")
+        if self.text_loss_tokens > self.seq_len:
+            raise ValueError(f"text_loss_tokens={self.text_loss_tokens} exceeds seq_len={self.seq_len}")
         if self.seq_len < 4 * self.window:
             raise ValueError(f"seq_len={self.seq_len} must be at least 4 * window={4 * self.window}")
         if not 0.0 < self.task_ratio <= 1.0:
@@ -95,6 +111,84 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         """A reduced run (tens of seconds) for tests: same pipeline, far fewer steps and samples."""
         return cls(pretrain_steps=30, routed_steps=20, task_pool=64, eval_samples=16, corpus_chars=100_000)
+
+    def with_overrides(self, overrides: Iterable[str]) -> DemoConfig:
+        """A copy with ``KEY=VALUE`` strings applied in order (``l2a demo --set``), validated again.
+
+        Values are converted to the field's type: int fields take integers (``3000``), float fields any
+        number (``3e-3``), string fields the text as given. Raises ValueError naming the key on an unknown
+        key, a value of the wrong type, or a resulting config that fails validation.
+        """
+        overrides = list(overrides)
+        hints = get_type_hints(type(self))
+        changes: dict[str, Any] = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip(), raw.strip()
+            if not sep or not key:
+                raise ValueError(f"override {item!r} must look like KEY=VALUE, e.g. seq_len=256")
+            if key not in hints:
+                raise ValueError(f"unknown demo config key {key!r}; valid keys: {', '.join(hints)}")
+            changes[key] = _convert(key, raw, hints[key])
+        try:
+            return dataclasses.replace(self, **changes)
+        except ValueError as error:
+            raise ValueError(f"invalid demo config after {list(overrides)}: {error}") from None
+
+
+def _convert(key: str, raw: str, tp: Any) -> Any:
+    """``raw`` as a value of the `DemoConfig` field type ``tp`` (int, float, str or a Literal of str)."""
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{key} takes an integer, got {raw!r}") from None
+    if tp is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{key} takes a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{key} takes a finite number, got {raw!r}")
+        return value
+    if get_origin(tp) is Literal:
+        if raw not in get_args(tp):
+            raise ValueError(f"{key} must be one of {list(get_args(tp))}, got {raw!r}")
+        return raw
+    if tp is str:
+        return raw
+    raise TypeError(f"{key}: unsupported field type {tp!r}")
+
+
+def kv_task_args(config: DemoConfig) -> dict[str, Any]:
+    """Keyword arguments of ``get_task("kv_retrieval", ...)`` that make the demo's task samples.
+
+    The queried needle lies more than `window` tokens before its query, even for the first of
+    `num_queries` queries: each later query adds one ``"\\nkey: value"`` record after it.
+    ``l2a eval --task-arg kv_retrieval.KEY=VALUE`` with these reproduces the training format.
+    """
+    record = config.key_chars + config.value_digits + 3
+    args: dict[str, Any] = {
+        "key_chars": config.key_chars,
+        "value_digits": config.value_digits,
+        "num_queries": config.num_queries,
+        "min_distance": config.window + record * config.num_queries,
+        "filler": config.filler,
+    }
+    if config.filler == "corpus":
+        args |= {"num_pairs": config.distractors, "corpus_chars": config.corpus_chars}
+    return args
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` → cuda when available, else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
 
 
 @dataclass
@@ -124,22 +218,7 @@ def _task_rows(
 ) -> list[_TaskRow]:
     from tqdm.auto import tqdm
 
-    # The needle must stay beyond the window for every query; earlier queries sit up to one
-    # "\nk: vv" record per later query before the prompt's end.
-    record = config.key_chars + config.value_digits + 3
-    task = get_task(
-        "kv_retrieval",
-        key_chars=config.key_chars,
-        value_digits=config.value_digits,
-        num_queries=config.num_queries,
-        min_distance=config.window + record * config.num_queries,
-        filler=config.filler,
-        **(
-            {"num_pairs": config.distractors, "corpus_chars": config.corpus_chars}
-            if config.filler == "corpus"
-            else {}
-        ),
-    )
+    task = get_task("kv_retrieval", **kv_task_args(config))
     answer_len = config.value_digits + 1  # " " + digits (eos dropped)
     rows = []
     for _ in tqdm(range(count), desc=desc, dynamic_ncols=True, disable=not progress):
@@ -153,6 +232,13 @@ def _task_rows(
         row.input_ids += [tokenizer.pad_token_id] * missing
         rows.append(row)
     return rows
+
+
+def eval_rows(config: DemoConfig, tokenizer: Any, seed: int, progress: bool = False) -> list[_TaskRow]:
+    """The held-out evaluation rows of a run with ``seed`` (drawn apart from the training pool)."""
+    return _task_rows(
+        config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples", progress
+    )
 
 
 def _corpus_ids(config: DemoConfig, tokenizer: Any) -> torch.Tensor:
@@ -220,9 +306,12 @@ def retrieval_hits(
 ) -> tuple[list[bool], list[float] | None]:
     """Teacher-forced exact match of every query's value (all its digits predicted greedily).
 
+    Rows go to the model's device in batches of ``batch_size`` (input_ids (B, seq_len)); the model runs
+    as it is (no autocast: fp32 weights give fp32 logits).
     Returns one hit per query (rows in order, queries in order) and, for an L2A model, the fraction of
     tokens routed to global attention in each global layer over all tokens of the rows (else None).
     """
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     hits: list[bool] = []
@@ -231,10 +320,10 @@ def retrieval_hits(
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
             ids = torch.tensor([row.input_ids for row in chunk])
-            out = model(input_ids=ids)
-            pred = out.logits.argmax(-1)
+            out = model(input_ids=ids.to(device))
+            pred = out.logits.argmax(-1).cpu()  # (B, N): one transfer per batch, compared on the host
             if getattr(out, "router_fraction", None) is not None:
-                fractions.append(out.router_fraction.float() * len(chunk))
+                fractions.append(out.router_fraction.float().cpu() * len(chunk))
             for b, row in enumerate(chunk):
                 for pos in row.answer_positions:
                     p = torch.tensor(pos)
@@ -309,23 +398,31 @@ def run_demo(
     config: DemoConfig | None = None,
     threads: int | None = 2,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the whole demo and write ``out_dir/report.json`` and ``out_dir/routing.png``.
+    """Run the whole demo; write ``report.json``, ``routing.png`` and the trained models to ``out_dir``.
 
     Args:
-        out_dir: output directory (created).
-        seed: seeds model initialisation, data and leakage draws; the run is deterministic given it.
+        out_dir: output directory (created). ``out_dir/model`` receives the routed L2A model and
+            ``out_dir/base`` the full-attention Qwen3 model before conversion (``save_pretrained``, each
+            with the byte tokenizer: ``l2a eval`` loads them without ``--tokenizer``).
+        seed: seeds model initialisation, data and leakage draws; on CPU the run is deterministic given it.
         quick: use `DemoConfig.quick()` (a reduced run for tests); exclusive with ``config``.
         config: sizes and schedule (default `DemoConfig()`).
-        threads: `torch.set_num_threads` for the run (None: leave as is).
+        threads: `torch.set_num_threads` for a CPU run (None: leave as is; ignored on CUDA).
         progress: show tqdm progress bars.
+        device: "cpu" (default), "cuda", "cuda:N" or "auto" (cuda when available). Training runs in fp32
+            on CPU and under bf16 autocast on CUDA (`TrainConfig.precision="auto"`); the report's
+            evaluation runs the fp32 weights without autocast on either.
 
     Returns:
         the report: ``sparsity`` (mean fraction of tokens skipping global attention on the evaluation
         sequences), ``sparsity_per_layer``, ``accuracy`` ``{"l2a", "local_only", "all_global"}`` (fractions
         of queries whose value is predicted exactly), ``base_accuracy`` (the full-attention model before
         conversion), ``accuracy_by_distance``, ``global_fraction`` (per routing and layer), ``chance``,
-        ``seconds``, ``config`` and the training histories' last records.
+        ``seconds``, ``config``, ``device``, ``precision``, ``model_dir`` / ``base_dir`` (the saved models),
+        ``eval_task_args`` (``{"kv_retrieval": kwargs}`` of the task samples, for ``l2a eval --task-arg``)
+        and the training histories' last records.
     """
     from l2a.models import convert_model
     from l2a.training import TrainConfig, train
@@ -333,8 +430,13 @@ def run_demo(
     if quick and config is not None:
         raise ValueError("pass either quick=True or config, not both")
     config = DemoConfig.quick() if quick else (config or DemoConfig())
+    torch_device = resolve_device(device)
+    on_cpu = torch_device.type == "cpu"
+    precision = "fp32" if on_cpu else "auto"  # auto = bf16 autocast on CUDA, fp32 master weights
+    threads = threads if on_cpu else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model_dir, base_dir = out / "model", out / "base"
     start = time.perf_counter()
     if threads is not None:
         previous_threads = torch.get_num_threads()
@@ -345,14 +447,13 @@ def run_demo(
         tokenizer = byte_tokenizer()
         corpus = _corpus_ids(config, tokenizer)
         pool = _task_rows(config, tokenizer, config.task_pool, rng, "task samples", progress)
-        eval_rows = _task_rows(
-            config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples", progress
-        )
+        held_out = eval_rows(config, tokenizer, seed, progress)
 
         common = {
             "trainable": ["*"],
             "seed": seed,
-            "precision": "fp32",
+            "device": str(torch_device),
+            "precision": precision,
             "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
             "checkpoint": {"save_final": False},
         }
@@ -371,12 +472,15 @@ def run_demo(
             ),
             data=_batches(config, corpus, pool, rng),
         )
+        # saved before conversion, so `base` is the full-attention model whatever conversion does to it
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
 
-        base_hits, _ = retrieval_hits(model, eval_rows, config.batch_size)
+        base_hits, _ = retrieval_hits(model, held_out, config.batch_size)
         l2a_model = convert_model(model, sliding_window=config.window)
-        del common[
-            "trainable"
-        ]  # the paper's default: attention, norms and router train; MLPs, embeddings not
+        del model
+        # the paper's default: attention, norms and router train; MLPs, embeddings not
+        del common["trainable"]
         routed = train(
             l2a_model,
             tokenizer,
@@ -394,13 +498,15 @@ def run_demo(
             ),
             data=_batches(config, corpus, pool, rng),
         )
+        l2a_model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
 
-        results = evaluate_routings(l2a_model, eval_rows, config.batch_size)
+        results = evaluate_routings(l2a_model, held_out, config.batch_size)
     finally:
         if threads is not None:
             torch.set_num_threads(previous_threads)
 
-    distances = [d for row in eval_rows for d in row.distances]
+    distances = [d for row in held_out for d in row.distances]
     buckets = []
     for lo, hi in _distance_buckets(distances):
         index = [i for i, d in enumerate(distances) if lo <= d < hi]
@@ -423,7 +529,12 @@ def run_demo(
         "seconds": time.perf_counter() - start,
         "seed": seed,
         "threads": threads,
+        "device": str(torch_device),
+        "precision": "fp32" if on_cpu else "bf16 autocast",
         "config": dataclasses.asdict(config),
+        "model_dir": str(model_dir),
+        "base_dir": str(base_dir),
+        "eval_task_args": {"kv_retrieval": kv_task_args(config)},
         "pretrain_last": pre.history[-1] if pre.history else None,
         "routed_last": routed.history[-1] if routed.history else None,
     }
@@ -431,6 +542,15 @@ def run_demo(
     report["seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def task_arg_flags(report: dict[str, Any]) -> str:
+    """The ``--tasks`` and ``--task-arg`` options of ``l2a eval`` that reproduce the demo's task format."""
+    parts = []
+    for task, args in report["eval_task_args"].items():
+        parts.append(f"--tasks {task}")
+        parts += [f"--task-arg {task}.{key}={value}" for key, value in args.items()]
+    return " ".join(parts)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -166,3 +166,28 @@ def test_eval_force_route_and_argument_errors(checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(checkpoints / "tiny-l2a"), "--lengths", "4q"])
     assert "cannot parse length '4q'" in capsys.readouterr().err
+
+
+def test_eval_task_args_reach_prompts_and_results(checkpoints, tmp_path, capsys):
+    out = tmp_path / "eval"
+    common = ["--lengths", "256", "--samples", "2", "--device", "cpu", "--no-routing", "--no-progress"]
+    code = main(
+        ["eval", str(checkpoints / "tiny-l2a"), "--tasks", "kv_retrieval", "--out", str(out), *common]
+        + ["--task-arg", "kv_retrieval.key_chars=2", "--task-arg", "kv_retrieval.value_digits=4"]
+        + ["--task-arg", "kv_retrieval.min_distance=100"]
+    )
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    expected = {"key_chars": 2, "value_digits": 4, "min_distance": 100}
+    assert payload["settings"]["task_args"] == {"kv_retrieval": expected}
+    samples = payload["models"][0]["tasks"][0]["samples"]
+    assert all(len(s["answers"][0]) == 4 and s["needle_distance"] >= 100 for s in samples)
+
+    model = str(checkpoints / "tiny-l2a")
+    with pytest.raises(ValueError, match="task 'kv_retrieval' has no argument 'digits'"):
+        main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "kv_retrieval.digits=2", *common])
+    with pytest.raises(ValueError, match=r"task arguments given for \['vt'\], which are not among the tasks"):
+        main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "vt.num_chains=2", *common])
+    with pytest.raises(SystemExit):
+        main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "key_chars=2", *common])
+    assert "must look like TASK.KEY=VALUE" in capsys.readouterr().err

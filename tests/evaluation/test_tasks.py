@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from l2a.data.tokenization import byte_tokenizer
-from l2a.evaluation.tasks import evaluate_tasks, sample_tasks
+from l2a.evaluation.tasks import build_task, evaluate_tasks, parse_task_arg, sample_tasks
 
 TASKS = ["niah_single_1", "niah_multikey_2", "vt", "fwe", "kv_retrieval"]
 LENGTHS = [768, 1024]
@@ -116,3 +116,73 @@ def test_tiny_l2a_model_through_generate(tokenizer):
     # zero-initialised routers route every token: the recorded prefill fraction is 1 in both layers
     assert results[0].router_fraction == [1.0, 1.0]
     assert model.training  # the runner restores the training flag
+
+
+def test_task_args_reach_the_prompts(tokenizer):
+    """kv_retrieval defaults to 3-letter keys and 3-digit values; the overrides change the prompts."""
+    default = sample_tasks(tokenizer, ["kv_retrieval"], [512], 3, seed=0)["kv_retrieval", 512]
+    drawn = sample_tasks(
+        tokenizer,
+        ["kv_retrieval", "vt"],
+        [512],
+        3,
+        seed=0,
+        task_args={"kv_retrieval": {"key_chars": 2, "value_digits": 2, "num_queries": 2, "min_distance": 90}},
+    )
+    for samples, chars in ((default, 3), (drawn["kv_retrieval", 512], 2)):
+        for sample in samples:
+            key, prompt = sample.meta["key"], tokenizer.decode(sample.input_ids)
+            assert len(key) == chars and prompt.endswith(f"\n{key}:")
+            assert len(sample.answers[0]) == chars and sample.answers[0].isdigit()
+    assert all(min(s.meta["query_distances"]) >= 90 for s in drawn["kv_retrieval", 512])
+    assert all(s.meta["min_distance"] == 64 for s in default)
+    # other tasks keep their prompts
+    assert [s.input_ids for s in drawn["vt", 512]] == [
+        s.input_ids for s in sample_tasks(tokenizer, ["vt"], [512], 3, seed=0)["vt", 512]
+    ]
+
+
+def test_task_args_reach_evaluate_tasks(tokenizer):
+    model = _FakeGenerator(lambda prompt: [])
+    results = evaluate_tasks(
+        model, tokenizer, ["kv_retrieval"], [256], 2, task_args={"kv_retrieval": {"value_digits": 5}}
+    )
+    assert all(len(s.answers[0]) == 5 for s in results[0].samples)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kv_retrieval.key_chars=2", ("kv_retrieval", "key_chars", 2)),
+        ("kv_retrieval.filler=corpus", ("kv_retrieval", "filler", "corpus")),
+        ("kv_retrieval.num_pairs=null", ("kv_retrieval", "num_pairs", None)),
+        ("niah_single_1.x=1e-3", ("niah_single_1", "x", 1e-3)),
+        ("cwe.flag=true", ("cwe", "flag", True)),
+        ("vt.names=[a, b]", ("vt", "names", ["a", "b"])),
+    ],
+)
+def test_parse_task_arg(text, expected):
+    assert parse_task_arg(text) == expected
+
+
+@pytest.mark.parametrize("text", ["kv_retrieval.key_chars", "key_chars=2", ".key_chars=2", "kv_retrieval.=2"])
+def test_parse_task_arg_rejects_malformed(text):
+    with pytest.raises(ValueError, match="TASK.KEY=VALUE"):
+        parse_task_arg(text)
+
+
+def test_bad_task_args_name_task_and_key(tokenizer):
+    with pytest.raises(ValueError, match="task 'kv_retrieval' has no argument 'keychars'; its arguments: "):
+        build_task("kv_retrieval", {"keychars": 2})
+    with pytest.raises(ValueError, match="has no argument 'name'"):
+        build_task("kv_retrieval", {"name": "other"})
+    with pytest.raises(ValueError, match="task 'kv_retrieval': bad arguments .*'key_chars': 'two'"):
+        build_task("kv_retrieval", {"key_chars": "two"})
+    with pytest.raises(
+        ValueError, match="task 'kv_retrieval' with arguments .*num_pairs applies to filler='corpus'"
+    ):
+        build_task("kv_retrieval", {"num_pairs": 3})
+    with pytest.raises(ValueError, match="unknown task 'kv'"):
+        build_task("kv")
+    with pytest.raises(ValueError, match=r"task arguments given for \['vt'\], which are not among the tasks"):
+        sample_tasks(tokenizer, ["kv_retrieval"], [256], 1, task_args={"vt": {"num_chains": 2}})

@@ -207,11 +207,47 @@ LOOP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("loop", ["masked", "split"])
+@pytest.mark.parametrize("loop", ["branch", "masked", "split"])
 @pytest.mark.parametrize("case", LOOP_CASES, ids=lambda c: c.id)
 def test_dkdv_loop_variants_match_reference(case: Case, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("L2A_DKDV_LOOP", loop)
     _check(case, seed=zlib.crc32(case.id.encode()) + 1)
+
+
+@pytest.mark.parametrize("phase", ["0", "1"])
+def test_dkdv_phase_order_matches_reference(phase: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sliding windows: the rotated ("1") and the plain ("0") row sweep of the split dK/dV loop."""
+    monkeypatch.setenv("L2A_DKDV_PHASE", phase)
+    case = Case(120, 4, 2, window=35)
+    _check(case, seed=zlib.crc32(case.id.encode()) + 3)
+
+
+def test_dkdv_env_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L2A_DKDV_PHASE", "yes")
+    with pytest.raises(ValueError, match="L2A_DKDV_PHASE"):
+        _flash.dkdv_phase_order()
+    monkeypatch.setenv("L2A_DKDV_LOOP", "zigzag")
+    with pytest.raises(ValueError, match="L2A_DKDV_LOOP"):
+        _flash.dkdv_loop()
+
+
+# rows and keys spanning several of the GPU's 64-128 tiles, with partial tiles at both ends
+GPU_TILE_CASES = [
+    Case(150, 7, 1, sparsity=0.4),
+    Case(140, 4, 2, window=40, dtype=torch.bfloat16),
+    Case(130, 4, 1, sparsity=0.5, headwise=True),
+]
+
+
+@pytest.mark.parametrize("loop", ["branch", "split"])
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=lambda c: c.id)
+def test_gpu_launch_configs_match_reference(case: Case, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's tile sizes in the interpreter: tile-boundary logic that 16 x 16 tiles never reach."""
+    monkeypatch.setenv("L2A_DKDV_LOOP", loop)
+    monkeypatch.setattr(_flash, "fwd_config", _flash.gpu_fwd_config)
+    monkeypatch.setattr(_flash, "bwd_dq_config", _flash.gpu_bwd_dq_config)
+    monkeypatch.setattr(_flash, "bwd_dkdv_config", _flash.gpu_bwd_dkdv_config)
+    _check(case, seed=zlib.crc32(case.id.encode()) + 2)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""`l2a demo [--out DIR] [--seed N] [--quick]`: the embedded CPU demo (see `l2a.demo`)."""
+"""`l2a demo [--out DIR] [--seed N] [--quick] [--device D] [--set KEY=VALUE ...]`: the embedded demo
+(see `l2a.demo`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Pretrain a tiny Qwen3-style model on the Python standard library's sources mixed with "
         "a key-value retrieval task, convert it to L2A, train its routers, and compare beyond-window "
         "retrieval of the learned routing with local-only and all-global routing. "
-        "Writes DIR/report.json and DIR/routing.png.",
+        "Writes DIR/report.json, DIR/routing.png and the trained models DIR/model (L2A) and DIR/base "
+        "(full attention, before conversion).",
     )
     parser.add_argument(
         "--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)"
@@ -20,15 +22,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and leakage draws")
     parser.add_argument("--quick", action="store_true", help="a reduced run (tens of seconds; no accuracy)")
     parser.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads for the run (default 2, as on CI)"
+        "--threads", type=int, default=2, help="torch CPU threads for a CPU run (default 2, as on CI)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda, cuda:N or auto (cuda when available); CUDA trains under bf16 autocast",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override a DemoConfig field, e.g. --set seq_len=1024 (repeatable; applied after --quick)",
     )
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from l2a.demo import format_report, run_demo
+    from l2a.demo import DemoConfig, format_report, run_demo, task_arg_flags
 
-    report = run_demo(args.out, seed=args.seed, quick=args.quick, threads=args.threads)
+    config = (DemoConfig.quick() if args.quick else DemoConfig()).with_overrides(args.overrides)
+    report = run_demo(args.out, seed=args.seed, config=config, threads=args.threads, device=args.device)
     print(format_report(report))
     print(f"report: {args.out}/report.json, plot: {args.out}/routing.png")
+    print(f"models: {report['model_dir']} (L2A), {report['base_dir']} (full attention, before conversion)")
+    print(f"evaluate them: l2a eval {report['model_dir']} {report['base_dir']} {task_arg_flags(report)} ...")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from l2a.evaluation.common import parse_length, parse_lengths
+from l2a.evaluation.tasks import parse_task_arg
 
 
 def _arg(parse):
@@ -30,6 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="model directories")
     parser.add_argument("--tasks", default="", help="comma-separated task names, e.g. niah_single_1,vt")
+    parser.add_argument(
+        "--task-arg",
+        action="append",
+        type=_arg(parse_task_arg),
+        default=[],
+        metavar="TASK.KEY=VALUE",
+        dest="task_args",
+        help="override a task's default, e.g. kv_retrieval.key_chars=2 (repeatable; TASK must be in --tasks)",
+    )
     parser.add_argument(
         "--lengths",
         type=_arg(parse_lengths),
@@ -95,8 +105,12 @@ def run(args: argparse.Namespace) -> int:
         variants = ["all_global" if args.force_route == "all" else "local_only"]
     else:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    task_args: dict[str, dict] = {}
+    for task, key, value in args.task_args:
+        task_args.setdefault(task, {})[key] = value
     settings = EvalSettings(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        task_args=task_args,
         lengths=args.lengths,
         samples=args.samples,
         seed=args.seed,

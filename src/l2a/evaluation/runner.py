@@ -24,7 +24,7 @@ from l2a.evaluation.perplexity import perplexity_by_position, position_buckets
 from l2a.evaluation.report import ModelEvaluation, write_report
 from l2a.evaluation.routing import routing_analysis
 from l2a.evaluation.speed import measure_speed
-from l2a.evaluation.tasks import evaluate_tasks, sample_tasks
+from l2a.evaluation.tasks import build_task, evaluate_tasks, sample_tasks
 
 Variant = Literal["l2a", "local_only", "all_global"]
 VARIANTS: dict[str, str | None] = {"l2a": None, "local_only": "none", "all_global": "all"}
@@ -35,7 +35,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class EvalSettings:
-    """What to measure. Lengths are in tokens; ``perplexity_seq_len`` None means the largest task length."""
+    """What to measure. Lengths are in tokens; ``perplexity_seq_len`` None means the largest task length.
+
+    ``task_args`` maps a task of ``tasks`` to keyword overrides of its defaults, e.g.
+    ``{"kv_retrieval": {"key_chars": 2, "value_digits": 2}}`` (``l2a eval --task-arg``).
+    """
 
     tasks: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
@@ -54,6 +58,7 @@ class EvalSettings:
     repeats: int = 3
     warmup: int = 1
     progress: bool = True
+    task_args: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.tasks if name not in TASKS]
@@ -61,6 +66,11 @@ class EvalSettings:
             raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
         if self.tasks and not self.lengths:
             raise ValueError("tasks need at least one length")
+        stray = [name for name in self.task_args if name not in self.tasks]
+        if stray:
+            raise ValueError(f"task arguments given for {stray}, which are not among the tasks {self.tasks}")
+        for name, overrides in self.task_args.items():
+            build_task(name, overrides)  # fail now, not after loading the first model
         if self.samples < 1:
             raise ValueError(f"samples must be positive, got {self.samples}")
         if self.perplexity and self.perplexity_seq_len is None and not self.lengths:
@@ -154,6 +164,7 @@ def evaluate_model(
             settings.samples,
             settings.seed,
             progress=settings.progress,
+            task_args=settings.task_args,
         )
     if settings.perplexity:
         seq_len = settings.perplexity_seq_len or max(settings.lengths)
@@ -172,7 +183,9 @@ def evaluate_model(
     if settings.routing and is_l2a_model(model) and model.config.force_route is None:
         samples = []
         if settings.tasks:
-            drawn = sample_tasks(tokenizer, settings.tasks, settings.lengths, 1, settings.seed)
+            drawn = sample_tasks(
+                tokenizer, settings.tasks, settings.lengths, 1, settings.seed, task_args=settings.task_args
+            )
             samples = [batch[0] for batch in drawn.values()]
         text_len = settings.perplexity_seq_len or (max(settings.lengths) if settings.lengths else None)
         texts = []

@@ -4,20 +4,27 @@ The task generators and the scoring rules belong to `l2a.data.tasks`; this modul
 model: one prompt at a time (no padding, so no model needs left-padding support), greedy decoding with
 ``model.generate`` up to the sample's ``max_new_tokens``, decoding without special tokens, and RULER's
 string-match scoring. For L2A models the prefill's ``router_fraction`` is recorded on the way.
+
+Task arguments (``task_args={"kv_retrieval": {"key_chars": 2}}``, ``l2a eval --task-arg
+kv_retrieval.key_chars=2``) override a task's defaults, e.g. to evaluate in the format a model was
+trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from l2a.data.tasks import TaskSample, get_task, score_prediction, score_samples
+from l2a.data.tasks import TASKS, Task, TaskSample, get_task, score_prediction, score_samples
 from l2a.evaluation.common import model_device
 
 
@@ -68,15 +75,72 @@ def sample_seed(seed: int, task: str, length: int, index: int) -> int:
     return random.Random(f"{seed}/{task}/{length}/{index}").getrandbits(63)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_task_arg(text: str) -> tuple[str, str, Any]:
+    """``"TASK.KEY=VALUE"`` → ``(task, key, value)``, the value read as YAML (``2`` → int, ``true`` → bool,
+    ``null`` → None, ``[a, b]`` → list, else str); numbers such as ``1e-3`` (a string to YAML) become floats.
+    """
+    target, sep, raw = text.partition("=")
+    task, dot, key = target.strip().partition(".")
+    if not sep or not dot or not task or not key:
+        raise ValueError(
+            f"task argument {text!r} must look like TASK.KEY=VALUE, e.g. kv_retrieval.key_chars=2"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ValueError(f"task argument {text!r}: cannot read the value: {error}") from None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    return task, key.strip(), value
+
+
+def build_task(name: str, overrides: Mapping[str, Any] | None = None) -> Task:
+    """``get_task(name, **overrides)``, with a ValueError naming the task and key for an unknown task, an
+    unknown keyword (the task's dataclass fields, ``name`` excluded) or a value the task rejects."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    overrides = dict(overrides or {})
+    factory = getattr(TASKS[name], "func", TASKS[name])
+    if dataclasses.is_dataclass(factory):
+        valid = [f.name for f in dataclasses.fields(factory) if f.init and f.name != "name"]
+        unknown = [key for key in overrides if key not in valid]
+        if unknown:
+            raise ValueError(
+                f"task {name!r} has no argument {unknown[0]!r}; its arguments: {', '.join(valid)}"
+            )
+    try:
+        return get_task(name, **overrides)
+    except TypeError as error:  # an unknown keyword, or a value of the wrong type in validation
+        raise ValueError(f"task {name!r}: bad arguments {overrides}: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"task {name!r} with arguments {overrides}: {error}") from None
+
+
 def sample_tasks(
-    tokenizer: Any, tasks: Sequence[str], lengths: Sequence[int], samples: int, seed: int = 0
+    tokenizer: Any,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    samples: int,
+    seed: int = 0,
+    *,
+    task_args: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[tuple[str, int], list[TaskSample]]:
-    """Draw ``samples`` prompts for every (task, length); the same arguments always give the same prompts."""
+    """Draw ``samples`` prompts for every (task, length); the same arguments always give the same prompts.
+
+    ``task_args`` maps a task name to keyword overrides of its defaults (`build_task`).
+    """
     if samples < 1:
         raise ValueError(f"samples must be positive, got {samples}")
+    task_args = task_args or {}
+    stray = [name for name in task_args if name not in tasks]
+    if stray:
+        raise ValueError(f"task arguments given for {stray}, which are not among the tasks {list(tasks)}")
     drawn: dict[tuple[str, int], list[TaskSample]] = {}
     for name in tasks:
-        task = get_task(name)
+        task = build_task(name, task_args.get(name))
         for length in lengths:
             drawn[(name, length)] = [
                 task.sample(tokenizer, length, random.Random(sample_seed(seed, name, length, i)))
@@ -137,6 +201,7 @@ def evaluate_tasks(
     seed: int = 0,
     *,
     progress: bool = False,
+    task_args: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[TaskResult]:
     """Score the model on every (task, length): ``samples`` prompts each, greedy generation, RULER scoring.
 
@@ -147,11 +212,12 @@ def evaluate_tasks(
         lengths: prompt lengths in tokens.
         samples: prompts per (task, length).
         seed: sampling seed; see `sample_seed`.
+        task_args: per task name, keyword overrides of the task's defaults (`build_task`).
 
     Returns:
         one `TaskResult` per (task, length), tasks outer, lengths inner.
     """
-    drawn = sample_tasks(tokenizer, tasks, lengths, samples, seed)
+    drawn = sample_tasks(tokenizer, tasks, lengths, samples, seed, task_args=task_args)
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()

@@ -54,23 +54,35 @@ def _env_config(name: str, default: Config) -> Config:
     return Config(bm, bn, w, s)
 
 
-def fwd_config(d: int) -> Config:
-    if interpreting():
-        return Config(16, 16, 1, 1)
+INTERPRETER_CONFIG = Config(16, 16, 1, 1)
+
+
+def gpu_fwd_config(d: int) -> Config:
     # D=128 default: fastest of 4 configs on an H100 (benchmarks/KERNEL_NOTES.md); D<=64 not yet tuned
     return _env_config("FWD", Config(128, 64, 8, 3))
 
 
+def gpu_bwd_dq_config(d: int) -> Config:
+    # D=128: 128,64,8,3 fastest of 5 on an H100 (benchmarks/bench_backward.py, docs/benchmarks.md)
+    return _env_config("BWD_DQ", Config(64, 64, 4, 2) if d <= 64 else Config(128, 64, 8, 3))
+
+
+def gpu_bwd_dkdv_config(d: int) -> Config:
+    # D=128: 64,128,8,2 is the timed default; 64,128,8,3 was faster on routed rows and slower at 128K windows
+    return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 2))
+
+
+def fwd_config(d: int) -> Config:
+    """Launch config of the forward kernel (the interpreter runs small tiles, the GPU `gpu_fwd_config`)."""
+    return INTERPRETER_CONFIG if interpreting() else gpu_fwd_config(d)
+
+
 def bwd_dq_config(d: int) -> Config:
-    if interpreting():
-        return Config(16, 16, 1, 1)
-    return _env_config("BWD_DQ", Config(64, 64, 4, 2) if d <= 64 else Config(128, 64, 8, 2))
+    return INTERPRETER_CONFIG if interpreting() else gpu_bwd_dq_config(d)
 
 
 def bwd_dkdv_config(d: int) -> Config:
-    if interpreting():
-        return Config(16, 16, 1, 1)
-    return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 2))
+    return INTERPRETER_CONFIG if interpreting() else gpu_bwd_dkdv_config(d)
 
 
 DKDV_LOOPS = ("branch", "masked", "split")
@@ -79,12 +91,23 @@ DKDV_LOOPS = ("branch", "masked", "split")
 def dkdv_loop() -> str:
     """Row loop of the dK/dV kernel, `L2A_DKDV_LOOP` (see `_bwd_dkdv_kernel`). "split" (default) and "masked"
     have branch-free loop bodies that Triton can software-pipeline; "branch" decides masking per tile and is
-    not pipelined. On the H100 (docs/benchmarks.md) "split" was fastest: 128K s=0.9 fwd+bwd 141 ms against
-    162 ms ("masked") and 171 ms ("branch")."""
+    not pipelined. On the H100 (docs/benchmarks.md, before the compact-row backward) "split" was fastest:
+    128K s=0.9 fwd+bwd 141 ms against 162 ms ("masked") and 171 ms ("branch")."""
     loop = os.environ.get("L2A_DKDV_LOOP", "split")
     if loop not in DKDV_LOOPS:
         raise ValueError(f"L2A_DKDV_LOOP must be one of {DKDV_LOOPS}, got {loop!r}")
     return loop
+
+
+def dkdv_phase_order() -> bool:
+    """`L2A_DKDV_PHASE` ("0" default, "1" on): with a bounded key span (sliding windows), the "split" dK/dV
+    loop starts every key block's rows at a phase point shared by runs of consecutive key blocks and wraps
+    around, so the programs that run together read the same rows at the same time (L2 reuse) instead of a
+    front of rows `span` wide. Tested for correctness, not yet timed on a GPU (benchmarks/KERNEL_NOTES.md)."""
+    value = os.environ.get("L2A_DKDV_PHASE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"L2A_DKDV_PHASE must be '0' or '1', got {value!r}")
+    return value == "1"
 
 
 @dataclass
@@ -94,7 +117,7 @@ class Rows:
     idx: int32 (B, Lc, N) token index (in q) of each compact slot; lo, hi: int32 (B, Lc, N) inclusive
     key range of each slot, padded with _PAD past `count`; count: int32 (B, Lc). Lc is 1 (one list
     shared by all heads) or Hq (one list per query head); `lists_per_group` (L) and `rows_per_token` (R)
-    as in the module docstring.
+    as in the module docstring. `span`: the longest key range of a row (the window), when bounded.
     """
 
     idx: torch.Tensor
@@ -103,6 +126,7 @@ class Rows:
     count: torch.Tensor
     lists_per_group: int
     rows_per_token: int
+    span: int | None = None
 
     @property
     def shared(self) -> bool:
@@ -134,18 +158,26 @@ def key_bounds(
     return lo.contiguous(), hi.contiguous()
 
 
-def compact_rows(active: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, hq: int, hkv: int) -> Rows:
+def compact_rows(
+    active: torch.Tensor | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    hq: int,
+    hkv: int,
+    span: int | None = None,
+) -> Rows:
     """Gather the active tokens of each list in position order, on the device and without a host sync.
 
     active: None (all tokens), bool (B, N) token-wise or (B, N, Hq) head-wise. lo, hi: int32 (B, N).
-    A cumulative sum gives each active token its compact slot; inactive tokens scatter to a spill slot N.
+    span: the window of sliding-window attention (see `Rows`). A cumulative sum gives each active token
+    its compact slot; inactive tokens scatter to a spill slot N.
     """
     b, n = lo.shape
     group = hq // hkv
     if active is None:
         idx = torch.arange(n, device=lo.device, dtype=torch.int32).expand(b, 1, n).contiguous()
         count = torch.full((b, 1), n, device=lo.device, dtype=torch.int32)
-        return Rows(idx, lo[:, None].contiguous(), hi[:, None].contiguous(), count, 1, group)
+        return Rows(idx, lo[:, None].contiguous(), hi[:, None].contiguous(), count, 1, group, span)
     lists = active[:, None, :] if active.dim() == 2 else active.permute(0, 2, 1)
     slot = torch.cumsum(lists, dim=-1, dtype=torch.int32)
     count = slot[..., -1].contiguous()
@@ -158,8 +190,8 @@ def compact_rows(active: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor
     lo_c = torch.where(filled, torch.gather(lo[:, None].expand_as(idx), -1, idx.long()), _PAD)
     hi_c = torch.where(filled, torch.gather(hi[:, None].expand_as(idx), -1, idx.long()), _PAD)
     if active.dim() == 2:
-        return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, 1, group)
-    return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, group, 1)
+        return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, 1, group, span)
+    return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, group, 1, span)
 
 
 @triton.jit
@@ -440,7 +472,10 @@ def _bwd_dq_kernel(
     DQ,
     LSE,
     DLSE,
-    DELTA,
+    QC,
+    DOC,
+    LSEC,
+    DELTAC,
     IDX,
     LO,
     HI,
@@ -463,6 +498,10 @@ def _bwd_dq_kernel(
     stride_il,
     stride_cb,
     stride_cl,
+    stride_xb,
+    stride_xl,
+    stride_yb,
+    stride_yl,
     n_lists_total,
     hkv_heads,
     n_lists,
@@ -477,7 +516,9 @@ def _bwd_dq_kernel(
     HAS_DLSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of one compact M-tile; also writes delta = rowsum(dO * O) - dLSE for the dK/dV kernel."""
+    """dQ of one compact M-tile. Also writes the tile's rows, in list order, to the compact buffers of the
+    dK/dV kernel: q and dO to QC/DOC (B, lists, rows, D), base-2 lse and delta = rowsum(dO * O) - dLSE to
+    LSEC/DELTAC (B, lists, rows); strides xb/xl and yb/yl."""
     b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
         tl.program_id(0),
         IDX,
@@ -509,10 +550,17 @@ def _bwd_dq_kernel(
     if HAS_DLSE:
         # d lse / d s = p, so an lse cotangent only shifts delta: ds = p * (dp - (delta - dlse))
         delta -= tl.load(DLSE + l_off, mask=row_valid, other=0.0)
-    tl.store(DELTA + l_off, delta, mask=row_valid)
     lse = tl.load(LSE + l_off, mask=row_valid, other=float("-inf"))
     # rows without keys have lse = -inf; +inf makes every p = 0 instead of inf
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lid = (tl.program_id(0) % n_lists_total) % (hkv_heads * n_lists)
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_off = b * stride_xb + lid * stride_xl + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(QC + c_off, q, mask=row_valid[:, None])
+    tl.store(DOC + c_off, do, mask=row_valid[:, None])
+    r_off = b * stride_yb + lid * stride_yl + rows
+    tl.store(LSEC + r_off, lse2, mask=row_valid)
+    tl.store(DELTAC + r_off, delta, mask=row_valid)
 
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
@@ -539,39 +587,33 @@ def _bwd_dkdv_inner(
     dv,
     k,
     v,
-    tok,
-    head,
+    rows,
     row_valid,
     lo_r,
     hi_r,
     kpos,
-    q_base,
-    stride_qn,
-    stride_qh,
-    o_base,
-    stride_on,
-    stride_oh,
-    l_base,
-    d_base,
-    stride_lh,
+    qc_base,
+    doc_base,
+    lsec_base,
+    deltac_base,
     qk_scale,
     offs_d,
+    HEAD_DIM: tl.constexpr,
     MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    q = tl.load(
-        q_base + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_valid[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        o_base + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-        mask=row_valid[:, None],
-        other=0.0,
-    )
-    lse = tl.load(l_base + head * stride_lh + tok, mask=row_valid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(d_base + head * stride_lh + tok, mask=row_valid, other=0.0)
+    # Rows are contiguous in the compact buffers: plain affine loads, no index chain to wait on.
+    c_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+    if MASK:
+        q = tl.load(qc_base + c_off, mask=row_valid[:, None], other=0.0)
+        do = tl.load(doc_base + c_off, mask=row_valid[:, None], other=0.0)
+        lse2 = tl.load(lsec_base + rows, mask=row_valid, other=float("inf"))
+        delta = tl.load(deltac_base + rows, mask=row_valid, other=0.0)
+    else:
+        q = tl.load(qc_base + c_off)
+        do = tl.load(doc_base + c_off)
+        lse2 = tl.load(lsec_base + rows)
+        delta = tl.load(deltac_base + rows)
     qk_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
     p_t = tl.exp2(qk_t - lse2[None, :])
     if MASK:
@@ -590,110 +632,96 @@ def _bwd_dkdv_rows(
     dv,
     k,
     v,
-    IDX,
     LO,
     HI,
     list_off,
-    head0,
     r_begin,
     r_end,
     row_end,
     j_first,
     j_last,
     kpos,
-    q_base,
-    stride_qn,
-    stride_qh,
-    o_base,
-    stride_on,
-    stride_oh,
-    l_base,
-    d_base,
-    stride_lh,
+    qc_base,
+    doc_base,
+    lsec_base,
+    deltac_base,
     qk_scale,
     offs_d,
     MASK_MODE: tl.constexpr,
     R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate the row tiles starting at r_begin, r_begin + BLOCK_M, ... < r_end of one list.
 
-    MASK_MODE 0: no mask (every row sees the whole key block); 1: always masked; 2: decided per tile.
-    Padded rows (>= row_end) load q = dO = 0 and lse = +inf, so they add nothing even unmasked.
+    MASK_MODE 0: no mask (every row of every tile is valid and sees the whole key block); 1: always
+    masked; 2: decided per tile. Rows >= row_end load q = dO = 0 and lse = +inf, so they add nothing.
     """
     for r0 in range(r_begin, r_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_valid = rows < row_end
-        slot = rows // R
-        tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
-        head = head0 + rows % R
-        lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
-        hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
-        if MASK_MODE == 2:
-            hi_first = tl.load(HI + list_off + r0 // R)
-            lo_last = tl.load(LO + list_off + (tl.minimum(r0 + BLOCK_M, row_end) - 1) // R)
-            if (lo_last <= j_first) & (hi_first >= j_last):
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                    False, DOT_PRECISION,
-                )  # fmt: skip
-            else:
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                    o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                    True, DOT_PRECISION,
-                )  # fmt: skip
-        elif MASK_MODE == 1:
+        if MASK_MODE == 0:
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                True, DOT_PRECISION,
+                dk, dv, k, v, rows, row_valid, row_valid, row_valid, kpos, qc_base, doc_base, lsec_base,
+                deltac_base, qk_scale, offs_d, HEAD_DIM, False, DOT_PRECISION,
             )  # fmt: skip
         else:
-            dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, tok, head, row_valid, lo_r, hi_r, kpos, q_base, stride_qn, stride_qh,
-                o_base, stride_on, stride_oh, l_base, d_base, stride_lh, qk_scale, offs_d,
-                False, DOT_PRECISION,
-            )  # fmt: skip
+            slot = rows // R
+            lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
+            hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
+            if MASK_MODE == 2:
+                # unmasked loads need a full tile: rows past row_end may be real rows of a later block
+                hi_first = tl.load(HI + list_off + r0 // R)
+                lo_last = tl.load(LO + list_off + (tl.minimum(r0 + BLOCK_M, row_end) - 1) // R)
+                if (r0 + BLOCK_M <= row_end) & (lo_last <= j_first) & (hi_first >= j_last):
+                    dk, dv = _bwd_dkdv_inner(
+                        dk, dv, k, v, rows, row_valid, lo_r, hi_r, kpos, qc_base, doc_base, lsec_base,
+                        deltac_base, qk_scale, offs_d, HEAD_DIM, False, DOT_PRECISION,
+                    )  # fmt: skip
+                else:
+                    dk, dv = _bwd_dkdv_inner(
+                        dk, dv, k, v, rows, row_valid, lo_r, hi_r, kpos, qc_base, doc_base, lsec_base,
+                        deltac_base, qk_scale, offs_d, HEAD_DIM, True, DOT_PRECISION,
+                    )  # fmt: skip
+            else:
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, rows, row_valid, lo_r, hi_r, kpos, qc_base, doc_base, lsec_base,
+                    deltac_base, qk_scale, offs_d, HEAD_DIM, True, DOT_PRECISION,
+                )  # fmt: skip
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q,
     K,
     V,
-    DO,
     DK,
     DV,
-    LSE,
-    DELTA,
-    IDX,
+    QC,
+    DOC,
+    LSEC,
+    DELTAC,
     LO,
     HI,
     ROW_START,
     ROW_END,
     FULL_START,
     FULL_END,
-    stride_qb,
-    stride_qn,
-    stride_qh,
+    PHASE_START,
     stride_kb,
     stride_kn,
     stride_kh,
     stride_vb,
     stride_vn,
     stride_vh,
-    stride_ob,
-    stride_on,
-    stride_oh,
     stride_dkb,
     stride_dkn,
     stride_dkh,
-    stride_lb,
-    stride_lh,
+    stride_xb,
+    stride_xl,
+    stride_yb,
+    stride_yl,
     stride_ib,
     stride_il,
     stride_sb,
@@ -701,7 +729,6 @@ def _bwd_dkdv_kernel(
     n_bh,
     hkv_heads,
     n_lists,
-    group,
     nk,
     qk_scale,
     scale,
@@ -714,10 +741,12 @@ def _bwd_dkdv_kernel(
 ):
     """dK, dV of one key block of one K/V head, summed over every compact row that sees it.
 
-    ROW_START/ROW_END (B, Lc, num_key_blocks): the compact slots [start, end) whose key range meets
-    the block, found on the device by searchsorted over the sorted per-slot hi / lo; FULL_START/FULL_END
-    (LOOP "split" only): the slots whose range covers the whole block. LOOP "branch" decides masking per
-    row tile, "masked" masks every tile, "split" runs masked / unmasked / masked tile ranges.
+    Rows come from the compact buffers written by the dQ kernel (QC, DOC, LSEC, DELTAC; row r of list l
+    at [b, l, r]). ROW_START/ROW_END (B, Lc, num_key_blocks): the compact slots [start, end) whose key
+    range meets the block, found on the device by searchsorted over the sorted per-slot hi / lo;
+    FULL_START/FULL_END (LOOP "split" only): the slots whose range covers the whole block; PHASE_START
+    ("split" only): the slot where the unmasked sweep starts (see `dkdv_phase_order`). LOOP "branch"
+    decides masking per row tile, "masked" masks every tile, "split" runs unmasked and masked tile ranges.
     """
     pid = tl.program_id(0)
     kb = pid // n_bh
@@ -741,15 +770,14 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     j_first = kb * BLOCK_N
     j_last = j_first + BLOCK_N - 1
-    q_base = Q + b * stride_qb
-    o_base = DO + b * stride_ob
-    l_base = LSE + b * stride_lb
-    d_base = DELTA + b * stride_lb
     for li in range(0, n_lists):
         lid = hkv * n_lists + li
         list_off = b * stride_ib + lid * stride_il
         se_off = b * stride_sb + lid * stride_sl + kb
-        head0 = hkv * group + li * R
+        qc_base = QC + b * stride_xb + lid * stride_xl
+        doc_base = DOC + b * stride_xb + lid * stride_xl
+        lsec_base = LSEC + b * stride_yb + lid * stride_yl
+        deltac_base = DELTAC + b * stride_yb + lid * stride_yl
         row_begin = tl.load(ROW_START + se_off) * R
         row_end = tl.load(ROW_END + se_off) * R
         if LOOP == "split":
@@ -759,32 +787,40 @@ def _bwd_dkdv_kernel(
             u0 = row_begin + tl.cdiv(tl.maximum(full_begin - row_begin, 0), BLOCK_M) * BLOCK_M
             u0 = tl.minimum(u0, row_end)
             u1 = u0 + (tl.maximum(full_end - u0, 0) // BLOCK_M) * BLOCK_M
+            # one sweep from the phase point p to the end, then from the start back to p
+            phase = tl.load(PHASE_START + se_off) * R
+            p = tl.minimum(u0 + tl.cdiv(tl.maximum(phase - u0, 0), BLOCK_M) * BLOCK_M, u1)
             dk, dv = _bwd_dkdv_rows(
-                dk, dv, k, v, IDX, LO, HI, list_off, head0, row_begin, u0, row_end, j_first, j_last, kpos,
-                q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
-                qk_scale, offs_d, 1, R, BLOCK_M, DOT_PRECISION,
+                dk, dv, k, v, LO, HI, list_off, p, u1, row_end, j_first, j_last, kpos,
+                qc_base, doc_base, lsec_base, deltac_base, qk_scale, offs_d, 0, R, HEAD_DIM, BLOCK_M,
+                DOT_PRECISION,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_rows(
-                dk, dv, k, v, IDX, LO, HI, list_off, head0, u0, u1, row_end, j_first, j_last, kpos,
-                q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
-                qk_scale, offs_d, 0, R, BLOCK_M, DOT_PRECISION,
+                dk, dv, k, v, LO, HI, list_off, u1, row_end, row_end, j_first, j_last, kpos,
+                qc_base, doc_base, lsec_base, deltac_base, qk_scale, offs_d, 1, R, HEAD_DIM, BLOCK_M,
+                DOT_PRECISION,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_rows(
-                dk, dv, k, v, IDX, LO, HI, list_off, head0, u1, row_end, row_end, j_first, j_last, kpos,
-                q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
-                qk_scale, offs_d, 1, R, BLOCK_M, DOT_PRECISION,
+                dk, dv, k, v, LO, HI, list_off, row_begin, u0, row_end, j_first, j_last, kpos,
+                qc_base, doc_base, lsec_base, deltac_base, qk_scale, offs_d, 1, R, HEAD_DIM, BLOCK_M,
+                DOT_PRECISION,
+            )  # fmt: skip
+            dk, dv = _bwd_dkdv_rows(
+                dk, dv, k, v, LO, HI, list_off, u0, p, row_end, j_first, j_last, kpos,
+                qc_base, doc_base, lsec_base, deltac_base, qk_scale, offs_d, 0, R, HEAD_DIM, BLOCK_M,
+                DOT_PRECISION,
             )  # fmt: skip
         elif LOOP == "masked":
             dk, dv = _bwd_dkdv_rows(
-                dk, dv, k, v, IDX, LO, HI, list_off, head0, row_begin, row_end, row_end, j_first, j_last,
-                kpos, q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
-                qk_scale, offs_d, 1, R, BLOCK_M, DOT_PRECISION,
+                dk, dv, k, v, LO, HI, list_off, row_begin, row_end, row_end, j_first, j_last, kpos,
+                qc_base, doc_base, lsec_base, deltac_base, qk_scale, offs_d, 1, R, HEAD_DIM, BLOCK_M,
+                DOT_PRECISION,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_rows(
-                dk, dv, k, v, IDX, LO, HI, list_off, head0, row_begin, row_end, row_end, j_first, j_last,
-                kpos, q_base, stride_qn, stride_qh, o_base, stride_on, stride_oh, l_base, d_base, stride_lh,
-                qk_scale, offs_d, 2, R, BLOCK_M, DOT_PRECISION,
+                dk, dv, k, v, LO, HI, list_off, row_begin, row_end, row_end, j_first, j_last, kpos,
+                qc_base, doc_base, lsec_base, deltac_base, qk_scale, offs_d, 2, R, HEAD_DIM, BLOCK_M,
+                DOT_PRECISION,
             )  # fmt: skip
     out_off = b * stride_dkb + hkv * stride_dkh + kpos[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -865,30 +901,84 @@ def backward(
     q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
     dout = dout.contiguous() if dout.stride() != out.stride() else dout
     lse = lse.contiguous()
+    dq, _ = _row_outputs(q, active)
+    if dlse is not None:
+        dlse = dlse.contiguous().float()
+    compact = backward_dq(dout, dlse, q, k, v, out, lse, rows, scale, dq)
+    dk, dv = backward_dkdv(k, v, compact, rows, scale)
+    return dq, dk, dv
+
+
+@dataclass
+class CompactRows:
+    """The backward's rows in list order, written by the dQ kernel for the dK/dV kernel.
+
+    q, dout: (B, Hkv * L, N * R, D) (lists and rows as in `Rows`); lse2 (base-2 lse, +inf for rows
+    without keys) and delta: float32 (B, Hkv * L, N * R). Only the first count * R rows of a list are
+    written.
+    """
+
+    q: torch.Tensor
+    dout: torch.Tensor
+    lse2: torch.Tensor
+    delta: torch.Tensor
+
+
+def _compact_buffers(q: torch.Tensor, rows: Rows, hkv: int) -> CompactRows:
+    b, n, hq, d = q.shape
+    lists = hkv * rows.lists_per_group
+    n_rows = n * rows.rows_per_token
+    new = torch.full if POISON_UNWRITTEN else (lambda size, _fill, **kw: torch.empty(size, **kw))
+    return CompactRows(
+        new((b, lists, n_rows, d), float("nan"), dtype=q.dtype, device=q.device),
+        new((b, lists, n_rows, d), float("nan"), dtype=q.dtype, device=q.device),
+        new((b, lists, n_rows), float("nan"), dtype=torch.float32, device=q.device),
+        new((b, lists, n_rows), float("nan"), dtype=torch.float32, device=q.device),
+    )
+
+
+def backward_dq(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rows: Rows,
+    scale: float,
+    dq: torch.Tensor,
+) -> CompactRows:
+    """Fill dq (B, N, Hq, D) for the listed rows and return their compact copies for `backward_dkdv`
+    (inputs already made contiguous)."""
     b, n, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     r = rows.rows_per_token
     n_lists_total = b * hkv * rows.lists_per_group
-    precision = _dot_precision(q.dtype)
-    dq, _ = _row_outputs(q, active)
-    delta = torch.empty_like(lse)
-    if dlse is not None:
-        dlse = dlse.contiguous().float()
-
+    compact = _compact_buffers(q, rows, hkv)
     cfg = bwd_dq_config(d)
     grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
     _bwd_dq_kernel[grid](
-        q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse, delta,
+        q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse,
+        compact.q, compact.dout, compact.lse2, compact.delta,
         rows.idx, rows.lo, rows.hi, rows.count,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-        *_list_strides(rows), n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
+        *_list_strides(rows), *compact.q.stride()[:2], *compact.lse2.stride()[:2],
+        n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_DLSE=dlse is not None,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    return compact
 
+
+def backward_dkdv(
+    k: torch.Tensor, v: torch.Tensor, compact: CompactRows, rows: Rows, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk, dv (B, Nk, Hkv, D) from the compact rows written by `backward_dq`."""
+    b, nk, hkv, d = k.shape
     cfg = bwd_dkdv_config(d)
     n_kb = triton.cdiv(nk, cfg.block_n)
-    starts = torch.arange(n_kb, device=q.device, dtype=torch.int32) * cfg.block_n
+    starts = torch.arange(n_kb, device=k.device, dtype=torch.int32) * cfg.block_n
     lists = rows.idx.shape[1]
     first_key = starts.expand(b, lists, n_kb).contiguous()
     last_key = (starts + cfg.block_n - 1).expand(b, lists, n_kb).contiguous()
@@ -896,26 +986,32 @@ def backward(
     row_start = torch.searchsorted(rows.hi, first_key, side="left", out_int32=True)
     row_end = torch.searchsorted(rows.lo, last_key, side="right", out_int32=True)
     loop = dkdv_loop()
+    phase_start = full_start = row_start
+    full_end = row_end
     if loop == "split":
         # rows covering the whole block: hi >= j1 and lo <= j0
         full_start = torch.searchsorted(rows.hi, last_key, side="left", out_int32=True)
         full_end = torch.searchsorted(rows.lo, first_key, side="right", out_int32=True)
-    else:
-        full_start, full_end = row_start, row_end
+        phase_start = full_start
+        if rows.span is not None and dkdv_phase_order():
+            # shared phase points every `stride` keys: consecutive key blocks start their sweep together
+            stride = triton.cdiv(rows.span, cfg.block_n) * cfg.block_n
+            phase_key = (first_key + stride - 1) // stride * stride
+            phase_start = torch.searchsorted(rows.hi, phase_key, side="left", out_int32=True)
     dk = torch.full_like(k, float("nan")) if POISON_UNWRITTEN else torch.empty_like(k)
     dv = torch.full_like(v, float("nan")) if POISON_UNWRITTEN else torch.empty_like(v)
     grid = (n_kb * b * hkv,)
     stride_sb, stride_sl = row_start.stride(0), 0 if rows.shared else row_start.stride(1)
     _bwd_dkdv_kernel[grid](
-        q, k, v, dout, dk, dv, lse, delta, rows.idx, rows.lo, rows.hi,
-        row_start, row_end, full_start, full_end,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
-        *lse.stride()[:2], *_list_strides(rows)[:2], stride_sb, stride_sl,
-        b * hkv, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
-        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LOOP=loop,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        k, v, dk, dv, compact.q, compact.dout, compact.lse2, compact.delta, rows.lo, rows.hi,
+        row_start, row_end, full_start, full_end, phase_start,
+        *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], *compact.q.stride()[:2],
+        *compact.lse2.stride()[:2], *_list_strides(rows)[:2], stride_sb, stride_sl,
+        b * hkv, hkv, rows.lists_per_group, nk, scale * LOG2E, scale,
+        R=rows.rows_per_token, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LOOP=loop,
+        DOT_PRECISION=_dot_precision(k.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return dq, dk, dv
+    return dk, dv
 
 
 def check_supported(q: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ def _rows(
     b, n, hq, _ = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     lo, hi = _flash.key_bounds(n, nk, b, q.device, window=window, cu_seqlens=cu_seqlens, key_start=key_start)
-    return _flash.compact_rows(None, lo, hi, hq, hkv)
+    return _flash.compact_rows(None, lo, hi, hq, hkv, span=window)
 
 
 def sliding_window_attention_fwd(
