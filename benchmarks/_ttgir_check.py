@@ -19,9 +19,9 @@ from triton.compiler import ASTSource
 
 from l2a.ops.triton import _flash
 
-INT_POINTERS = {"IDX", "LO", "HI", "CNT", "ROW_START", "ROW_END", "FULL_START", "FULL_END"}
-FLOAT_POINTERS = {"LSE", "DLSE", "DELTA"}
-TENSOR_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+INT_POINTERS = {"IDX", "LO", "HI", "CNT", "ROW_START", "ROW_END", "FULL_START", "FULL_END", "PHASE_START"}
+FLOAT_POINTERS = {"LSE", "DLSE", "DELTA", "LSEC", "DELTAC"}
+TENSOR_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "QC", "DOC"}
 OPS = ("async_copy_global_to_local", "warp_group_dot", "scf.if")
 
 

@@ -4,6 +4,7 @@
 #   kernels: GPU tests of the ops and models, dK/dV phase order on/off, then the full kernel table with the faster.
 #   eval:    issue 5's GPU runs: the demo model and a longer-trained model, trained and evaluated at several lengths.
 #   train:   training throughput with the current kernels.
+#   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_session}
@@ -49,8 +50,11 @@ train)
   timeout 400 python benchmarks/bench_training.py --seq-lens 16384,32768 --out "$OUT/train" > "$OUT/train.log" 2>&1
   tail -8 "$OUT/train.log"
   ;;
+multigpu)
+  timeout 500 python benchmarks/check_multi_gpu.py --world 2 --out "$OUT/multi_gpu" 2>&1 | grep -v "shards"
+  ;;
 *)
-  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|eval|train" >&2
+  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|eval|train|multigpu" >&2
   exit 2
   ;;
 esac

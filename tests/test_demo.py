@@ -2,6 +2,7 @@
 models that reproduce it; `--set` overrides and `--device` are checked."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -170,3 +171,22 @@ def test_bad_device_is_rejected_before_training(tmp_path):
         with pytest.raises(ValueError, match="CUDA is not available"):
             run_demo(tmp_path, quick=True, device="cuda:0")
     assert not (tmp_path / "report.json").exists()
+
+
+def test_task_rows_label_the_generated_answer():
+    """Rows label " " + the value digits: exactly the answer tokens that `l2a eval` generates after "key:"."""
+    from l2a.data import byte_tokenizer
+    from l2a.data.tasks import get_task
+
+    config = DemoConfig.quick()
+    tokenizer = byte_tokenizer()
+    rows = eval_rows(config, tokenizer, seed=3)
+    task = get_task("kv_retrieval", **kv_task_args(config))
+    for row in rows[:8]:
+        assert len(row.answer_positions) == config.num_queries
+        for pos in row.answer_positions:
+            text = tokenizer.decode([row.input_ids[p] for p in pos])
+            assert len(pos) == 1 + config.value_digits and text[0] == " " and text[1:].isdigit(), text
+            assert tokenizer.decode(row.input_ids[pos[0] - 3 : pos[0]]).endswith(":")
+    sample = task.sample(tokenizer, 128, random.Random(0))
+    assert tokenizer.decode(sample.answer_ids, skip_special_tokens=True)[0] == " "

@@ -39,7 +39,7 @@ from l2a.data.tasks import TaskSample, get_task
 ROUTINGS = {"l2a": None, "local_only": "none", "all_global": "all"}
 """Report key → `L2AConfig.force_route` of the evaluated routing."""
 
-_QUERY = re.compile(rb"\n[a-z]+: (\d+)")
+_QUERY = re.compile(rb"\n[a-z]+:( \d+)")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -196,7 +196,8 @@ class _TaskRow:
     """A task sample laid out as one training/evaluation row of `seq_len` tokens."""
 
     input_ids: list[int]
-    answer_positions: list[list[int]]  # per query: positions of its value tokens
+    # per query: positions of its answer tokens, " " + the value digits (what `l2a eval` generates)
+    answer_positions: list[list[int]]
     distances: list[int]  # per query: tokens from the needle's last token to the query's first value token
 
 
@@ -209,7 +210,7 @@ def _task_row(sample: TaskSample) -> _TaskRow:
     needle_ends = [prompt_len - d for d in sample.meta["query_distances"]]
     if len(answers) != len(needle_ends):
         raise RuntimeError(f"parsed {len(answers)} queries, the task reports {len(needle_ends)}")
-    distances = [pos[0] - end for pos, end in zip(answers, needle_ends)]
+    distances = [pos[1] - end for pos, end in zip(answers, needle_ends)]  # pos[0] is the space
     return _TaskRow(ids, answers, distances)
 
 
@@ -304,7 +305,7 @@ def build_base_model(config: DemoConfig, tokenizer: Any) -> torch.nn.Module:
 def retrieval_hits(
     model: torch.nn.Module, rows: list[_TaskRow], batch_size: int
 ) -> tuple[list[bool], list[float] | None]:
-    """Teacher-forced exact match of every query's value (all its digits predicted greedily).
+    """Teacher-forced exact match of every query's answer (the space and all value digits predicted greedily).
 
     Rows go to the model's device in batches of ``batch_size`` (input_ids (B, seq_len)); the model runs
     as it is (no autocast: fp32 weights give fp32 logits).
