@@ -293,22 +293,30 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return results
 
 
+def lowest_total_slowdown(rows: list[dict], setting: Callable[[dict], object]) -> object | None:
+    """Among the settings (``setting(row)``) timed on every (N, task) of `rows`, the one with the lowest
+    summed slowdown (ms / fastest ms of that N and task); None if no setting is complete."""
+    rows = [r for r in rows if r["ms"] is not None]
+    fastest: dict[tuple, float] = {}
+    for r in rows:
+        fastest[(r["N"], r["task"])] = min(fastest.get((r["N"], r["task"]), math.inf), r["ms"])
+    score: dict[object, float] = {}
+    covered: dict[object, set] = {}
+    for r in rows:
+        key = setting(r)
+        score[key] = score.get(key, 0.0) + r["ms"] / fastest[(r["N"], r["task"])]
+        covered.setdefault(key, set()).add((r["N"], r["task"]))
+    complete = [key for key in score if len(covered[key]) == len(fastest)]
+    return min(complete, key=score.__getitem__) if complete else None
+
+
 def best_configs(results: list[dict]) -> dict[str, str]:
     """Per kernel, the config with the lowest summed slowdown (ms / best ms) over all tasks and sizes."""
     best = {}
     for kernel in ("fwd", "fwd+bwd"):
-        rows = [r for r in results if r["kernel"] == kernel and r["ms"] is not None]
-        fastest = {}
-        for r in rows:
-            key = (r["N"], r["task"])
-            fastest[key] = min(fastest.get(key, math.inf), r["ms"])
-        score: dict[str, float] = {}
-        for r in rows:
-            score[r["cfg"]] = score.get(r["cfg"], 0.0) + r["ms"] / fastest[(r["N"], r["task"])]
-        complete = [c for c in score if sum(c == r["cfg"] for r in rows) == len(fastest)]
-        if not complete:
+        choice = lowest_total_slowdown([r for r in results if r["kernel"] == kernel], lambda r: r["cfg"])
+        if choice is None:
             continue
-        choice = min(complete, key=score.__getitem__)
         if kernel == "fwd":
             best["L2A_FWD"] = choice
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_attention import lowest_total_slowdown  # run as `python benchmarks/bench_backward.py`
 
 from l2a.ops.triton import _flash, conditional, sliding_window
 
@@ -90,18 +91,11 @@ def fastest_settings(results: list[dict]) -> dict[str, str]:
     """Per kernel family, the setting with the lowest summed slowdown (ms / best ms) over all N and tasks."""
     best = {}
     for family in ("dq", "dkdv"):
-        rows = [r for r in results if r["kernel"].startswith(family) and r["ms"] is not None]
-        fastest: dict[tuple, float] = {}
-        for r in rows:
-            fastest[(r["N"], r["task"])] = min(fastest.get((r["N"], r["task"]), float("inf")), r["ms"])
-        score: dict[tuple, float] = {}
-        for r in rows:
-            key = (r["kernel"], r["cfg"])
-            score[key] = score.get(key, 0.0) + r["ms"] / fastest[(r["N"], r["task"])]
-        complete = [key for key in score if sum((r["kernel"], r["cfg"]) == key for r in rows) == len(fastest)]
-        if not complete:
+        rows = [r for r in results if r["kernel"].startswith(family)]
+        choice = lowest_total_slowdown(rows, lambda r: (r["kernel"], r["cfg"]))
+        if choice is None:
             continue
-        kernel, cfg = min(complete, key=score.__getitem__)
+        kernel, cfg = choice
         if family == "dq":
             best["L2A_BWD_DQ"] = cfg
         else:

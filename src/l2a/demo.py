@@ -181,14 +181,13 @@ def kv_task_args(config: DemoConfig) -> dict[str, Any]:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → cuda when available, else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not _DEVICE.fullmatch(device):
+    """``"auto"`` → cuda when available, else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given (the demo
+    accepts no other device; resolution as `l2a eval`'s)."""
+    from l2a.evaluation.runner import resolve_device as resolve
+
+    if device != "auto" and not _DEVICE.fullmatch(device):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    return resolve(device)
 
 
 @dataclass
