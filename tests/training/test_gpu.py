@@ -17,7 +17,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_cuda_training_steps(make_l2a, make_batches, tmp_path, precision):
-    model = make_l2a(attention_backend="auto")
+    model = make_l2a(attention_backend="auto", head_dim=32)  # 32: the smallest head dim of the Triton kernels
     config = TrainConfig(
         output_dir=str(tmp_path),
         device="cuda",
@@ -36,3 +36,14 @@ def test_cuda_training_steps(make_l2a, make_batches, tmp_path, precision):
         assert math.isfinite(record["lm_loss"]) and math.isfinite(record["grad_norm"])
         assert 0.0 <= record["sparsity"] <= 1.0
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_auto_backend_falls_back_to_torch_for_head_dim_16(make_l2a, make_batches):
+    """head_dim 16 is outside the Triton kernels: "auto" runs the PyTorch ops with a warning."""
+    model = make_l2a(attention_backend="auto").cuda()
+    ids = make_batches(1, seq_len=64, packed=False)[0]["input_ids"].cuda()
+    with pytest.warns(UserWarning, match="head_dim 16"):
+        out = model(ids, labels=ids)
+    model.config.attention_backend = "torch"
+    ref = model(ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits)

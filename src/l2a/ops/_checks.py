@@ -6,6 +6,9 @@ import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch")
+# What the Triton kernels (`l2a.ops.triton`) take; backend="auto" uses PyTorch for anything else.
+TRITON_HEAD_DIMS = (32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:

@@ -7,6 +7,7 @@ so query i sits at absolute position i + Nk - N), Hq query heads, Hkv key/value 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -34,7 +35,8 @@ def _autocast(
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    """backend="auto": Triton for CUDA tensors it supports; PyTorch elsewhere, with a warning on CUDA."""
     _checks.check_backend(backend)
     if backend == "torch":
         return False
@@ -42,7 +44,17 @@ def _use_triton(backend: str, device: torch.device) -> bool:
         if not _triton_available():
             raise ImportError("backend='triton' needs the `triton` package: pip install 'l2a[triton]'")
         return True
-    return device.type == "cuda" and _triton_available()
+    if q.device.type != "cuda" or not _triton_available():
+        return False
+    d = q.shape[-1]
+    if d not in _checks.TRITON_HEAD_DIMS or q.dtype not in _checks.TRITON_DTYPES:
+        warnings.warn(
+            f"backend='auto': the Triton kernels take head_dim in {_checks.TRITON_HEAD_DIMS} and float16/bfloat16/"
+            f"float32, got head_dim {d} and {q.dtype}; using the PyTorch reference (slow, O(N^2) memory)",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def conditional_attention(
@@ -70,7 +82,8 @@ def conditional_attention(
             queries see only keys of their own document.
         key_start: int (B,) first valid key per batch row (left padding); earlier keys are masked.
         return_lse: also return the log-sum-exp of the scores, float32 (B, Hq, N).
-        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        backend: "auto" (Triton on CUDA for head_dim 32/64/128 and fp16/bf16/fp32, else PyTorch, with a warning
+            on CUDA), "triton" or "torch".
 
     Returns:
         out (B, N, Hq, D) in q's dtype (the autocast dtype under autocast); inactive rows and rows
@@ -83,7 +96,7 @@ def conditional_attention(
     _checks.check_cu_seqlens(cu_seqlens, b, n, nk, q.device)
     _checks.check_key_start(key_start, b, q.device)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    if _use_triton(backend, q.device):
+    if _use_triton(backend, q):
         from l2a.ops.triton import conditional_attention_triton
 
         out, lse = conditional_attention_triton(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
@@ -120,7 +133,7 @@ def sliding_window_attention(
     _checks.check_cu_seqlens(cu_seqlens, b, n, nk, q.device)
     _checks.check_key_start(key_start, b, q.device)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    if _use_triton(backend, q.device):
+    if _use_triton(backend, q):
         from l2a.ops.triton import sliding_window_attention_triton
 
         out, lse = sliding_window_attention_triton(q, k, v, window, scale, cu_seqlens, key_start)

@@ -23,11 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from l2a.ops._checks import TRITON_DTYPES, TRITON_HEAD_DIMS
+
 LOG2E = 1.4426950408889634
 # Sorts after every real position; pads compact lists so that they stay sorted for searchsorted.
 _PAD = 1 << 30
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
+SUPPORTED_DTYPES = TRITON_DTYPES
 
 # Tests set this to fill outputs that the kernels must write with NaN first, so unwritten rows show.
 POISON_UNWRITTEN = False
@@ -68,8 +70,8 @@ def gpu_bwd_dq_config(d: int) -> Config:
 
 
 def gpu_bwd_dkdv_config(d: int) -> Config:
-    # D=128: 64,128,8,2 is the timed default; 64,128,8,3 was faster on routed rows and slower at 128K windows
-    return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 2))
+    # D=128: 64,128,8,3 fastest of 2 on an H100 in all four timed cases of 14:45 UTC (docs/benchmarks.md)
+    return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 3))
 
 
 def fwd_config(d: int) -> Config:
@@ -100,11 +102,12 @@ def dkdv_loop() -> str:
 
 
 def dkdv_phase_order() -> bool:
-    """`L2A_DKDV_PHASE` ("0" default, "1" on): with a bounded key span (sliding windows), the "split" dK/dV
+    """`L2A_DKDV_PHASE` ("1" default, "0" off): with a bounded key span (sliding windows), the "split" dK/dV
     loop starts every key block's rows at a phase point shared by runs of consecutive key blocks and wraps
     around, so the programs that run together read the same rows at the same time (L2 reuse) instead of a
-    front of rows `span` wide. Tested for correctness, not yet timed on a GPU (benchmarks/KERNEL_NOTES.md)."""
-    value = os.environ.get("L2A_DKDV_PHASE", "0")
+    front of rows `span` wide. On an H100 it made the window-4096 dK/dV kernel 3.4-3.8 % faster at 32K and
+    128K (docs/benchmarks.md, benchmarks/KERNEL_NOTES.md)."""
+    value = os.environ.get("L2A_DKDV_PHASE", "1")
     if value not in ("0", "1"):
         raise ValueError(f"L2A_DKDV_PHASE must be '0' or '1', got {value!r}")
     return value == "1"
