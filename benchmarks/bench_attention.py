@@ -223,7 +223,9 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device) -> list[dict]
                 try:
                     # no _compile here: each sparsity's query count is a new shape, and compiling the mask
                     # builder again per shape took minutes (14:45 UTC run); the mask is n_active x n <= 32K^2
-                    mask = create_block_mask(_gathered_causal_mask(pos), None, None, n_active, n, device=device)
+                    mask = create_block_mask(
+                        _gathered_causal_mask(pos), None, None, n_active, n, device=device
+                    )
                     fn = partial(flex, qg, kt, vt, block_mask=mask, enable_gqa=True)
                     fwd = bench(fn)
                     fb = None if args.fwd_only else bench(_fwd_bwd(fn, (qg, kt, vt), dg))

@@ -49,8 +49,9 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
     d = q.shape[-1]
     if d not in _checks.TRITON_HEAD_DIMS or q.dtype not in _checks.TRITON_DTYPES:
         warnings.warn(
-            f"backend='auto': the Triton kernels take head_dim in {_checks.TRITON_HEAD_DIMS} and float16/bfloat16/"
-            f"float32, got head_dim {d} and {q.dtype}; using the PyTorch reference (slow, O(N^2) memory)",
+            f"backend='auto': the Triton kernels take head_dim in {_checks.TRITON_HEAD_DIMS} and "
+            f"{_checks.TRITON_DTYPES}, got head_dim {d} and {q.dtype}; using the PyTorch reference "
+            "(slow, O(N^2) memory)",
             stacklevel=3,
         )
         return False
@@ -82,8 +83,8 @@ def conditional_attention(
             queries see only keys of their own document.
         key_start: int (B,) first valid key per batch row (left padding); earlier keys are masked.
         return_lse: also return the log-sum-exp of the scores, float32 (B, Hq, N).
-        backend: "auto" (Triton on CUDA for head_dim 32/64/128 and fp16/bf16/fp32, else PyTorch, with a warning
-            on CUDA), "triton" or "torch".
+        backend: "auto" (Triton on CUDA for head_dim 32/64/128 and fp16/bf16/fp32, else PyTorch, with a
+            warning on CUDA), "triton" or "torch".
 
     Returns:
         out (B, N, Hq, D) in q's dtype (the autocast dtype under autocast); inactive rows and rows

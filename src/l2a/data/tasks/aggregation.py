@@ -30,6 +30,34 @@ def _check_fit(task: str, got: int, length: int) -> None:
         raise RuntimeError(f"{task}: could not fit {length} tokens (got {got})")
 
 
+def _list_answer_sample(
+    task: Any, tokenizer: Any, head: list[int], items: list[str], length: int, answers: list[str], **meta: Any
+) -> TaskSample:
+    """The sample of `task`'s prompt over `items` (`task._prompt`: prefix, body, suffix), answered by naming
+    all of `answers`; `meta` is added to the sample's meta."""
+    prefix, body, suffix = task._prompt(items)
+    text = prefix + body + suffix
+    input_ids = head + encode(tokenizer, text)
+    _check_fit(task.name, len(input_ids), length)
+    answer_text = " " + ", ".join(answers)
+    answer_ids = answer_token_ids(tokenizer, answer_text)
+    return TaskSample(
+        task=task.name,
+        input_ids=input_ids,
+        answers=answers,
+        answer_ids=answer_ids,
+        metric="all",
+        depth=None,
+        needle_spans=[],
+        max_new_tokens=max(task.max_new_tokens, 2 * len(answer_ids)),
+        meta={
+            "context_span": _context_span(tokenizer, text, len(prefix), len(prefix) + len(body), len(head)),
+            "answer_text": answer_text,
+            **meta,
+        },
+    )
+
+
 @dataclass
 class CommonWordsTask:
     """RULER's common words extraction: a numbered list where ``num_common`` words appear
@@ -96,29 +124,8 @@ class CommonWordsTask:
         freq = fit_count(lambda f: measure(f, 0), (length + base) // 2, floor, self.freq_common, self.name)
         count = fit_count(lambda c: measure(freq, c), length, 0, upper, self.name, slack=4)
         listed = items(freq, count)
-        prefix, body, suffix = self._prompt(listed)
-        text = prefix + body + suffix
-        input_ids = head + encode(tokenizer, text)
-        _check_fit(self.name, len(input_ids), length)
-        answer_text = " " + ", ".join(common)
-        answer_ids = answer_token_ids(tokenizer, answer_text)
-        return TaskSample(
-            task=self.name,
-            input_ids=input_ids,
-            answers=list(common),
-            answer_ids=answer_ids,
-            metric="all",
-            depth=None,
-            needle_spans=[],
-            max_new_tokens=max(self.max_new_tokens, 2 * len(answer_ids)),
-            meta={
-                "context_span": _context_span(
-                    tokenizer, text, len(prefix), len(prefix) + len(body), len(head)
-                ),
-                "answer_text": answer_text,
-                "freq_common": freq,
-                "num_items": len(listed),
-            },
+        return _list_answer_sample(
+            self, tokenizer, head, listed, length, list(common), freq_common=freq, num_items=len(listed)
         )
 
 
@@ -188,27 +195,7 @@ class FrequentWordsTask:
         else:
             raise RuntimeError(f"{self.name}: could not draw a sample without ties at length {length}")
         answers = [word for word, _ in ranked[: self.num_answers]]
-        prefix, body, suffix = self._prompt(stream[:count])
-        text = prefix + body + suffix
-        input_ids = head + encode(tokenizer, text)
-        _check_fit(self.name, len(input_ids), length)
-        answer_text = " " + ", ".join(answers)
-        answer_ids = answer_token_ids(tokenizer, answer_text)
-        return TaskSample(
-            task=self.name,
-            input_ids=input_ids,
-            answers=answers,
-            answer_ids=answer_ids,
-            metric="all",
-            depth=None,
-            needle_spans=[],
-            max_new_tokens=max(self.max_new_tokens, 2 * len(answer_ids)),
-            meta={
-                "context_span": _context_span(
-                    tokenizer, text, len(prefix), len(prefix) + len(body), len(head)
-                ),
-                "answer_text": answer_text,
-                "counts": [n for _, n in ranked[: self.num_answers]],
-                "num_words": count,
-            },
+        counts = [n for _, n in ranked[: self.num_answers]]
+        return _list_answer_sample(
+            self, tokenizer, head, stream[:count], length, answers, counts=counts, num_words=count
         )

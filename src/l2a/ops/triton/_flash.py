@@ -28,8 +28,6 @@ from l2a.ops._checks import TRITON_DTYPES, TRITON_HEAD_DIMS
 LOG2E = 1.4426950408889634
 # Sorts after every real position; pads compact lists so that they stay sorted for searchsorted.
 _PAD = 1 << 30
-SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
-SUPPORTED_DTYPES = TRITON_DTYPES
 
 # Tests set this to fill outputs that the kernels must write with NaN first, so unwritten rows show.
 POISON_UNWRITTEN = False
@@ -1020,9 +1018,9 @@ def backward_dkdv(
 def check_supported(q: torch.Tensor) -> None:
     """Kernel-specific limits beyond `l2a.ops._checks`."""
     d = q.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton attention kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {d}")
-    if q.dtype not in SUPPORTED_DTYPES:
+    if d not in TRITON_HEAD_DIMS:
+        raise ValueError(f"the Triton attention kernels support head_dim in {TRITON_HEAD_DIMS}, got {d}")
+    if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton attention kernels support float16, bfloat16 and float32, got {q.dtype}")
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(
