@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from l2a.evaluation.common import model_device, synchronize, timer
+from l2a.models._compat import cache_kwargs, output_cache
 
 
 def kv_cache_bytes(cache: Any) -> int:
@@ -27,7 +28,7 @@ def kv_cache_bytes(cache: Any) -> int:
     """
     if cache is None:
         raise ValueError(
-            "the model returned no cache (past_key_values is None); was use_cache=True honoured?"
+            "the model returned no cache (no cache in the output); was use_cache=True honoured?"
         )
     if callable(getattr(cache, "nbytes", None)):
         return int(cache.nbytes())
@@ -103,13 +104,13 @@ def _run_once(
     start = timer(device)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     prefill_end = timer(device)
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache_bytes = kv_cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
     decode_start = timer(device)
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **cache_kwargs(cache))
+        cache = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     decode_end = timer(device)
     return prefill_end - start, decode_end - decode_start, cache_bytes

@@ -12,6 +12,7 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from l2a.layers import L2ADecoderLayer, RMSNorm, Router
+from l2a.models._compat import CACHE_FIELD, CACHE_KWARG, pick_cache
 from l2a.models.cache import L2ACache
 from l2a.models.configuration import L2AConfig
 from l2a.models.outputs import L2ACausalLMOutputWithPast, L2AModelOutputWithPast
@@ -147,6 +148,7 @@ class L2AModel(L2APreTrainedModel):
         return_dict: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
         global_leakage: bool = False,
+        cache: L2ACache | None = None,
     ) -> L2AModelOutputWithPast | tuple:
         """Run the decoder stack.
 
@@ -156,13 +158,15 @@ class L2AModel(L2APreTrainedModel):
                 right padding. Other masks (4-D, holes inside a row) are not supported.
             position_ids: (B, N); by default from the attention mask (as HF generate does), from `cu_seqlens`
                 (restarting per document) or P..P+N-1.
-            past_key_values: an `L2ACache` (created when `use_cache` and none is given).
+            past_key_values: an `L2ACache` (created when `use_cache` and none is given); newer transformers
+                releases pass it as `cache`, which is accepted too.
             cu_seqlens: int (num_docs + 1) cumulative document lengths of a packed batch (B = 1, no cache).
             global_leakage: global attention computed densely for all tokens (still multiplied by the
                 decision), so the router gets a gradient for tokens it switched off.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = pick_cache(past_key_values, cache)
         if output_attentions:
             raise ValueError(
                 "output_attentions is not supported: the l2a attention ops do not return weights"
@@ -243,7 +247,7 @@ class L2AModel(L2APreTrainedModel):
         router_fraction, router_regularizer = _router_statistics(decisions, valid, device)
         output = L2AModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden_states,
             router_fraction=router_fraction,
             router_regularizer=router_regularizer,
@@ -292,6 +296,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         global_leakage: bool = False,
         router_regularizer_weight: float | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        cache: L2ACache | None = None,
     ) -> L2ACausalLMOutputWithPast | tuple:
         """Arguments as `L2AModel.forward`, plus:
 
@@ -306,7 +311,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=pick_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -340,7 +345,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         output = L2ACausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             lm_loss=lm_loss,
             router_regularizer=outputs.router_regularizer,
@@ -350,7 +355,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() hook: give generation an `L2ACache` (HF would build a `DynamicCache`)."""
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_KWARG)
         if cache is not None and not isinstance(cache, L2ACache):
             raise TypeError(f"past_key_values must be an L2ACache, got {type(cache).__name__}")
         if cache is not None or generation_config.use_cache is False:
@@ -360,4 +365,4 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
                 "L2A models; they use their own L2ACache (leave cache_implementation unset)"
             )
-        model_kwargs["past_key_values"] = L2ACache(self.config)
+        model_kwargs[CACHE_KWARG] = L2ACache(self.config)

@@ -8,8 +8,23 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from l2a.models._compat import CACHE_FIELD
 
-@dataclass
+
+def _with_cache_field(cls: type) -> type:
+    """Rename the class's `past_key_values` field to the installed release's cache field name (`cache` in
+    newer transformers), keeping the field order, then make it a dataclass."""
+    if CACHE_FIELD != "past_key_values":
+        annotations = dict(cls.__annotations__)
+        cls.__annotations__ = {
+            (CACHE_FIELD if name == "past_key_values" else name): kind for name, kind in annotations.items()
+        }
+        setattr(cls, CACHE_FIELD, None)
+        delattr(cls, "past_key_values")
+    return dataclass(cls)
+
+
+@_with_cache_field
 class L2AModelOutputWithPast(ModelOutput):
     """Output of `L2AModel`.
 
@@ -27,7 +42,7 @@ class L2AModelOutputWithPast(ModelOutput):
     router_regularizer: torch.FloatTensor | None = None
 
 
-@dataclass
+@_with_cache_field
 class L2ACausalLMOutputWithPast(ModelOutput):
     """Output of `L2AForCausalLM`: `loss = lm_loss + lambda * router_regularizer` when labels are given;
     `router_fraction` and `router_regularizer` as in `L2AModelOutputWithPast`."""
