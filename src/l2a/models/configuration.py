@@ -15,6 +15,8 @@ from transformers import PreTrainedConfig
 ForceRoute = Literal["all", "none"]
 AttentionBackend = Literal["auto", "triton", "torch"]
 BaseModelType = Literal["qwen2", "qwen3", "llama"]
+Method = Literal["l2a", "aha"]
+RouterPenalty = Literal["squared", "l1"]
 
 
 class L2AConfig(PreTrainedConfig):
@@ -42,6 +44,16 @@ class L2AConfig(PreTrainedConfig):
         router_regularizer_weight: lambda in `loss = lm_loss + lambda * router_regularizer`;
             a forward's `router_regularizer_weight=` argument overrides it.
         attention_backend: backend of the `l2a.ops` calls ("auto": Triton on CUDA, PyTorch elsewhere).
+
+    Method fields:
+        method: "l2a" (a local branch plus a routed global branch per layer, token-wise routers) or "aha"
+            (All-or-Here Attention, docs/aha.md: one attention per layer with the base projections; per token
+            and query head a router picks full causal or `sliding_window` attention).
+        router_penalty: form of the regulariser on the router's soft outputs: "squared" (sum of soft^2, L2A)
+            or "l1" (sum of soft, AHA's paper); default by method.
+        routed_heads: AHA only: per layer, the query heads that keep a router output (heads left out, or
+            every head of a layer outside `global_layers`, always use window attention: head pruning).
+            Default: every head of every layer in `global_layers`. Must be None for "l2a".
     """
 
     model_type = "l2a"
@@ -78,16 +90,28 @@ class L2AConfig(PreTrainedConfig):
     force_route: ForceRoute | None = None
     router_regularizer_weight: float = 0.0
     attention_backend: AttentionBackend = "auto"
+    method: Method = "l2a"
+    router_penalty: RouterPenalty | None = None
+    routed_heads: list[list[int]] | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.routed_heads is not None:
+            self.routed_heads = [sorted({int(h) for h in heads}) for heads in self.routed_heads]
+            if self.global_layers is None:  # AHA: the layers with routed heads
+                self.global_layers = [i for i, heads in enumerate(self.routed_heads) if heads]
         if self.global_layers is None:
             self.global_layers = list(range(self.num_hidden_layers))
         else:
             self.global_layers = sorted({int(i) for i in self.global_layers})
+        if self.router_penalty is None:
+            self.router_penalty = "l1" if self.method == "aha" else "squared"
+        if self.method == "aha" and self.routed_heads is None and isinstance(self.num_attention_heads, int):
+            heads = list(range(self.num_attention_heads))
+            self.routed_heads = [heads if i in self.global_layers else [] for i in range(self.num_hidden_layers)]
         super().__post_init__(**kwargs)
         self._validate_l2a()
 
@@ -142,5 +166,33 @@ class L2AConfig(PreTrainedConfig):
                 f"global_layers {bad} out of range for a model with {self.num_hidden_layers} layers "
                 f"(valid: 0..{self.num_hidden_layers - 1})"
             )
+        self._validate_method()
         if not self.rope_parameters or "rope_theta" not in self.rope_parameters:
             raise ValueError(f"rope_parameters must hold at least 'rope_theta', got {self.rope_parameters!r}")
+
+    def _validate_method(self) -> None:
+        if self.method not in get_args(Method):
+            raise ValueError(f"method must be one of {get_args(Method)}, got {self.method!r}")
+        if self.router_penalty not in get_args(RouterPenalty):
+            raise ValueError(f"router_penalty must be one of {get_args(RouterPenalty)}, got {self.router_penalty!r}")
+        if self.method == "l2a":
+            if self.routed_heads is not None:
+                raise ValueError("routed_heads is an AHA field (method='aha'); L2A routes whole tokens")
+            return
+        if len(self.routed_heads) != self.num_hidden_layers:
+            raise ValueError(
+                f"routed_heads must list the routed heads of each of the {self.num_hidden_layers} layers, "
+                f"got {len(self.routed_heads)} entries"
+            )
+        for i, heads in enumerate(self.routed_heads):
+            bad = [h for h in heads if not 0 <= h < self.num_attention_heads]
+            if bad:
+                raise ValueError(
+                    f"routed_heads[{i}] has heads {bad} out of range for {self.num_attention_heads} query heads"
+                )
+            if bool(heads) != (i in self.global_layers):
+                raise ValueError(
+                    f"layer {i}: routed_heads[{i}]={heads} but the layer is "
+                    f"{'' if i in self.global_layers else 'not '}in global_layers {self.global_layers}; a layer "
+                    "has a router exactly when it has routed heads"
+                )

@@ -1,8 +1,11 @@
-"""Turn a pretrained Qwen2/Qwen2.5, Qwen3 or Llama checkpoint into an L2A model.
+"""Turn a pretrained Qwen2/Qwen2.5, Qwen3 or Llama checkpoint into an L2A (or AHA) model.
 
 The conversion is a pure state-dict mapping: for every layer the base `self_attn` weights are copied into
 both the local and the global branch, `input_layernorm` also initialises `global_layernorm`, the router
 starts at zero (every token routed), and embeddings, MLPs, norms and the LM head are copied unchanged.
+With `method="aha"` every tensor is copied under its own name (one attention per layer, the base's) and a
+zero router with one output per query head is added to each layer of `global_layers` (every head starts
+on full attention).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from l2a.models.configuration import AttentionBackend, ForceRoute, L2AConfig
+from l2a.models.configuration import AttentionBackend, ForceRoute, L2AConfig, Method, RouterPenalty
 from l2a.models.modeling import L2AForCausalLM, L2ARotaryEmbedding
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -79,6 +82,8 @@ def l2a_config_from_base(
     force_route: ForceRoute | None = None,
     router_regularizer_weight: float = 0.0,
     attention_backend: AttentionBackend = "auto",
+    method: Method = "l2a",
+    router_penalty: RouterPenalty | None = None,
 ) -> L2AConfig:
     """The `L2AConfig` of a base Qwen2/Qwen3/Llama config, with the L2A fields and optional RoPE overrides."""
     flavour = _flavour(base)
@@ -114,12 +119,16 @@ def l2a_config_from_base(
         force_route=force_route,
         router_regularizer_weight=router_regularizer_weight,
         attention_backend=attention_backend,
+        method=method,
+        router_penalty=router_penalty,
         dtype=getattr(base, "dtype", None),
     )
 
 
 def convert_state_dict(base_state: dict[str, torch.Tensor], config: L2AConfig) -> dict[str, torch.Tensor]:
-    """Map a base causal-LM state dict to the L2A one (new tensors; the base is left untouched)."""
+    """Map a base causal-LM state dict to the L2A (or AHA) one (new tensors; the base is left untouched)."""
+    if config.method == "aha":
+        return _convert_state_dict_aha(base_state, config)
     out: dict[str, torch.Tensor] = {}
     global_layers = set(config.global_layers)
     for key, tensor in base_state.items():
@@ -147,6 +156,18 @@ def convert_state_dict(base_state: dict[str, torch.Tensor], config: L2AConfig) -
     return out
 
 
+def _convert_state_dict_aha(base_state: dict[str, torch.Tensor], config: L2AConfig) -> dict[str, torch.Tensor]:
+    """AHA keeps the base names; each routed layer gets a zero router with one row per routed head."""
+    out = {key: tensor.clone() for key, tensor in base_state.items()}
+    for layer in config.global_layers:
+        ref = out[f"model.layers.{layer}.input_layernorm.weight"]
+        heads = len(config.routed_heads[layer])
+        out[f"model.layers.{layer}.router.weight"] = torch.zeros(
+            heads, config.hidden_size, dtype=ref.dtype, device=ref.device
+        )
+    return out
+
+
 def convert_model(
     base_model: PreTrainedModel,
     *,
@@ -159,12 +180,18 @@ def convert_model(
     force_route: ForceRoute | None = None,
     router_regularizer_weight: float = 0.0,
     attention_backend: AttentionBackend = "auto",
+    method: Method = "l2a",
+    router_penalty: RouterPenalty | None = None,
 ) -> L2AForCausalLM:
     """Build an `L2AForCausalLM` from a Qwen2/Qwen3/Llama causal LM (on the base model's device and dtype).
 
     Args:
         base_model: e.g. `AutoModelForCausalLM.from_pretrained(...)` of a supported architecture.
         sliding_window: local attention window W (keys seen, the token itself included).
+        method: "l2a" (local + routed global branch, token-wise routers) or "aha" (the base attention with a
+            per-head choice of full or window attention; docs/aha.md).
+        router_penalty: "squared" or "l1" regulariser on the router's soft outputs (default: "squared" for
+            L2A, "l1" for AHA).
         rope_theta, max_position_embeddings: RoPE overrides (long-context extension); default: the base's.
         global_layers: layers keeping a global branch (default all).
         router_temperature, router_threshold, force_route, router_regularizer_weight, attention_backend:
@@ -181,6 +208,8 @@ def convert_model(
         force_route=force_route,
         router_regularizer_weight=router_regularizer_weight,
         attention_backend=attention_backend,
+        method=method,
+        router_penalty=router_penalty,
     )
     state = convert_state_dict(base_model.state_dict(), config)
     ref = next(base_model.parameters())
@@ -225,6 +254,7 @@ def convert_checkpoint(
     max_position_embeddings: int | None = None,
     dtype: torch.dtype | str | None = None,
     force: bool = False,
+    method: Method = "l2a",
 ) -> Path:
     """Load a base checkpoint, convert it, and save the L2A model (safetensors), tokenizer files and
     generation config to `out_dir`.
@@ -236,6 +266,7 @@ def convert_checkpoint(
         rope_theta, max_position_embeddings: RoPE overrides.
         dtype: weight dtype of the saved model (e.g. torch.bfloat16 or "bfloat16"); default: the checkpoint's.
         force: write into a non-empty `out_dir`.
+        method: "l2a" or "aha" (`convert_model`).
 
     Returns:
         The output directory.
@@ -260,7 +291,11 @@ def convert_checkpoint(
         dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype if dtype is not None else "auto")
     model = convert_model(
-        base, sliding_window=window, rope_theta=rope_theta, max_position_embeddings=max_position_embeddings
+        base,
+        sliding_window=window,
+        rope_theta=rope_theta,
+        max_position_embeddings=max_position_embeddings,
+        method=method,
     )
     del base
     if (base_dir / "generation_config.json").is_file():

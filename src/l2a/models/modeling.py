@@ -12,7 +12,9 @@ from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from l2a.layers import L2ADecoderLayer, RMSNorm, Router
+from l2a.layers.aha import AHADecoderLayer
 from l2a.models._compat import CACHE_FIELD, CACHE_KWARG, pick_cache
+from l2a.models.aha_cache import AHACache, new_cache
 from l2a.models.cache import L2ACache
 from l2a.models.configuration import L2AConfig
 from l2a.models.outputs import L2ACausalLMOutputWithPast, L2AModelOutputWithPast
@@ -66,7 +68,7 @@ class L2APreTrainedModel(PreTrainedModel):
     config: L2AConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["L2ADecoderLayer"]
+    _no_split_modules = ["L2ADecoderLayer", "AHADecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = False
     _supports_sdpa = False
@@ -89,30 +91,39 @@ def _document_positions(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _router_statistics(
-    decisions: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    decisions: list[tuple[torch.Tensor, torch.Tensor]],
+    valid: torch.Tensor | None,
+    device: torch.device,
+    penalty: str = "squared",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """decisions: per global layer (soft float32, hard bool), each (B, N) or (B, N, H); valid: bool (B, N).
 
-    Returns router_fraction (num_global_layers,) and the regulariser (scalar): sum of soft^2 over the valid
-    tokens (and heads) of each sequence, mean over the batch, mean over layers.
+    Returns router_fraction (num_global_layers,), the regulariser (scalar): sum of soft^2 (`penalty`
+    "squared") or of soft ("l1") over the valid tokens (and heads) of each sequence, mean over the batch,
+    mean over layers; and for head-wise decisions the fraction per head (num_global_layers, H), else None.
     """
     if not decisions:
-        return torch.zeros(0, device=device), torch.zeros((), device=device)
-    fractions, penalties = [], []
+        return torch.zeros(0, device=device), torch.zeros((), device=device), None
+    fractions, penalties, head_fractions = [], [], []
+    weight = None if valid is None else valid.float()
     for soft, hard in decisions:
         routed = hard.float()
-        soft2 = soft.square()
+        soft2 = soft if penalty == "l1" else soft.square()
         if soft.dim() == 3:
+            if weight is None:
+                head_fractions.append(routed.mean((0, 1)))
+            else:
+                head_fractions.append((routed * weight[..., None]).sum((0, 1)) / weight.sum().clamp_min(1.0))
             routed = routed.mean(-1)
             soft2 = soft2.sum(-1)
-        if valid is not None:
-            weight = valid.to(routed.dtype)
+        if weight is not None:
             fractions.append((routed * weight).sum() / weight.sum().clamp_min(1.0))
             soft2 = soft2 * weight
         else:
             fractions.append(routed.mean())
         penalties.append(soft2.sum(-1).mean())
-    return torch.stack(fractions).detach(), torch.stack(penalties).mean()
+    heads = torch.stack(head_fractions).detach() if head_fractions else None
+    return torch.stack(fractions).detach(), torch.stack(penalties).mean(), heads
 
 
 class L2AModel(L2APreTrainedModel):
@@ -123,7 +134,8 @@ class L2AModel(L2APreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([L2ADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        layer_class = AHADecoderLayer if config.method == "aha" else L2ADecoderLayer
+        self.layers = nn.ModuleList([layer_class(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = L2ARotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -183,11 +195,16 @@ class L2AModel(L2APreTrainedModel):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and cu_seqlens is None
         if use_cache and past_key_values is None:
-            past_key_values = L2ACache(self.config)
+            past_key_values = new_cache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, L2ACache):
             raise TypeError(
                 f"past_key_values must be an L2ACache, got {type(past_key_values).__name__}; "
                 "L2A layers keep separate local and global caches"
+            )
+        if past_key_values is not None and (self.config.method == "aha") != isinstance(past_key_values, AHACache):
+            raise TypeError(
+                f"past_key_values: a {self.config.method} model needs an "
+                f"{'AHACache' if self.config.method == 'aha' else 'L2ACache'}, got {type(past_key_values).__name__}"
             )
         if past_key_values is not None and self.gradient_checkpointing and self.training:
             raise ValueError("a KV cache cannot be used with gradient checkpointing in training")
@@ -244,13 +261,16 @@ class L2AModel(L2APreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        router_fraction, router_regularizer = _router_statistics(decisions, valid, device)
+        router_fraction, router_regularizer, head_fraction = _router_statistics(
+            decisions, valid, device, self.config.router_penalty
+        )
         output = L2AModelOutputWithPast(
             last_hidden_state=hidden_states,
             **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden_states,
             router_fraction=router_fraction,
             router_regularizer=router_regularizer,
+            router_head_fraction=head_fraction,
         )
         return output if return_dict else output.to_tuple()
 
@@ -350,6 +370,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             router_regularizer=outputs.router_regularizer,
             router_fraction=outputs.router_fraction,
+            router_head_fraction=outputs.router_head_fraction,
         )
         return output if return_dict else output.to_tuple()
 
@@ -365,4 +386,4 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
                 "L2A models; they use their own L2ACache (leave cache_implementation unset)"
             )
-        model_kwargs[CACHE_KWARG] = L2ACache(self.config)
+        model_kwargs[CACHE_KWARG] = new_cache(self.config)

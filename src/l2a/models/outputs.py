@@ -30,8 +30,10 @@ class L2AModelOutputWithPast(ModelOutput):
 
     router_fraction: float32 (num_global_layers,), fraction of valid tokens routed to global attention in each
         layer of `config.global_layers` (in that order). Stays on the device.
-    router_regularizer: float32 scalar, sum over valid tokens of soft^2 per sequence, mean over the batch,
-        mean over global layers (0 without global layers).
+    router_regularizer: float32 scalar, sum over valid tokens of soft^2 (soft for `router_penalty="l1"`)
+        per sequence, mean over the batch, mean over global layers (0 without global layers).
+    router_head_fraction: float32 (num_global_layers, Hq), fraction of valid tokens routed per query head
+        (head-wise routers, AHA); None for token-wise routers.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -40,6 +42,7 @@ class L2AModelOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_fraction: torch.FloatTensor | None = None
     router_regularizer: torch.FloatTensor | None = None
+    router_head_fraction: torch.FloatTensor | None = None
 
 
 @_with_cache_field
@@ -55,3 +58,4 @@ class L2ACausalLMOutputWithPast(ModelOutput):
     lm_loss: torch.FloatTensor | None = None
     router_regularizer: torch.FloatTensor | None = None
     router_fraction: torch.FloatTensor | None = None
+    router_head_fraction: torch.FloatTensor | None = None
