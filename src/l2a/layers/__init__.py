@@ -1,13 +1,17 @@
-"""Modules of the L2A layer: router, local and global attention branches, decoder layer."""
+"""Modules of the L2A and AHA layers: routers, local and global attention branches, decoder layers."""
 
+from l2a.layers.aha import AHAAttention, AHADecoderLayer, HeadRouter
 from l2a.layers.attention import AttentionProjections, GlobalAttention, L2ADecoderLayer, LocalAttention
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import Router, RoutingDecision
 
 __all__ = [
+    "AHAAttention",
+    "AHADecoderLayer",
     "AttentionProjections",
     "GatedMLP",
     "GlobalAttention",
+    "HeadRouter",
     "L2ADecoderLayer",
     "LocalAttention",
     "RMSNorm",

@@ -53,7 +53,8 @@ class HeadRouter(Router):
         self.num_heads = num_heads
         self.heads = list(heads)
         self.all_heads = self.heads == list(range(num_heads))
-        self.register_buffer("head_index", torch.tensor(self.heads, dtype=torch.long), persistent=False)
+        # not a buffer: HF's loading leaves non-persistent buffers of meta-initialised modules unset
+        self._head_index: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, hidden_states: torch.Tensor, force: str | None = None) -> RoutingDecision:
         decision = super().forward(hidden_states, force)
@@ -62,9 +63,14 @@ class HeadRouter(Router):
         if self.all_heads:
             return decision
 
+        index = self._head_index.get(hidden_states.device)
+        if index is None:
+            index = self._head_index[hidden_states.device] = torch.tensor(
+                self.heads, dtype=torch.long, device=hidden_states.device
+            )
+
         def scatter(t: torch.Tensor) -> torch.Tensor:
-            full = t.new_zeros((*t.shape[:-1], self.num_heads))
-            return full.index_copy(-1, self.head_index.to(t.device), t)
+            return t.new_zeros((*t.shape[:-1], self.num_heads)).index_copy(-1, index, t)
 
         return RoutingDecision(scatter(decision.soft), scatter(decision.hard), scatter(decision.gate))
 
