@@ -95,35 +95,48 @@ def _router_statistics(
     valid: torch.Tensor | None,
     device: torch.device,
     penalty: str = "squared",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """decisions: per global layer (soft float32, hard bool), each (B, N) or (B, N, H); valid: bool (B, N).
 
-    Returns router_fraction (num_global_layers,), the regulariser (scalar): sum of soft^2 (`penalty`
+    Returns router_fraction (num_global_layers,) and the regulariser (scalar): sum of soft^2 (`penalty`
     "squared") or of soft ("l1") over the valid tokens (and heads) of each sequence, mean over the batch,
-    mean over layers; and for head-wise decisions the fraction per head (num_global_layers, H), else None.
+    mean over layers.
     """
     if not decisions:
-        return torch.zeros(0, device=device), torch.zeros((), device=device), None
-    fractions, penalties, head_fractions = [], [], []
-    weight = None if valid is None else valid.float()
+        return torch.zeros(0, device=device), torch.zeros((), device=device)
+    fractions, penalties = [], []
     for soft, hard in decisions:
         routed = hard.float()
         soft2 = soft if penalty == "l1" else soft.square()
         if soft.dim() == 3:
-            if weight is None:
-                head_fractions.append(routed.mean((0, 1)))
-            else:
-                head_fractions.append((routed * weight[..., None]).sum((0, 1)) / weight.sum().clamp_min(1.0))
             routed = routed.mean(-1)
             soft2 = soft2.sum(-1)
-        if weight is not None:
+        if valid is not None:
+            weight = valid.to(routed.dtype)
             fractions.append((routed * weight).sum() / weight.sum().clamp_min(1.0))
             soft2 = soft2 * weight
         else:
             fractions.append(routed.mean())
         penalties.append(soft2.sum(-1).mean())
-    heads = torch.stack(head_fractions).detach() if head_fractions else None
-    return torch.stack(fractions).detach(), torch.stack(penalties).mean(), heads
+    return torch.stack(fractions).detach(), torch.stack(penalties).mean()
+
+
+def _head_fractions(
+    decisions: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Fraction of valid tokens routed per head, (num_global_layers, H), for head-wise decisions (B, N, H);
+    None for token-wise ones or no global layer."""
+    if not decisions or decisions[0][1].dim() != 3:
+        return None
+    rows = []
+    for _, hard in decisions:
+        routed = hard.float()
+        if valid is None:
+            rows.append(routed.mean((0, 1)))
+        else:
+            weight = valid.to(routed.dtype)[..., None]
+            rows.append((routed * weight).sum((0, 1)) / weight.sum().clamp_min(1.0))
+    return torch.stack(rows).detach()
 
 
 class L2AModel(L2APreTrainedModel):
@@ -261,7 +274,7 @@ class L2AModel(L2APreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        router_fraction, router_regularizer, head_fraction = _router_statistics(
+        router_fraction, router_regularizer = _router_statistics(
             decisions, valid, device, self.config.router_penalty
         )
         output = L2AModelOutputWithPast(
@@ -270,7 +283,7 @@ class L2AModel(L2APreTrainedModel):
             hidden_states=all_hidden_states,
             router_fraction=router_fraction,
             router_regularizer=router_regularizer,
-            router_head_fraction=head_fraction,
+            router_head_fraction=_head_fractions(decisions, valid),
         )
         return output if return_dict else output.to_tuple()
 
