@@ -412,7 +412,13 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                     share = (valid[i] * info.world_size / total_valid).to(lm.dtype)
                     loss = lm * share + (lam / config.grad_accum_steps) * reg
                     loss.backward()
-                stats.add_micro(lm, valid[i], reg, out.router_fraction if routed else None)
+                stats.add_micro(
+                    lm,
+                    valid[i],
+                    reg,
+                    out.router_fraction if routed else None,
+                    getattr(out, "router_head_fraction", None) if routed else None,
+                )
                 tokens += mb["input_ids"].numel() * info.world_size
             max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)

@@ -75,6 +75,7 @@ class StepStats:
         self.valid_tokens = zero.clone()
         self.reg_sum = zero.clone()  # Σ router_regularizer over micro-steps
         self.fraction_sum: torch.Tensor | None = None  # Σ router_fraction (num_global_layers,)
+        self.head_fraction_sum: torch.Tensor | None = None  # Σ router_head_fraction (layers, Hq), AHA
         self.micro_steps = 0
         self.steps = 0
         self.leakage_steps = 0
@@ -83,7 +84,12 @@ class StepStats:
         self.grad_norm: torch.Tensor | None = None  # of the last step
 
     def add_micro(
-        self, lm_loss: torch.Tensor, valid: torch.Tensor, reg: torch.Tensor, fraction: torch.Tensor | None
+        self,
+        lm_loss: torch.Tensor,
+        valid: torch.Tensor,
+        reg: torch.Tensor,
+        fraction: torch.Tensor | None,
+        head_fraction: torch.Tensor | None = None,
     ) -> None:
         self.lm_sum += lm_loss.detach().double() * valid
         self.valid_tokens += valid
@@ -91,6 +97,11 @@ class StepStats:
         if fraction is not None:
             fraction = fraction.detach().double()
             self.fraction_sum = fraction if self.fraction_sum is None else self.fraction_sum + fraction
+        if head_fraction is not None:
+            head_fraction = head_fraction.detach().double()
+            self.head_fraction_sum = (
+                head_fraction if self.head_fraction_sum is None else self.head_fraction_sum + head_fraction
+            )
         self.micro_steps += 1
 
     def add_step(self, grad_norm: torch.Tensor, leakage: bool, tokens: int, flops: float) -> None:
@@ -104,6 +115,9 @@ class StepStats:
         """Means over the interval and over ranks (collective when distributed)."""
         head = torch.stack([self.lm_sum, self.valid_tokens, self.reg_sum])
         parts = [head] if self.fraction_sum is None else [head, self.fraction_sum]
+        layers = 0 if self.fraction_sum is None else self.fraction_sum.numel()
+        if self.head_fraction_sum is not None:
+            parts.append(self.head_fraction_sum.flatten())
         packed = all_reduce_sum(torch.cat(parts), info).cpu()
         lm_sum, valid, reg_sum = packed[:3].tolist()
         micro = self.micro_steps * info.world_size
@@ -114,9 +128,12 @@ class StepStats:
             "leakage_steps": self.leakage_steps,
         }
         if self.fraction_sum is not None:
-            fraction = (packed[3:] / max(micro, 1)).tolist()
+            fraction = (packed[3 : 3 + layers] / max(micro, 1)).tolist()
             out["sparsity_per_layer"] = [1.0 - f for f in fraction]
             out["sparsity"] = sum(out["sparsity_per_layer"]) / len(fraction)
+        if self.head_fraction_sum is not None:
+            heads = packed[3 + layers :].view(self.head_fraction_sum.shape) / max(micro, 1)
+            out["sparsity_per_head"] = (1.0 - heads).tolist()  # [layer][head], layers as global_layers
         return out
 
 
@@ -146,7 +163,11 @@ class LogWriter:
                     continue
                 if isinstance(value, list):
                     for i, v in enumerate(value):
-                        self.tb.add_scalar(f"{key}/{i}", v, step)
+                        if isinstance(v, list):  # sparsity_per_head: one curve per (layer, head)
+                            for j, x in enumerate(v):
+                                self.tb.add_scalar(f"{key}/{i}/{j}", x, step)
+                        else:
+                            self.tb.add_scalar(f"{key}/{i}", v, step)
                 elif isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, step)
 
