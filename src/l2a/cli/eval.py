@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     routing.add_argument(
         "--variants",
         default="l2a",
-        help="routing variants of L2A models: l2a (learned), local_only, all_global (dense reference)",
+        help="routing variants of L2A/AHA models: l2a or learned (the learned routing), local_only, "
+        "all_global (dense reference)",
     )
     routing.add_argument(
         "--force-route",

@@ -198,6 +198,12 @@ def markdown_report(results: Sequence[ModelEvaluation], settings: dict[str, Any]
             fraction = m.routing.task_fraction or m.routing.text_fraction
             per_layer = ", ".join(f"{layer}: {x:.3f}" for layer, x in zip(m.routing.layers, fraction))
             lines += [f"Per layer ({m.label}): {per_layer}", ""]
+            if m.routing.head_fraction is not None:
+                lines += [f"Per head ({m.label}; layer: fraction of tokens on full attention per head):", ""]
+                lines += [
+                    f"- {layer}: " + " ".join(f"{x:.3f}" for x in heads)
+                    for layer, heads in zip(m.routing.layers, m.routing.head_fraction)
+                ] + [""]
     timed = [m for m in results if m.speed is not None]
     if timed:
         first = timed[0].speed
@@ -367,6 +373,30 @@ def plot_routing(example: RoutingExample, path: Path, title: str = "", max_colum
     fig.savefig(path, dpi=120)
 
 
+def plot_head_routing(report: RoutingReport, path: Path, title: str = "") -> None:
+    """Heat map of the fraction of tokens for which each (layer, query head) used full attention
+    (head-wise routers, AHA), with the value written in each cell."""
+    table = torch.tensor(report.head_fraction, dtype=torch.float64)
+    layers, heads = table.shape
+    fig = _figure(max(4.0, 1.0 + 0.45 * heads), max(2.5, 1.2 + 0.4 * layers))
+    ax = fig.add_subplot()
+    image = ax.imshow(table.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", origin="lower")
+    if layers * heads <= 400:
+        for i in range(layers):
+            for j in range(heads):
+                value = float(table[i, j])
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 else "white")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers), [str(layer) for layer in report.layers])
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    mean = float(table.mean())
+    ax.set_title(title or f"full-attention fraction per head (mean {mean:.3f})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="fraction of tokens on full attention")
+    fig.savefig(path, dpi=120)
+
+
 def write_report(
     results: Sequence[ModelEvaluation], out_dir: str | Path, settings: dict[str, Any] | None = None
 ) -> dict[str, Path]:
@@ -397,5 +427,10 @@ def write_report(
                 m.routing.example,
                 written[f"routing:{m.label}"],
                 f"routed tokens: {m.label} ({m.routing.example.task})",
+            )
+        if m.routing is not None and m.routing.head_fraction is not None:
+            written[f"head_routing:{m.label}"] = out / f"head_routing_{_slug(m.label)}.png"
+            plot_head_routing(
+                m.routing, written[f"head_routing:{m.label}"], f"full attention per head: {m.label}"
             )
     return written

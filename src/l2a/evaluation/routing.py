@@ -1,9 +1,11 @@
-"""Routing analysis: which tokens an L2A model sends to global attention, per layer.
+"""Routing analysis: which tokens an L2A model sends to global attention, per layer (and, for AHA's
+head-wise routers, per layer and query head).
 
 The model reports only per-layer fractions (`router_fraction`); per-token decisions are read here with
 forward hooks on its ``router`` submodules. A router returns a `l2a.layers.router.RoutingDecision`
 (whose ``hard`` field is the decision) or, for other router implementations, the bare logit, turned into
 the decision by the inference rule ``sigmoid(logit / router_temperature) >= router_threshold``.
+For head-wise decisions (B, N, H) the per-layer fractions count (token, head) pairs.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def router_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 def _hard_decision(output: Any, layer: int, temperature: float, threshold: float) -> torch.Tensor:
-    """Bool (B, N) decision from a router output: a `RoutingDecision` (its ``hard`` field, which already
-    includes ``force_route``) or a bare logit tensor (B, N[, 1]) thresholded by the inference rule."""
+    """Bool (B, N) token-wise or (B, N, H) head-wise decision from a router output: a `RoutingDecision`
+    (its ``hard`` field, which already includes ``force_route``) or a bare logit tensor (B, N[, H])
+    thresholded by the inference rule."""
     hard = getattr(output, "hard", None)
     if hard is None:
         if not isinstance(output, torch.Tensor):
@@ -48,18 +51,14 @@ def _hard_decision(output: Any, layer: int, temperature: float, threshold: float
             )
         logits = output.float().reshape(output.shape[0], output.shape[1], -1)
         hard = torch.sigmoid(logits / temperature) >= threshold
-    hard = hard.reshape(hard.shape[0], hard.shape[1], -1)
-    if hard.shape[-1] != 1:
-        raise ValueError(
-            f"router of layer {layer} makes head-wise decisions {tuple(hard.shape)}; expected token-wise"
-        )
-    return hard[..., 0].detach().bool()
+    hard = hard.reshape(hard.shape[0], hard.shape[1], -1).detach().bool()
+    return hard[..., 0] if hard.shape[-1] == 1 else hard
 
 
 @contextmanager
 def capture_routing(model: torch.nn.Module) -> Iterator[dict[int, list[torch.Tensor]]]:
     """Record the per-token decisions of every forward while the context is open:
-    layer index → list of bool (B, N) tensors, one per router call."""
+    layer index → list of bool (B, N) (or head-wise (B, N, H)) tensors, one per router call."""
     routers = router_modules(model)
     if not routers:
         raise ValueError(
@@ -91,7 +90,8 @@ def routing_decisions(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[
         input_ids: (B, N).
 
     Returns:
-        (layer indices, decisions bool (B, L, N) on CPU) where L is the number of layers with a router.
+        (layer indices, decisions bool (B, L, N) on CPU, or (B, L, N, H) for head-wise routers) where L is
+        the number of layers with a router.
     """
     with capture_routing(model) as captured:
         model(input_ids=input_ids.to(model_device(model)), use_cache=False, logits_to_keep=1)
@@ -104,7 +104,8 @@ def routing_decisions(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[
 
 @dataclass
 class RoutingExample:
-    """Decisions over one prompt, kept for plotting: bool (L, N); needle spans as [start, end) tokens."""
+    """Decisions over one prompt, kept for plotting: bool (L, N) (head-wise routers: the fraction of heads
+    routed, float (L, N)); needle spans as [start, end) tokens."""
 
     task: str
     layers: list[int]
@@ -118,7 +119,8 @@ class RoutingReport:
 
     ``task_fraction``: over all task-prompt tokens; ``needle_fraction`` / ``haystack_fraction``: over tokens
     inside / outside the samples' needle spans; ``per_task``: task → per-layer fraction; ``text_fraction``:
-    over the given texts.
+    over the given texts. ``head_fraction`` (head-wise routers): [layer][head] fraction of the analysed
+    tokens (task prompts and texts together) for which that query head used full attention.
     """
 
     layers: list[int]
@@ -130,6 +132,7 @@ class RoutingReport:
     num_task_tokens: int = 0
     num_needle_tokens: int = 0
     num_text_tokens: int = 0
+    head_fraction: list[list[float]] | None = None
     example: RoutingExample | None = None
 
     @property
@@ -150,6 +153,7 @@ class RoutingReport:
             "num_task_tokens": self.num_task_tokens,
             "num_needle_tokens": self.num_needle_tokens,
             "num_text_tokens": self.num_text_tokens,
+            "head_fraction": self.head_fraction,
         }
 
 
@@ -191,14 +195,24 @@ def routing_analysis(
         raise ValueError("routing_analysis needs task samples or texts")
     layers = list(router_modules(model))
     report = RoutingReport(layers=layers)
-    routed = torch.zeros(len(layers), dtype=torch.long)
-    needle_routed = torch.zeros(len(layers), dtype=torch.long)
+    # float64: head-wise decisions add fractions of heads per token
+    routed = torch.zeros(len(layers), dtype=torch.float64)
+    needle_routed = torch.zeros(len(layers), dtype=torch.float64)
     task_routed: dict[str, torch.Tensor] = {}
     task_tokens: dict[str, int] = {}
+    head_routed: list[torch.Tensor] = []  # head-wise: Σ over tokens of the (L, H) decisions
+
+    def per_token(decisions: torch.Tensor) -> torch.Tensor:
+        """(L, N) bool, or (L, N, H) head-wise -> (L, N) fraction routed (and the head sums recorded)."""
+        if decisions.dim() == 2:
+            return decisions
+        head_routed.append(decisions.double().sum(1))
+        return decisions.double().mean(-1)
+
     for sample in tqdm(samples, desc="routing", disable=not progress, leave=False):
         ids = torch.as_tensor(sample.input_ids, dtype=torch.long).unsqueeze(0)
         _, decisions = routing_decisions(model, ids)
-        decisions = decisions[0]
+        decisions = per_token(decisions[0])
         spans = [(int(a), int(b)) for a, b in (sample.needle_spans or [])]
         mask = needle_mask(ids.shape[1], spans)
         routed += decisions.sum(1)
@@ -216,13 +230,17 @@ def routing_analysis(
             routed - needle_routed, report.num_task_tokens - report.num_needle_tokens
         )
         report.per_task = {name: _fraction(task_routed[name], task_tokens[name]) for name in task_routed}
-    text_routed = torch.zeros(len(layers), dtype=torch.long)
+    text_routed = torch.zeros(len(layers), dtype=torch.float64)
     for text in texts:
         ids = torch.tensor(encode(tokenizer, text), dtype=torch.long)[:text_len].unsqueeze(0)
         if ids.shape[1] == 0:
             continue
-        text_routed += routing_decisions(model, ids)[1][0].sum(1)
+        text_routed += per_token(routing_decisions(model, ids)[1][0]).sum(1)
         report.num_text_tokens += ids.shape[1]
     if texts:
         report.text_fraction = _fraction(text_routed, report.num_text_tokens)
+    if head_routed:
+        report.head_fraction = _fraction(
+            torch.stack(head_routed).sum(0), report.num_task_tokens + report.num_text_tokens
+        )
     return report

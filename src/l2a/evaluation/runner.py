@@ -1,8 +1,9 @@
 """One evaluation run over several models: load, evaluate tasks / perplexity / routing / speed, report.
 
 This is what ``l2a eval`` calls. Routing variants of one L2A checkpoint are separate loads with
-``config.force_route`` overridden: "l2a" (learned routing), "local_only" (global attention off) and
-"all_global" (every token routed: the dense reference).
+``config.force_route`` overridden: "l2a" or "learned" (learned routing; the two names are one variant),
+"local_only" (global attention off: window attention only) and "all_global" (every token, or for AHA
+every (token, head) pair, routed: the dense reference).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from l2a.evaluation.routing import routing_analysis
 from l2a.evaluation.speed import measure_speed
 from l2a.evaluation.tasks import build_task, evaluate_tasks, sample_tasks
 
-Variant = Literal["l2a", "local_only", "all_global"]
-VARIANTS: dict[str, str | None] = {"l2a": None, "local_only": "none", "all_global": "all"}
+Variant = Literal["l2a", "learned", "local_only", "all_global"]
+VARIANTS: dict[str, str | None] = {"l2a": None, "learned": None, "local_only": "none", "all_global": "all"}
 """Variant name → ``config.force_route``."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,10 +134,13 @@ def model_info(model: torch.nn.Module, path: str | Path | None, variant: str | N
     }
     if is_l2a_model(model):
         info |= {
+            "method": config.method,
             "force_route": config.force_route,
             "sliding_window": config.sliding_window,
             "global_layers": list(config.global_layers),
         }
+        if config.method == "aha":
+            info["routed_heads"] = [list(heads) for heads in config.routed_heads]
     return info
 
 
