@@ -1,4 +1,5 @@
-"""`l2a convert BASE_DIR OUT_DIR --window W`: turn a Qwen2/Qwen3/Llama checkpoint into an L2A checkpoint."""
+"""`l2a convert BASE_DIR OUT_DIR --window W [--method l2a|aha]`: turn a Qwen2/Qwen3/Llama checkpoint into an
+L2A (or AHA) checkpoint."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weight dtype of the saved model")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    parser.add_argument(
+        "--method",
+        choices=("l2a", "aha"),
+        default="l2a",
+        help="l2a (default): local + routed global branch per layer; aha: the base attention with a per-head "
+        "router choosing full or window attention (docs/aha.md)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -46,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
             max_position_embeddings=args.max_position_embeddings,
             dtype=args.dtype,
             force=args.force,
+            method=args.method,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"l2a convert: error: {err}", file=sys.stderr)
         return 2
-    print(f"saved L2A model to {out}")
+    print(f"saved {args.method.upper()} model to {out}")
     return 0
