@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from l2a.ops import all_or_here_attention
+from l2a.ops import all_or_here_attention, conditional_attention, sliding_window_attention
+from l2a.ops.aha import merge_by_lse
 from l2a.ops.reference import attention_mask
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+import l2a.ops.triton.aha  # noqa: E402, F401  (registers torch.ops.l2a.all_or_here_attention)
 from l2a.ops.triton import _flash  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -140,10 +142,10 @@ def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double().cpu() - ref.double().cpu()).abs().max().item()
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_all_or_here_attention_matches_reference(case: Case) -> None:
-    inp = _inputs(case, seed=zlib.crc32(case.id.encode()))
-    got = _run(case, inp, case.dtype, "triton")
+def _check(case: Case, seed: int, run=None) -> None:
+    """Kernel (or `run`) against the float64 reference: out, lse, dq, dk, dv; no NaN left anywhere."""
+    inp = _inputs(case, seed)
+    got = (run or _run)(case, inp, case.dtype, "triton")
     for t in got:
         assert not torch.isnan(t).any(), "kernel left NaN (unwritten or poisoned) entries"
     exact_inp = {**inp, **{name: inp[name].to(case.dtype).double() for name in ("q", "k", "v")}}
@@ -162,6 +164,94 @@ def test_all_or_here_attention_matches_reference(case: Case) -> None:
         bound = factor * base + SLACK[case.dtype]
         assert err <= bound, f"{name}: error {err:.3g} > {factor} x {base:.3g} + slack"
     assert got[0].dtype == case.dtype
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_all_or_here_attention_matches_reference(case: Case) -> None:
+    _check(case, seed=zlib.crc32(case.id.encode()))
+
+
+# rows and keys spanning several of the GPU's 64-128 tiles, with partial tiles at both ends
+GPU_TILE_CASES = [
+    Case(150, 7, 1, window=40, active_frac=0.2),
+    Case(140, 4, 2, window=20, dtype=torch.bfloat16, docs=(0, 61, 140)),
+]
+
+
+@pytest.mark.parametrize("loop", ["branch", "split"])
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=lambda c: c.id)
+def test_gpu_launch_configs_match_reference(case: Case, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's tile sizes in the interpreter: tile-boundary logic that 16 x 16 tiles never reach."""
+    monkeypatch.setenv("L2A_DKDV_LOOP", loop)
+    monkeypatch.setattr(_flash, "fwd_config", _flash.gpu_fwd_config)
+    monkeypatch.setattr(_flash, "bwd_dq_config", _flash.gpu_bwd_dq_config)
+    monkeypatch.setattr(_flash, "bwd_dkdv_config", _flash.gpu_bwd_dkdv_config)
+    _check(case, seed=zlib.crc32(case.id.encode()) + 2)
+
+
+def _run_composed(case: Case, inp: dict, dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, ...]:
+    """The two-op form: window attention for all pairs + far part for routed pairs, merged by lse."""
+    q, k, v = (inp[name].to(DEVICE, dtype).requires_grad_() for name in ("q", "k", "v"))
+    active = inp["active"].to(DEVICE)
+    kw = dict(return_lse=True, backend=backend, **inp["kwargs"])
+    near = sliding_window_attention(q, k, v, case.window, **kw)
+    far = conditional_attention(q, k, v, active, key_offset=case.window, **kw)
+    return _loss_and_grads(*merge_by_lse(*near, *far), q, k, v, inp, dtype)
+
+
+def test_lse_merge_of_window_and_far_part_matches_reference() -> None:
+    case = Case(30, 4, 1, b=2, window=5, dtype=torch.bfloat16, key_start=(3, 17))
+    _check(case, seed=5, run=_run_composed)
+
+
+def _qkv(n: int = 20, hq: int = 4, hkv: int = 2, d: int = 32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, n, hq, d, generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(1, n, hkv, d, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(1, n, hkv, d, generator=g).to(DEVICE).requires_grad_()
+    return q, k, v
+
+
+def test_op_passes_opcheck() -> None:
+    q, k, v = _qkv()
+    active = torch.rand(1, 20, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE) < 0.3
+    args = (q, k, v, active, 4, 0.2, None, torch.tensor([2], device=DEVICE))
+    torch.library.opcheck(torch.ops.l2a.all_or_here_attention.default, args)
+
+
+def test_compiles_fullgraph_without_graph_break() -> None:
+    q, k, v = _qkv()
+    active = torch.arange(20 * 4, device=DEVICE).reshape(1, 20, 4) % 3 == 0
+
+    def f(q, k, v):
+        out, lse = all_or_here_attention(q, k, v, active, 4, return_lse=True, backend="triton")
+        return out.sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs CUDA"
+)
+def test_no_host_synchronisation() -> None:
+    """Row lists, bounds and launches stay on the device: forward and backward never sync with the host."""
+    q, k, v = (
+        torch.randn(1, 300, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2)
+    )
+    active = torch.rand(1, 300, 8, device="cuda") > 0.9
+    all_or_here_attention(q, k, v, active, 32, backend="triton").sum().backward()  # compile outside
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = all_or_here_attention(q, k, v, active, 32, backend="triton")
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_reference_is_window_attention_where_inactive_and_causal_where_active() -> None:

@@ -55,12 +55,9 @@ def all_or_here_attention(
     _checks.check_key_start(key_start, b, q.device)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if _use_triton(backend, q):
-        from l2a.ops.attention import conditional_attention, sliding_window_attention
+        from l2a.ops.triton.aha import all_or_here_attention_triton
 
-        kw = dict(softmax_scale=scale, cu_seqlens=cu_seqlens, key_start=key_start, return_lse=True)
-        out_w, lse_w = sliding_window_attention(q, k, v, window, backend="triton", **kw)
-        out_f, lse_f = conditional_attention(q, k, v, active, key_offset=window, backend="triton", **kw)
-        out, lse = merge_by_lse(out_w, lse_w, out_f, lse_f)
+        out, lse = all_or_here_attention_triton(q, k, v, active, window, scale, cu_seqlens, key_start)
     else:
         out, lse = all_or_here_attention_reference(q, k, v, active, window, scale, cu_seqlens, key_start)
     return (out, lse) if return_lse else out
@@ -70,7 +67,11 @@ def merge_by_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of two disjoint key sets from the attention over each:
-    out (B, N, H, D), lse (B, H, N); rows with no key in either set stay 0 / -inf (and finite gradients)."""
+    out (B, N, H, D), lse (B, H, N); rows with no key in either set stay 0 / -inf (and finite gradients).
+
+    AHA as two ops (window attention for every pair, `conditional_attention(key_offset=W)` for the routed
+    ones) merged here is the composed form that the one-pass kernel replaces; a decode step that reads the
+    window and the far part from different places can merge them the same way."""
     m = torch.maximum(lse_a, lse_b).detach()
     m = torch.where(torch.isfinite(m), m, 0.0)
     w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)

@@ -7,10 +7,12 @@ computed. See `l2a/ops/README.md` for the derivations.
 Row layout. Query heads are grouped by the K/V head they read (G = Hq / Hkv). For one batch row b and
 one K/V head, the kernel walks L lists of compact tokens; list l holds `count` tokens (positions
 sorted ascending) and each token contributes R consecutive rows, one per query head:
-    row r of list l -> token idx[r // R], query head hkv * G + l * R + r % R.
+    row r of list l -> token idx[r // R], query head hkv * G + (l mod (G / R)) * R + r % R.
 Token-wise routing and dense windows use one list shared by all heads (L = 1, R = G: the G heads of
 a group share every K/V tile of an M-tile); head-wise routing uses one list per query head
-(L = G, R = 1). Per-token key bounds lo/hi are non-decreasing along a list, so a tile's key range is
+(L = G, R = 1); all-or-here attention (`aha.py`) two lists per query head (L = 2G, R = 1: routed rows
+with the causal range, then local rows with the window range). Per-token key bounds lo/hi are
+non-decreasing along a list, so a tile's key range is
 [lo(first row), hi(last row)] and only the key blocks outside [lo(last row), hi(first row)] need a mask.
 """
 
@@ -170,8 +172,7 @@ def compact_rows(
     """Gather the active tokens of each list in position order, on the device and without a host sync.
 
     active: None (all tokens), bool (B, N) token-wise or (B, N, Hq) head-wise. lo, hi: int32 (B, N).
-    span: the window of sliding-window attention (see `Rows`). A cumulative sum gives each active token
-    its compact slot; inactive tokens scatter to a spill slot N.
+    span: the window of sliding-window attention (see `Rows`).
     """
     b, n = lo.shape
     group = hq // hkv
@@ -180,19 +181,31 @@ def compact_rows(
         count = torch.full((b, 1), n, device=lo.device, dtype=torch.int32)
         return Rows(idx, lo[:, None].contiguous(), hi[:, None].contiguous(), count, 1, group, span)
     lists = active[:, None, :] if active.dim() == 2 else active.permute(0, 2, 1)
+    idx, lo_c, hi_c, count = compact_lists(lists, lo[:, None], hi[:, None])
+    if active.dim() == 2:
+        return Rows(idx, lo_c, hi_c, count, 1, group, span)
+    return Rows(idx, lo_c, hi_c, count, group, 1, span)
+
+
+def compact_lists(
+    lists: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact each of Lc token lists: lists bool (B, Lc, N) marks the members; lo, hi int32 (B, Lc or 1, N)
+    the key range of every token for that list. Returns idx, lo, hi int32 (B, Lc, N) (padded with _PAD past
+    count) and count int32 (B, Lc). A cumulative sum gives each member its compact slot; the others
+    scatter to a spill slot N."""
+    n = lists.shape[-1]
     slot = torch.cumsum(lists, dim=-1, dtype=torch.int32)
     count = slot[..., -1].contiguous()
     dest = torch.where(lists, slot - 1, n).long()
-    token = torch.arange(n, device=lo.device, dtype=torch.int32).expand_as(lists)
-    idx = torch.zeros(*lists.shape[:-1], n + 1, device=lo.device, dtype=torch.int32)
+    token = torch.arange(n, device=lists.device, dtype=torch.int32).expand_as(lists)
+    idx = torch.zeros(*lists.shape[:-1], n + 1, device=lists.device, dtype=torch.int32)
     idx.scatter_(-1, dest, token)
     idx = idx[..., :n].contiguous()
-    filled = torch.arange(n, device=lo.device)[None, None, :] < count[..., None]
-    lo_c = torch.where(filled, torch.gather(lo[:, None].expand_as(idx), -1, idx.long()), _PAD)
-    hi_c = torch.where(filled, torch.gather(hi[:, None].expand_as(idx), -1, idx.long()), _PAD)
-    if active.dim() == 2:
-        return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, 1, group, span)
-    return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, group, 1, span)
+    filled = torch.arange(n, device=lists.device)[None, None, :] < count[..., None]
+    lo_c = torch.where(filled, torch.gather(lo.expand_as(idx), -1, idx.long()), _PAD)
+    hi_c = torch.where(filled, torch.gather(hi.expand_as(idx), -1, idx.long()), _PAD)
+    return idx, lo_c.contiguous(), hi_c.contiguous(), count
 
 
 @triton.jit
@@ -300,7 +313,7 @@ def _tile_rows(
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
     tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
-    head = hkv * group + li * R + rows % R
+    head = hkv * group + (li % (group // R)) * R + rows % R
     lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R
