@@ -7,12 +7,12 @@ computed. See `l2a/ops/README.md` for the derivations.
 Row layout. Query heads are grouped by the K/V head they read (G = Hq / Hkv). For one batch row b and
 one K/V head, the kernel walks L lists of compact tokens; list l holds `count` tokens (positions
 sorted ascending) and each token contributes R consecutive rows, one per query head:
-    row r of list l -> token idx[r // R], query head hkv * G + (l mod (G / R)) * R + r % R.
+    row r of list l -> token idx[r // R], query head hkv * G + l * R + r % R.
 Token-wise routing and dense windows use one list shared by all heads (L = 1, R = G: the G heads of
 a group share every K/V tile of an M-tile); head-wise routing uses one list per query head
-(L = G, R = 1); all-or-here attention (`aha.py`) two lists per query head (L = 2G, R = 1: routed rows
-with the causal range, then local rows with the window range). Per-token key bounds lo/hi are
-non-decreasing along a list, so a tile's key range is
+(L = G, R = 1). Pair lists (`Rows.pairs`, all-or-here attention in `aha.py`) hold (token, head) pairs
+of one K/V group, slot value t * G + g -> token t, query head hkv * G + g (R = 1). Per-token key bounds
+lo/hi are non-decreasing along a list, so a tile's key range is
 [lo(first row), hi(last row)] and only the key blocks outside [lo(last row), hi(first row)] need a mask.
 """
 
@@ -121,6 +121,8 @@ class Rows:
     key range of each slot, padded with _PAD past `count`; count: int32 (B, Lc). Lc is 1 (one list
     shared by all heads) or Hq (one list per query head); `lists_per_group` (L) and `rows_per_token` (R)
     as in the module docstring. `span`: the longest key range of a row (the window), when bounded.
+    `pairs`: the slots hold (token, head) pair indices t * G + g instead of tokens (then the last dimension
+    is N * G and R = 1).
     """
 
     idx: torch.Tensor
@@ -130,6 +132,7 @@ class Rows:
     lists_per_group: int
     rows_per_token: int
     span: int | None = None
+    pairs: bool = False
 
     @property
     def shared(self) -> bool:
@@ -172,7 +175,8 @@ def compact_rows(
     """Gather the active tokens of each list in position order, on the device and without a host sync.
 
     active: None (all tokens), bool (B, N) token-wise or (B, N, Hq) head-wise. lo, hi: int32 (B, N).
-    span: the window of sliding-window attention (see `Rows`).
+    span: the window of sliding-window attention (see `Rows`). A cumulative sum gives each active token
+    its compact slot; inactive tokens scatter to a spill slot N.
     """
     b, n = lo.shape
     group = hq // hkv
@@ -181,31 +185,19 @@ def compact_rows(
         count = torch.full((b, 1), n, device=lo.device, dtype=torch.int32)
         return Rows(idx, lo[:, None].contiguous(), hi[:, None].contiguous(), count, 1, group, span)
     lists = active[:, None, :] if active.dim() == 2 else active.permute(0, 2, 1)
-    idx, lo_c, hi_c, count = compact_lists(lists, lo[:, None], hi[:, None])
-    if active.dim() == 2:
-        return Rows(idx, lo_c, hi_c, count, 1, group, span)
-    return Rows(idx, lo_c, hi_c, count, group, 1, span)
-
-
-def compact_lists(
-    lists: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact each of Lc token lists: lists bool (B, Lc, N) marks the members; lo, hi int32 (B, Lc or 1, N)
-    the key range of every token for that list. Returns idx, lo, hi int32 (B, Lc, N) (padded with _PAD past
-    count) and count int32 (B, Lc). A cumulative sum gives each member its compact slot; the others
-    scatter to a spill slot N."""
-    n = lists.shape[-1]
     slot = torch.cumsum(lists, dim=-1, dtype=torch.int32)
     count = slot[..., -1].contiguous()
     dest = torch.where(lists, slot - 1, n).long()
-    token = torch.arange(n, device=lists.device, dtype=torch.int32).expand_as(lists)
-    idx = torch.zeros(*lists.shape[:-1], n + 1, device=lists.device, dtype=torch.int32)
+    token = torch.arange(n, device=lo.device, dtype=torch.int32).expand_as(lists)
+    idx = torch.zeros(*lists.shape[:-1], n + 1, device=lo.device, dtype=torch.int32)
     idx.scatter_(-1, dest, token)
     idx = idx[..., :n].contiguous()
-    filled = torch.arange(n, device=lists.device)[None, None, :] < count[..., None]
-    lo_c = torch.where(filled, torch.gather(lo.expand_as(idx), -1, idx.long()), _PAD)
-    hi_c = torch.where(filled, torch.gather(hi.expand_as(idx), -1, idx.long()), _PAD)
-    return idx, lo_c.contiguous(), hi_c.contiguous(), count
+    filled = torch.arange(n, device=lo.device)[None, None, :] < count[..., None]
+    lo_c = torch.where(filled, torch.gather(lo[:, None].expand_as(idx), -1, idx.long()), _PAD)
+    hi_c = torch.where(filled, torch.gather(hi[:, None].expand_as(idx), -1, idx.long()), _PAD)
+    if active.dim() == 2:
+        return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, 1, group, span)
+    return Rows(idx, lo_c.contiguous(), hi_c.contiguous(), count, group, 1, span)
 
 
 @triton.jit
@@ -290,6 +282,7 @@ def _tile_rows(
     group,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """Decode a program id into (batch, K/V head, list, M-tile) and load the tile's rows.
 
@@ -313,7 +306,11 @@ def _tile_rows(
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
     tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
-    head = hkv * group + (li % (group // R)) * R + rows % R
+    if PAIRS:
+        head = hkv * group + (tok % group).to(tl.int32)
+        tok = tok // group
+    else:
+        head = hkv * group + li * R + rows % R
     lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R
@@ -377,6 +374,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
         tl.program_id(0),
@@ -394,6 +392,7 @@ def _fwd_kernel(
         group,
         R,
         BLOCK_M,
+        PAIRS,
     )
     if m_tile < 0:
         return
@@ -529,6 +528,7 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """dQ of one compact M-tile. Also writes the tile's rows, in list order, to the compact buffers of the
     dK/dV kernel: q and dO to QC/DOC (B, lists, rows, D), base-2 lse and delta = rowsum(dO * O) - dLSE to
@@ -549,6 +549,7 @@ def _bwd_dq_kernel(
         group,
         R,
         BLOCK_M,
+        PAIRS,
     )
     if m_tile < 0:
         return
@@ -888,13 +889,13 @@ def forward(
     cfg = fwd_config(d)
     r = rows.rows_per_token
     n_lists_total = b * hkv * rows.lists_per_group
-    grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
+    grid = (triton.cdiv(rows.idx.shape[-1] * r, cfg.block_m) * n_lists_total,)
     _fwd_kernel[grid](
         q, k, v, out, lse, rows.idx, rows.lo, rows.hi, rows.count,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         *_list_strides(rows), n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PAIRS=rows.pairs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -941,7 +942,7 @@ class CompactRows:
 def _compact_buffers(q: torch.Tensor, rows: Rows, hkv: int) -> CompactRows:
     b, n, hq, d = q.shape
     lists = hkv * rows.lists_per_group
-    n_rows = n * rows.rows_per_token
+    n_rows = rows.idx.shape[-1] * rows.rows_per_token
     new = torch.full if POISON_UNWRITTEN else (lambda size, _fill, **kw: torch.empty(size, **kw))
     return CompactRows(
         new((b, lists, n_rows, d), float("nan"), dtype=q.dtype, device=q.device),
@@ -971,7 +972,7 @@ def backward_dq(
     n_lists_total = b * hkv * rows.lists_per_group
     compact = _compact_buffers(q, rows, hkv)
     cfg = bwd_dq_config(d)
-    grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
+    grid = (triton.cdiv(rows.idx.shape[-1] * r, cfg.block_m) * n_lists_total,)
     _bwd_dq_kernel[grid](
         q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse,
         compact.q, compact.dout, compact.lse2, compact.delta,
@@ -980,7 +981,8 @@ def backward_dq(
         *_list_strides(rows), *compact.q.stride()[:2], *compact.lse2.stride()[:2],
         n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_DLSE=dlse is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return compact
 

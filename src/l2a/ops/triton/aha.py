@@ -2,10 +2,10 @@
 `torch.library` custom ops `l2a::all_or_here_attention[_backward]` (fake kernels, autograd).
 
 Every (token, query head) pair reads one contiguous key range: [lo(t), p_t] where it is routed to full
-attention, [max(lo(t), p_t - W + 1), p_t] where it stays local. Each query head gets two compact lists
-(full rows, window rows), both sorted with non-decreasing bounds, so the kernels of conditional and
-sliding-window attention run AHA in one pass: no log-sum-exp merge, no zero fill (every pair is
-written exactly once), and the far keys are read only by routed rows. See `l2a/ops/README.md`, "AHA".
+attention, [max(lo(t), p_t - W + 1), p_t] where it stays local. Each K/V group gets two compact lists of
+(token, head) pairs (routed, local), both sorted with non-decreasing bounds, so the kernels of conditional
+and sliding-window attention run AHA in one pass: no log-sum-exp merge, no zero fill (every pair is
+written exactly once), and the far keys are read only by routed pairs. See `l2a/ops/README.md`, "AHA".
 """
 
 from __future__ import annotations
@@ -25,20 +25,36 @@ def aha_rows(
     cu_seqlens: torch.Tensor | None,
     key_start: torch.Tensor | None,
 ) -> _flash.Rows:
-    """Two lists per query head, laid out (B, Hkv, 2, G, N) -> (B, 2 Hq, N): routed tokens with the causal
-    range, then local tokens with the window range (list l of a K/V group serves head l mod G)."""
+    """Two pair lists per K/V group, (B, 2 Hkv, N G): the routed (token, head) pairs with the causal key
+    range, then the local pairs with the window range, each in (token, head) order (slot value t G + g).
+
+    Mixing the G heads of a group in one list keeps an M-tile's span of positions short: ~BLOCK_M / G local
+    tokens (the window tile loads ~W + BLOCK_M / G keys) and ~BLOCK_M / (G a) routed ones at a fraction a
+    routed. One cumulative sum places both lists: pair p is routed slot c_p - 1 or local slot p - c_p.
+    """
     b, n, hq, _ = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
+    n_pairs = n * group
     bounds = dict(cu_seqlens=cu_seqlens, key_start=key_start)
     lo_full, hi = _flash.key_bounds(n, nk, b, q.device, **bounds)
     lo_window, _ = _flash.key_bounds(n, nk, b, q.device, window=window, **bounds)
     routed = (active[:, :, None] if active.dim() == 2 else active).expand(b, n, hq)
-    routed = routed.permute(0, 2, 1).reshape(b, hkv, 1, group, n)
-    lists = torch.cat((routed, ~routed), dim=2).reshape(b, 2 * hq, n)
-    lo = torch.stack((lo_full, lo_window), dim=1)[:, None, :, None, :].expand(b, hkv, 2, group, n)
-    idx, lo_c, hi_c, count = _flash.compact_lists(lists, lo.reshape(b, 2 * hq, n), hi[:, None])
-    return _flash.Rows(idx, lo_c, hi_c, count, lists_per_group=2 * group, rows_per_token=1)
+    routed = routed.reshape(b, n, hkv, group).permute(0, 2, 1, 3).reshape(b, hkv, n_pairs)
+    cum = torch.cumsum(routed, dim=-1, dtype=torch.int32)
+    pair = torch.arange(n_pairs, device=q.device, dtype=torch.int32)
+    dest = torch.where(routed, cum - 1, n_pairs + pair - cum).long()
+    idx = torch.zeros(b, hkv, 2 * n_pairs, device=q.device, dtype=torch.int32)
+    idx.scatter_(-1, dest, pair.expand(b, hkv, n_pairs))
+    idx = idx.view(b, 2 * hkv, n_pairs)
+    n_routed = cum[..., -1]
+    count = torch.stack((n_routed, n_pairs - n_routed), dim=-1).reshape(b, 2 * hkv)
+    filled = pair[None, None, :] < count[..., None]
+    tok = (idx // group).long()
+    lo = torch.stack((lo_full, lo_window), dim=1)[:, None].expand(b, hkv, 2, n).reshape(b, 2 * hkv, n)
+    lo_c = torch.where(filled, torch.gather(lo, -1, tok), _flash._PAD)
+    hi_c = torch.where(filled, torch.gather(hi[:, None].expand(b, 2 * hkv, n), -1, tok), _flash._PAD)
+    return _flash.Rows(idx, lo_c, hi_c, count, lists_per_group=2, rows_per_token=1, pairs=True)
 
 
 def all_or_here_attention_fwd(
