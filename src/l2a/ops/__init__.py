@@ -1,8 +1,10 @@
-"""Attention ops on tensors: routed (conditional) causal attention and sliding-window attention.
+"""Attention ops on tensors: routed (conditional) causal attention, sliding-window attention and
+all-or-here attention (AHA: per token and head, full or window attention).
 
 Importing this package does not import Triton; the Triton backend loads on first use.
 """
 
+from l2a.ops.aha import all_or_here_attention
 from l2a.ops.attention import conditional_attention, sliding_window_attention
 
-__all__ = ["conditional_attention", "sliding_window_attention"]
+__all__ = ["all_or_here_attention", "conditional_attention", "sliding_window_attention"]

@@ -122,3 +122,24 @@ def sliding_window_attention_reference(
     nk = k.shape[1]
     allowed = attention_mask(b, n, nk, q.device, window=window, cu_seqlens=cu_seqlens, key_start=key_start)
     return masked_attention(q, k, v, allowed, softmax_scale)
+
+
+def all_or_here_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    active: torch.Tensor,
+    window: int,
+    softmax_scale: float,
+    cu_seqlens: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (token, head): full causal attention where `active`, window attention otherwise (an explicit
+    (B, Hq, N, Nk) mask); see `l2a.ops.all_or_here_attention`."""
+    b, n, hq, _ = q.shape
+    nk = k.shape[1]
+    full = attention_mask(b, n, nk, q.device, cu_seqlens=cu_seqlens, key_start=key_start)
+    local = attention_mask(b, n, nk, q.device, window=window, cu_seqlens=cu_seqlens, key_start=key_start)
+    routed = (active[:, :, None] if active.dim() == 2 else active).expand(b, n, hq)
+    allowed = torch.where(routed.permute(0, 2, 1)[..., None], full[:, None], local[:, None])
+    return masked_attention(q, k, v, allowed, softmax_scale)

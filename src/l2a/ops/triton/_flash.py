@@ -10,7 +10,9 @@ sorted ascending) and each token contributes R consecutive rows, one per query h
     row r of list l -> token idx[r // R], query head hkv * G + l * R + r % R.
 Token-wise routing and dense windows use one list shared by all heads (L = 1, R = G: the G heads of
 a group share every K/V tile of an M-tile); head-wise routing uses one list per query head
-(L = G, R = 1). Per-token key bounds lo/hi are non-decreasing along a list, so a tile's key range is
+(L = G, R = 1). Pair lists (`Rows.pairs`, all-or-here attention in `aha.py`) hold (token, head) pairs
+of one K/V group, slot value t * G + g -> token t, query head hkv * G + g (R = 1). Per-token key bounds
+lo/hi are non-decreasing along a list, so a tile's key range is
 [lo(first row), hi(last row)] and only the key blocks outside [lo(last row), hi(first row)] need a mask.
 """
 
@@ -119,6 +121,8 @@ class Rows:
     key range of each slot, padded with _PAD past `count`; count: int32 (B, Lc). Lc is 1 (one list
     shared by all heads) or Hq (one list per query head); `lists_per_group` (L) and `rows_per_token` (R)
     as in the module docstring. `span`: the longest key range of a row (the window), when bounded.
+    `pairs`: the slots hold (token, head) pair indices t * G + g instead of tokens (then the last dimension
+    is N * G and R = 1).
     """
 
     idx: torch.Tensor
@@ -128,6 +132,7 @@ class Rows:
     lists_per_group: int
     rows_per_token: int
     span: int | None = None
+    pairs: bool = False
 
     @property
     def shared(self) -> bool:
@@ -277,6 +282,7 @@ def _tile_rows(
     group,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """Decode a program id into (batch, K/V head, list, M-tile) and load the tile's rows.
 
@@ -300,7 +306,11 @@ def _tile_rows(
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
     tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
-    head = hkv * group + li * R + rows % R
+    if PAIRS:
+        head = hkv * group + (tok % group).to(tl.int32)
+        tok = tok // group
+    else:
+        head = hkv * group + li * R + rows % R
     lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R
@@ -364,6 +374,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
         tl.program_id(0),
@@ -381,6 +392,7 @@ def _fwd_kernel(
         group,
         R,
         BLOCK_M,
+        PAIRS,
     )
     if m_tile < 0:
         return
@@ -516,6 +528,7 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """dQ of one compact M-tile. Also writes the tile's rows, in list order, to the compact buffers of the
     dK/dV kernel: q and dO to QC/DOC (B, lists, rows, D), base-2 lse and delta = rowsum(dO * O) - dLSE to
@@ -536,6 +549,7 @@ def _bwd_dq_kernel(
         group,
         R,
         BLOCK_M,
+        PAIRS,
     )
     if m_tile < 0:
         return
@@ -875,13 +889,13 @@ def forward(
     cfg = fwd_config(d)
     r = rows.rows_per_token
     n_lists_total = b * hkv * rows.lists_per_group
-    grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
+    grid = (triton.cdiv(rows.idx.shape[-1] * r, cfg.block_m) * n_lists_total,)
     _fwd_kernel[grid](
         q, k, v, out, lse, rows.idx, rows.lo, rows.hi, rows.count,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         *_list_strides(rows), n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PAIRS=rows.pairs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -928,7 +942,7 @@ class CompactRows:
 def _compact_buffers(q: torch.Tensor, rows: Rows, hkv: int) -> CompactRows:
     b, n, hq, d = q.shape
     lists = hkv * rows.lists_per_group
-    n_rows = n * rows.rows_per_token
+    n_rows = rows.idx.shape[-1] * rows.rows_per_token
     new = torch.full if POISON_UNWRITTEN else (lambda size, _fill, **kw: torch.empty(size, **kw))
     return CompactRows(
         new((b, lists, n_rows, d), float("nan"), dtype=q.dtype, device=q.device),
@@ -958,7 +972,7 @@ def backward_dq(
     n_lists_total = b * hkv * rows.lists_per_group
     compact = _compact_buffers(q, rows, hkv)
     cfg = bwd_dq_config(d)
-    grid = (triton.cdiv(n * r, cfg.block_m) * n_lists_total,)
+    grid = (triton.cdiv(rows.idx.shape[-1] * r, cfg.block_m) * n_lists_total,)
     _bwd_dq_kernel[grid](
         q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse,
         compact.q, compact.dout, compact.lse2, compact.delta,
@@ -967,7 +981,8 @@ def backward_dq(
         *_list_strides(rows), *compact.q.stride()[:2], *compact.lse2.stride()[:2],
         n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_DLSE=dlse is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return compact
 
