@@ -16,8 +16,14 @@ from l2a.cli import main
 def base_dir(tmp_path):
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
     )
     path = tmp_path / "base"
     Qwen3ForCausalLM(config).save_pretrained(path)

@@ -17,8 +17,14 @@ def _aha(force_route=None):
 
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
     )
     model = convert_model(Qwen3ForCausalLM(config), sliding_window=8, method="aha", force_route=force_route)
     for name, param in model.named_parameters():
@@ -47,7 +53,9 @@ def test_analysis_per_head_by_hand_and_heat_map(tmp_path):
     text = "def f(x):\n    return x + 1\n" * 3
     report = routing_analysis(model, tokenizer, [sample], texts=[text], text_len=25)
     _, task = routing_decisions(model, torch.tensor([ids]))
-    _, txt = routing_decisions(model, torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:25]]))
+    _, txt = routing_decisions(
+        model, torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:25]])
+    )
     task, txt = task[0].double(), txt[0].double()  # (L, N, H)
     expected_heads = (task.sum(1) + txt.sum(1)) / (30 + 25)
     torch.testing.assert_close(torch.tensor(report.head_fraction, dtype=torch.float64), expected_heads)
@@ -73,7 +81,10 @@ def test_run_evaluation_variants_of_an_aha_checkpoint(tmp_path):
     byte_tokenizer().save_pretrained(tmp_path / "aha")
     settings = EvalSettings(tasks=["kv_retrieval"], lengths=[256], samples=1, routing_texts=1, progress=False)
     results = run_evaluation(
-        [tmp_path / "aha"], settings, out_dir=tmp_path / "eval", variants=["learned", "local_only", "all_global"]
+        [tmp_path / "aha"],
+        settings,
+        out_dir=tmp_path / "eval",
+        variants=["learned", "local_only", "all_global"],
     )
     assert [r.label for r in results] == ["aha [learned]", "aha [local_only]", "aha [all_global]"]
     assert results[0].info["method"] == "aha" and results[0].routing.head_fraction is not None

@@ -14,9 +14,17 @@ B, N, HQ, HKV, D, W = 2, 11, 4, 2, 8, 3
 
 def _config(**kwargs) -> L2AConfig:
     fields = dict(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=HQ,
-        num_key_value_heads=HKV, head_dim=D, sliding_window=W, rope_parameters={"rope_theta": 1e4},
-        method="aha", attention_backend="torch",
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=HQ,
+        num_key_value_heads=HKV,
+        head_dim=D,
+        sliding_window=W,
+        rope_parameters={"rope_theta": 1e4},
+        method="aha",
+        attention_backend="torch",
     )
     return L2AConfig(**{**fields, **kwargs})
 

@@ -131,8 +131,19 @@ def test_save_and_load_through_auto_classes(make_base, tmp_path):
 
 def test_routed_heads_checked():
     with pytest.raises(ValueError, match="routed_heads is an AHA field"):
-        l2a.L2AConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, routed_heads=[[0]],
-                      rope_parameters={"rope_theta": 1e4})
+        l2a.L2AConfig(
+            num_hidden_layers=1,
+            hidden_size=8,
+            num_attention_heads=2,
+            routed_heads=[[0]],
+            rope_parameters={"rope_theta": 1e4},
+        )
     with pytest.raises(ValueError, match=r"routed_heads\[0\] has heads \[5\]"):
-        l2a.L2AConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, routed_heads=[[5]],
-                      method="aha", rope_parameters={"rope_theta": 1e4})
+        l2a.L2AConfig(
+            num_hidden_layers=1,
+            hidden_size=8,
+            num_attention_heads=2,
+            routed_heads=[[5]],
+            method="aha",
+            rope_parameters={"rope_theta": 1e4},
+        )

@@ -44,8 +44,13 @@ def _greedy_by_recompute(model, ids, mask, steps):
 
 def _generate(model, ids, mask, **kwargs):
     return model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
-        pad_token_id=0, **kwargs,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
     )
 
 
@@ -70,7 +75,9 @@ def test_chunked_prefill_equals_single_forward(make_base):
         cache = AHACache(model.config)
         logits = []
         for start, stop in ((0, 6), (6, 7), (7, PROMPT)):
-            out = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True)
+            out = model(
+                ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True
+            )
             logits.append(out.logits)
     torch.testing.assert_close(torch.cat(logits, dim=1)[1, 3:], full.logits[1, 3:], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(logits, dim=1)[0], full.logits[0], atol=1e-5, rtol=0)

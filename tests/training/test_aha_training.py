@@ -50,7 +50,9 @@ def test_training_lowers_loss_routes_fewer_heads_and_logs_per_head(make_l2a, tmp
         steps=24,
         trainable=["*"],  # a random tiny model: the frozen embeddings would leave little to learn in 24 steps
         optim=OptimConfig(lr=1e-2, warmup_steps=0, lr_schedule="constant"),
-        router=RouterConfig(regularizer_weight=2e-3, regularizer_schedule="constant", leakage_probability=0.25),
+        router=RouterConfig(
+            regularizer_weight=2e-3, regularizer_schedule="constant", leakage_probability=0.25
+        ),
         logging=LoggingConfig(every=4, progress_bar=False, tensorboard=True),
         checkpoint=CheckpointConfig(save_final=False),
     )

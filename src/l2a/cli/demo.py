@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +38,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="overrides",
         help="override a DemoConfig field, e.g. --set seq_len=1024 (repeatable; applied after --quick)",
     )
+    parser.add_argument(
+        "--method",
+        choices=("l2a", "aha"),
+        default="l2a",
+        help="l2a (default) or aha: per-head routing between full and window attention (l2a.demo_aha; "
+        "default --out runs/demo_aha)",
+    )
     parser.set_defaults(func=_run)
 
 
+def _run_aha(args: argparse.Namespace) -> int:
+    from l2a.demo import task_arg_flags
+    from l2a.demo_aha import AHADemoConfig, format_aha_report, run_aha_demo
+
+    out = "runs/demo_aha" if args.out == "runs/demo" else args.out
+    try:
+        config = (AHADemoConfig.quick() if args.quick else AHADemoConfig()).with_overrides(args.overrides)
+    except ValueError as err:
+        print(f"l2a demo: error: {err}", file=sys.stderr)
+        return 2
+    report = run_aha_demo(out, seed=args.seed, config=config, threads=args.threads, device=args.device)
+    print(format_aha_report(report))
+    print(
+        f"report: {out}/report.json, plots: {out}/aha_routing.png"
+        + (f", {out}/long_tail.png" if report["long_tail"] else "")
+    )
+    print(
+        f"evaluate: l2a eval {report['model_dir']} {report['base_dir']} "
+        "--variants learned,local_only,all_global "
+        f"{task_arg_flags(report)} ..."
+    )
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.method == "aha":
+        return _run_aha(args)
     from l2a.demo import DemoConfig, format_report, run_demo, task_arg_flags
 
     config = (DemoConfig.quick() if args.quick else DemoConfig()).with_overrides(args.overrides)

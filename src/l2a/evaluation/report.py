@@ -385,8 +385,15 @@ def plot_head_routing(report: RoutingReport, path: Path, title: str = "") -> Non
         for i in range(layers):
             for j in range(heads):
                 value = float(table[i, j])
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if value > 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if value > 0.6 else "white",
+                )
     ax.set_xticks(range(heads))
     ax.set_yticks(range(layers), [str(layer) for layer in report.layers])
     ax.set_xlabel("query head")

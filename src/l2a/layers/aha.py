@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import l2a.ops as ops
@@ -59,7 +58,9 @@ class HeadRouter(Router):
     def forward(self, hidden_states: torch.Tensor, force: str | None = None) -> RoutingDecision:
         decision = super().forward(hidden_states, force)
         if decision.soft.dim() == 2:  # one routed head: Router squeezes its single output
-            decision = RoutingDecision(*(t.unsqueeze(-1) for t in (decision.soft, decision.hard, decision.gate)))
+            decision = RoutingDecision(
+                *(t.unsqueeze(-1) for t in (decision.soft, decision.hard, decision.gate))
+            )
         if self.all_heads:
             return decision
 

@@ -111,7 +111,9 @@ class L2AConfig(PreTrainedConfig):
             self.router_penalty = "l1" if self.method == "aha" else "squared"
         if self.method == "aha" and self.routed_heads is None and isinstance(self.num_attention_heads, int):
             heads = list(range(self.num_attention_heads))
-            self.routed_heads = [heads if i in self.global_layers else [] for i in range(self.num_hidden_layers)]
+            self.routed_heads = [
+                heads if i in self.global_layers else [] for i in range(self.num_hidden_layers)
+            ]
         super().__post_init__(**kwargs)
         self._validate_l2a()
 
@@ -174,7 +176,9 @@ class L2AConfig(PreTrainedConfig):
         if self.method not in get_args(Method):
             raise ValueError(f"method must be one of {get_args(Method)}, got {self.method!r}")
         if self.router_penalty not in get_args(RouterPenalty):
-            raise ValueError(f"router_penalty must be one of {get_args(RouterPenalty)}, got {self.router_penalty!r}")
+            raise ValueError(
+                f"router_penalty must be one of {get_args(RouterPenalty)}, got {self.router_penalty!r}"
+            )
         if self.method == "l2a":
             if self.routed_heads is not None:
                 raise ValueError("routed_heads is an AHA field (method='aha'); L2A routes whole tokens")
@@ -188,11 +192,12 @@ class L2AConfig(PreTrainedConfig):
             bad = [h for h in heads if not 0 <= h < self.num_attention_heads]
             if bad:
                 raise ValueError(
-                    f"routed_heads[{i}] has heads {bad} out of range for {self.num_attention_heads} query heads"
+                    f"routed_heads[{i}] has heads {bad} out of range for "
+                    f"{self.num_attention_heads} query heads"
                 )
             if bool(heads) != (i in self.global_layers):
                 raise ValueError(
                     f"layer {i}: routed_heads[{i}]={heads} but the layer is "
-                    f"{'' if i in self.global_layers else 'not '}in global_layers {self.global_layers}; a layer "
-                    "has a router exactly when it has routed heads"
+                    f"{'' if i in self.global_layers else 'not '}in global_layers {self.global_layers}; "
+                    "a layer has a router exactly when it has routed heads"
                 )

@@ -156,7 +156,9 @@ def convert_state_dict(base_state: dict[str, torch.Tensor], config: L2AConfig) -
     return out
 
 
-def _convert_state_dict_aha(base_state: dict[str, torch.Tensor], config: L2AConfig) -> dict[str, torch.Tensor]:
+def _convert_state_dict_aha(
+    base_state: dict[str, torch.Tensor], config: L2AConfig
+) -> dict[str, torch.Tensor]:
     """AHA keeps the base names; each routed layer gets a zero router with one row per routed head."""
     out = {key: tensor.clone() for key, tensor in base_state.items()}
     for layer in config.global_layers:

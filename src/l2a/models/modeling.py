@@ -214,10 +214,13 @@ class L2AModel(L2APreTrainedModel):
                 f"past_key_values must be an L2ACache, got {type(past_key_values).__name__}; "
                 "L2A layers keep separate local and global caches"
             )
-        if past_key_values is not None and (self.config.method == "aha") != isinstance(past_key_values, AHACache):
+        if past_key_values is not None and (self.config.method == "aha") != isinstance(
+            past_key_values, AHACache
+        ):
             raise TypeError(
                 f"past_key_values: a {self.config.method} model needs an "
-                f"{'AHACache' if self.config.method == 'aha' else 'L2ACache'}, got {type(past_key_values).__name__}"
+                f"{'AHACache' if self.config.method == 'aha' else 'L2ACache'}, "
+                f"got {type(past_key_values).__name__}"
             )
         if past_key_values is not None and self.gradient_checkpointing and self.training:
             raise ValueError("a KV cache cannot be used with gradient checkpointing in training")

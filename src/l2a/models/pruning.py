@@ -104,7 +104,9 @@ def prune_routed_heads(
                 raise ValueError(f"layer {layer} has no routed heads {stray} (routed: {routed})")
     else:
         if fractions is None:
-            raise ValueError("threshold needs fractions: the routed fraction of every head of each global layer")
+            raise ValueError(
+                "threshold needs fractions: the routed fraction of every head of each global layer"
+            )
         table = torch.as_tensor(fractions, dtype=torch.float64)
         if table.shape != (len(current), config.num_attention_heads):
             raise ValueError(
