@@ -22,7 +22,8 @@ def quick_report(tmp_path_factory):
 def test_report_plots_and_forced_routings(quick_report):
     out, report = quick_report
     saved = json.loads((out / "report.json").read_text())
-    assert saved["accuracy"] == report["accuracy"] and set(saved["accuracy"]) == {"aha", "local_only", "all_global"}
+    assert saved["accuracy"] == report["accuracy"]
+    assert set(saved["accuracy"]) == {"aha", "local_only", "all_global"}
     assert (out / "aha_routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "long_tail.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["window"] for p in saved["long_tail"]] == [8, 32]
@@ -75,3 +76,14 @@ def test_cli_method_flag_and_bad_override(capsys):
     assert exc.value.code == 0 and "--method" in capsys.readouterr().out
     assert main(["demo", "--method", "aha", "--set", "curve_windows=8,x"]) == 2
     assert "l2a demo: error:" in capsys.readouterr().err
+
+
+def test_start_from_a_saved_base(quick_report, tmp_path):
+    out, report = quick_report
+    again = run_aha_demo(tmp_path, seed=0, quick=True, threads=1, progress=False, base=out / "base")
+    assert again["pretrain_last"] is None and again["base_from"] == str(out / "base")
+    assert again["base_accuracy"] == report["base_accuracy"]
+    assert (tmp_path / "base" / "config.json").is_file()
+    wrong = AHADemoConfig.quick().with_overrides(["hidden_size=32"])
+    with pytest.raises(ValueError, match="does not match the demo config"):
+        run_aha_demo(tmp_path / "x", config=wrong, threads=1, progress=False, base=out / "base")

@@ -96,6 +96,29 @@ class AHADemoConfig(DemoConfig):
         )
 
 
+def load_base(path: str | Path, config: AHADemoConfig, device: torch.device) -> torch.nn.Module:
+    """A dense base saved by an earlier demo run, checked against `config`'s model sizes."""
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"base model directory {str(path)!r} has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    got = model.config
+    expected = {
+        "model_type": "qwen3",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+    }
+    wrong = {k: getattr(got, k, None) for k, v in expected.items() if getattr(got, k, None) != v}
+    if wrong:
+        raise ValueError(
+            f"base model {str(path)!r} does not match the demo config: has {wrong}, expected {expected}"
+        )
+    return model
+
+
 def _routed_train_config(config: AHADemoConfig, out: Path, steps: int, common: dict[str, Any]):
     from l2a.training import TrainConfig
 
@@ -282,12 +305,17 @@ def run_aha_demo(
     threads: int | None = 2,
     progress: bool = True,
     device: str = "cpu",
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the AHA demo; write ``report.json``, ``aha_routing.png`` (and ``long_tail.png`` with
     `curve_windows`) and the trained models to ``out_dir``.
 
-    Arguments as `l2a.demo.run_demo`. Returns the report: ``accuracy`` ``{"aha", "local_only",
-    "all_global"}``, ``base_accuracy``, ``local_fraction`` (fraction of (token, head) pairs of the evaluation
+    Arguments as `l2a.demo.run_demo`, plus ``base``: the directory of a dense base saved by an earlier demo
+    run (``DIR/base`` of ``l2a demo`` or ``l2a demo --method aha``, same model sizes) to start from instead
+    of pretraining (the routed phase then draws other batches than a fresh run).
+
+    Returns the report: ``accuracy`` ``{"aha", "local_only", "all_global"}``, ``base_accuracy``,
+    ``local_fraction`` (fraction of (token, head) pairs of the evaluation
     rows on window attention under the learned routing), ``head_fraction`` ([layer][head] fraction on full
     attention), ``global_fraction`` per routing and layer, ``accuracy_by_distance``, ``verdict``
     (``valid``, ``passed``, ``reasons``), ``long_tail`` (points of the curve, if asked), ``seconds``,
@@ -325,24 +353,29 @@ def run_aha_demo(
         }
         for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
             (out / phase / "log.jsonl").unlink(missing_ok=True)
-        model = build_base_model(config, tokenizer)
-        pre = train(
-            model,
-            tokenizer,
-            TrainConfig(
-                output_dir=str(out / "pretrain"),
-                steps=config.pretrain_steps,
-                trainable=["*"],
-                optim={"lr": config.pretrain_lr, "warmup_steps": min(30, config.pretrain_steps)},
-                router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
-                **common,
-            ),
-            data=_batches(config, corpus, pool, rng),
-        )
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+        pre_history = []
+        if base is None:
+            model = build_base_model(config, tokenizer)
+            pre_history = train(
+                model,
+                tokenizer,
+                TrainConfig(
+                    output_dir=str(out / "pretrain"),
+                    steps=config.pretrain_steps,
+                    trainable=["*"],
+                    optim={"lr": config.pretrain_lr, "warmup_steps": min(30, config.pretrain_steps)},
+                    router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
+                    **common,
+                ),
+                data=_batches(config, corpus, pool, rng),
+            ).history
+        else:
+            model = load_base(base, config, torch_device)
+        if Path(base or "").resolve() != base_dir.resolve():
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
         base_hits, _ = retrieval_hits(model, held_out, config.batch_size)
-        base = copy.deepcopy(model) if config.windows() else None
+        dense = copy.deepcopy(model) if config.windows() else None
 
         aha = convert_model(model, sliding_window=config.window, method="aha")
         del model
@@ -356,10 +389,10 @@ def run_aha_demo(
         tokenizer.save_pretrained(model_dir)
         results = evaluate_aha_routings(aha, held_out, config.batch_size)
         curve = []
-        if base is not None:
+        if dense is not None:
             curve_rng = random.Random(seed + 2)
             curve = long_tail_curve(
-                base,
+                dense,
                 config,
                 config.windows(),
                 lambda: _batches(config, corpus, pool, curve_rng),
@@ -405,7 +438,8 @@ def run_aha_demo(
         "model_dir": str(model_dir),
         "base_dir": str(base_dir),
         "eval_task_args": {"kv_retrieval": kv_task_args(config)},
-        "pretrain_last": pre.history[-1] if pre.history else None,
+        "base_from": None if base is None else str(base),
+        "pretrain_last": pre_history[-1] if pre_history else None,
         "routed_last": routed.history[-1] if routed.history else None,
     }
     _plot(out / "aha_routing.png", report)

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="l2a (default) or aha: per-head routing between full and window attention (l2a.demo_aha; "
         "default --out runs/demo_aha)",
     )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR",
+        help="--method aha only: start from the dense base DIR saved by an earlier demo run "
+        "(skips pretraining)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -58,7 +65,13 @@ def _run_aha(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"l2a demo: error: {err}", file=sys.stderr)
         return 2
-    report = run_aha_demo(out, seed=args.seed, config=config, threads=args.threads, device=args.device)
+    try:
+        report = run_aha_demo(
+            out, seed=args.seed, config=config, threads=args.threads, device=args.device, base=args.base
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"l2a demo: error: {err}", file=sys.stderr)
+        return 2
     print(format_aha_report(report))
     print(
         f"report: {out}/report.json, plots: {out}/aha_routing.png"
@@ -75,6 +88,9 @@ def _run_aha(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.method == "aha":
         return _run_aha(args)
+    if args.base is not None:
+        print("l2a demo: error: --base is an option of --method aha", file=sys.stderr)
+        return 2
     from l2a.demo import DemoConfig, format_report, run_demo, task_arg_flags
 
     config = (DemoConfig.quick() if args.quick else DemoConfig()).with_overrides(args.overrides)
