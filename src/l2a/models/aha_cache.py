@@ -31,11 +31,11 @@ class AHACache(L2ACache):
     `config.global_layers`)."""
 
     def __init__(self, config):
-        layers = [
+        super().__init__(config)  # L2ACache's own bookkeeping, then AHA's layers in place of its
+        self.layers = [
             AHALayerCache(config.sliding_window, i in config.global_layers)
             for i in range(config.num_hidden_layers)
         ]
-        super(L2ACache, self).__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(
