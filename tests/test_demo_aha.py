@@ -59,7 +59,8 @@ def test_quick_run_learns_and_the_verdict_judges_it(quick_report):
     assert all(0.0 < p["routed_fraction"] < 1.0 for p in report["long_tail"])
     assert report["base_accuracy"] < 0.5
     assert not report["verdict"]["valid"] and not report["verdict"]["passed"]
-    assert "invalid" in report["verdict"]["reasons"][0]
+    assert "the dense base retrieves" in report["verdict"]["reasons"][0]
+    assert format_aha_report(report).splitlines()[-1].startswith("INVALID: the dense base")
 
 
 def test_verdict_rules():

@@ -181,7 +181,7 @@ def verdict(base_accuracy: float, accuracy: dict[str, float], local_fraction: fl
     valid = base_accuracy >= MIN_BASE_ACCURACY and base_accuracy - accuracy["local_only"] >= MIN_BASE_MARGIN
     if not valid:
         reasons.append(
-            f"invalid: the dense base retrieves {base_accuracy:.1%} "
+            f"the dense base retrieves {base_accuracy:.1%} "
             f"(window only {accuracy['local_only']:.1%}); "
             f"needs >= {MIN_BASE_ACCURACY:.0%} and {MIN_BASE_MARGIN:.0%} above window-only attention"
         )
