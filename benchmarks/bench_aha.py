@@ -148,8 +148,11 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[
         flops = useful_fwd_flops(active, window, d)
         methods = {
             "l2a AHA one-pass": partial(all_or_here_attention, q, k, v, active, window, backend="triton"),
-            "l2a AHA composed (window + far + lse merge)": partial(composed_aha, q, k, v, active, window),
         }
+        if not args.no_composed:
+            methods["l2a AHA composed (window + far + lse merge)"] = partial(
+                composed_aha, q, k, v, active, window
+            )
         for method, fn in methods.items():
             fwd = bench(fn)
             fb = bench(_fwd_bwd(fn, (q, k, v), dout))
@@ -220,6 +223,10 @@ def main() -> None:
         help="launch settings to time the one-pass kernel under, after the table: "
         "'L2A_FWD=128,128,8,2|L2A_BWD_DQ=64,64,4,2 L2A_BWD_DKDV=64,64,4,2'",
     )
+    parser.add_argument("--no-composed", action="store_true", help="skip the composed two-op form")
+    parser.add_argument(
+        "--check-head-dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 128)
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_aha.py needs a CUDA GPU")
@@ -232,7 +239,7 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    failures = check_correctness(device)
+    failures = check_correctness(device, args.check_head_dims)
     if failures:
         log("correctness check FAILED; refusing to report:\n  " + "\n  ".join(failures))
         sys.exit(1)
