@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from l2a.ops.triton import _flash
+from l2a.ops.triton._autograd import _fake_grads, _fake_out_lse
 
 # pairs per program of the list builder
 _CHUNK = 1024
@@ -185,8 +186,7 @@ def all_or_here_attention_op(
 
 @all_or_here_attention_op.register_fake
 def _(q, k, v, active, window, scale, cu_seqlens, key_start):
-    b, n, hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, hq, n), dtype=torch.float32)
+    return _fake_out_lse(q)
 
 
 @torch.library.custom_op("l2a::all_or_here_attention_backward", mutates_args=())
@@ -211,7 +211,7 @@ def all_or_here_attention_backward_op(
 
 @all_or_here_attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, active, window, scale, cu_seqlens, key_start):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _fake_grads(q, k, v)
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
