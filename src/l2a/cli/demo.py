@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from l2a.cli._common import UsageError, prepare_output_dir
+
+OUTPUTS = ("report.json", "*.png", "model", "base", "pretrain", "routed")
+"""What `run_demo` writes into --out (removed first with --force, so nothing of an earlier run survives)."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -17,7 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(full attention, before conversion).",
     )
     parser.add_argument(
-        "--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)"
+        "--out",
+        default="runs/demo",
+        metavar="DIR",
+        help="output directory (default: runs/demo); must be empty unless --force",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty DIR, first deleting an earlier run's " + ", ".join(OUTPUTS),
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and leakage draws")
     parser.add_argument("--quick", action="store_true", help="a reduced run (tens of seconds; no accuracy)")
@@ -41,9 +54,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from l2a.demo import DemoConfig, format_report, run_demo, task_arg_flags
+    import dataclasses
 
+    from l2a.demo import DemoConfig, format_report, resolve_device, run_demo, task_arg_flags
+    from l2a.training.config import did_you_mean
+
+    keys = [field.name for field in dataclasses.fields(DemoConfig)]
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if "=" in item and key not in keys:
+            raise UsageError(
+                f"unknown demo config key {key!r}{did_you_mean(key, keys)} (valid keys: {', '.join(keys)})"
+            )
     config = (DemoConfig.quick() if args.quick else DemoConfig()).with_overrides(args.overrides)
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    resolve_device(args.device)
+    prepare_output_dir(args.out, force=args.force, outputs=OUTPUTS)
     report = run_demo(args.out, seed=args.seed, config=config, threads=args.threads, device=args.device)
     print(format_report(report))
     print(f"report: {args.out}/report.json, plot: {args.out}/routing.png")

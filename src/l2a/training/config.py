@@ -2,13 +2,15 @@
 
 `load_config(path, overrides)` reads a YAML (`.yaml`/`.yml`) or TOML (`.toml`) file and applies dotted
 overrides such as `optim.lr=1e-4` or `data.sources=[a.jsonl,b.jsonl]` (values parsed as YAML scalars).
-Unknown keys are errors; values are coerced to the field types (YAML reads `5e-5` as a string, so
-numeric fields accept numeric strings).
+Unknown keys are errors (naming the closest valid key); values are coerced to the field types (YAML reads
+`5e-5` as a string, so numeric fields accept numeric strings). Every mistake is a ValueError naming the key
+or the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -21,6 +23,12 @@ import yaml
 
 TRAINABLE_GROUPS = ("attention", "norms", "router", "mlp", "embeddings", "lm_head", "other")
 """Named parameter groups accepted in `TrainConfig.trainable` (see `l2a.training.params`)."""
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """`"; did you mean 'PREFIXx'?"` for the closest `x` of `choices` to a mistyped `word`, else `""`."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -299,7 +307,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name} must be a list, got {value!r}")
+            raise ValueError(f"{name} must be a list, got {value!r}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
@@ -309,34 +317,40 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return origin(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{name} must be a mapping, got {value!r}")
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise TypeError(f"{name} must be a mapping, got {value!r}")
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
         return _build(tp, value, prefix=f"{name}.")
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be true/false, got {value!r}")
+            raise ValueError(f"{name} must be true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        return int(value)
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        out = float(value)
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            out = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
         if math.isnan(out):
             raise ValueError(f"{name} must not be NaN")
         return out
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string, got {value!r}")
+            raise ValueError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"{name}: unsupported field type {tp!r}")
 
@@ -346,22 +360,43 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
+        key = unknown[0]
+        hint = did_you_mean(key, names, prefix)
+        where = f" of section {prefix[:-1]!r}" if prefix else ""
+        raise ValueError(
+            f"unknown config key {prefix + key!r}{hint} (valid keys{where}: {', '.join(sorted(names))})"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} is not a file")
     text = path.read_text()
-    if suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(text) or {}
-    elif suffix == ".toml":
+    if suffix == ".toml":
         import tomllib
 
-        values = tomllib.loads(text)
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return values
@@ -380,7 +415,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)})"
+            ) from None
     return values
 
 

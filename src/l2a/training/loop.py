@@ -184,12 +184,11 @@ def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return ckpt.latest_checkpoint(root)
+        return ckpt.latest_good_checkpoint(root)
     path = Path(resume)
-    if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(
-            f"checkpoint.resume={resume!r} is not a checkpoint directory (no trainer_state.pt)"
-        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
+    ckpt.check_checkpoint(path)
     return path
 
 
