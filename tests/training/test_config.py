@@ -76,3 +76,39 @@ def test_shipped_recipes_load(name):
         assert config.data.seq_len == 131072 and config.optim.lr == 5e-5
         assert config.router.regularizer_weight == 1e-8 and config.router.leakage_probability == 0.1
         assert (config.parallel, config.precision) == ("fsdp", "bf16")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stepz=3"], r"unknown config key 'stepz'; did you mean 'steps'\?"),
+        (["router.leakage_probabilty=0.5"], r"did you mean 'router.leakage_probability'\?"),
+        (["zzz=1"], r"unknown config key 'zzz' \(valid keys: checkpoint, "),
+        (["steps=abc"], "steps must be an integer, got 'abc'"),
+        (["optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
+        (["trainable=attention"], "trainable must be a list, got 'attention'"),
+        (["logging.jsonl=maybe"], "logging.jsonl must be true/false, got 'maybe'"),
+        (["data.sources=[a"], r"override 'data.sources=\[a': the value is not valid YAML"),
+    ],
+    ids=["typo", "typo-in-section", "no-close-key", "int", "float", "list", "bool", "yaml-value"],
+)
+def test_override_mistakes_are_value_errors_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("c.yaml", "steps: [1\n", r"config file '.*c.yaml' is not valid YAML: .* at line 2, column 1"),
+        ("c.toml", "steps = \n", r"config file '.*c.toml' is not valid TOML: "),
+        ("c.json", "{}", r"config file '.*c.json' must end in .yaml, .yml or .toml"),
+        ("c.yaml", None, r"config file '.*c.yaml' does not exist"),
+    ],
+    ids=["yaml", "toml", "suffix", "missing"],
+)
+def test_file_mistakes_name_the_file(tmp_path, name, text, message):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_config(tmp_path / name)
