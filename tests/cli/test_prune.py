@@ -10,10 +10,9 @@ import l2a
 from l2a.cli import main
 
 
-@pytest.fixture
-def l2a_dir(tmp_path):
+def _qwen2() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    base = Qwen2ForCausalLM(
+    return Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=100,
             hidden_size=32,
@@ -23,8 +22,12 @@ def l2a_dir(tmp_path):
             num_key_value_heads=1,
         )
     )
+
+
+@pytest.fixture
+def l2a_dir(tmp_path):
     path = tmp_path / "l2a"
-    l2a.convert_model(base, sliding_window=4).save_pretrained(path)
+    l2a.convert_model(_qwen2(), sliding_window=4).save_pretrained(path)
     return path
 
 
@@ -77,16 +80,7 @@ def test_prune_copies_tokenizer_and_generation_config(l2a_dir, tmp_path):
 
 
 def test_prune_refuses_a_non_l2a_model_before_loading_it(tmp_path, capsys):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=10,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "q")
+    _qwen2().save_pretrained(tmp_path / "q")
     assert main(["prune", str(tmp_path / "q"), str(tmp_path / "out"), "--layers", "0"]) == 2
     assert capsys.readouterr().err.endswith("holds a 'qwen2' model, not an L2A model\n")
     assert not (tmp_path / "out").exists()
