@@ -170,3 +170,21 @@ def test_output_path_that_is_a_file(tmp_path):
     with pytest.raises(UsageError, match="is a file"):
         prepare_output_dir(tmp_path / "f", force=True, outputs=("*",))
     assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["trian"], "l2a: error: argument COMMAND: invalid choice: 'trian'"),
+        ([], "l2a: error: the following arguments are required: COMMAND"),
+        (["eval", "m", "--lengths", "4q"], "l2a eval: error: argument --lengths: cannot parse length '4q'"),
+        (["train"], "l2a train: error: the following arguments are required: config"),
+    ],
+    ids=["unknown-command", "no-command", "bad-length", "missing-argument"],
+)
+def test_argument_mistakes_are_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err

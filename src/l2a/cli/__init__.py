@@ -17,8 +17,15 @@ from l2a import __version__
 from l2a.cli._common import run_command
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage mistakes as one line too (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="l2a",
         description="Conditional long-range attention (L2A) toolkit.",
         epilog="Errors are one line with exit code 2; set L2A_DEBUG=1 for a traceback.",
