@@ -74,6 +74,7 @@ def _bad_inputs(root: Path) -> list[tuple[list[str], str]]:
     (root / "bad.toml").write_text("steps = \n")
     (root / "list.yaml").write_text("- steps\n")
     (root / "noconfig").mkdir(exist_ok=True)
+    (root / "notext.jsonl").write_text('{"body": "a document"}\n')
     corrupt = root / "corrupt-step"
     corrupt.mkdir(exist_ok=True)
     for name in ("config.json", "trainer_state.pt", "rank_00000.pt", "model.safetensors"):
@@ -100,6 +101,7 @@ def _bad_inputs(root: Path) -> list[tuple[list[str], str]]:
         (set_(f"model={root / 'noconfig'}"), "model directory '.*noconfig' has no config.json"),
         (set_(f"data.sources=[{root / 'none'}]"), "data.sources: corpus source '.*none' does not exist"),
         (set_(f"data.sources=[{root / 'empty'}]"), "data.sources: corpus .* holds no text documents"),
+        (set_(f"data.sources=[{root / 'notext.jsonl'}]"), "notext.jsonl:1: record has no field 'text'"),
         (
             set_("data.task=kv_retrival", "data.task_ratio=0.5"),
             "unknown data.task 'kv_retrival'; did you mean",
@@ -124,8 +126,8 @@ def _bad_inputs(root: Path) -> list[tuple[list[str], str]]:
 BAD_IDS = [
     "missing-config", "malformed-yaml", "malformed-toml", "not-a-mapping", "not-a-config-file", "typo-key",
     "typo-section-key", "typo-section", "no-equals", "bad-yaml-value", "not-an-int", "out-of-range",
-    "negative-lr", "bad-choice", "no-model", "missing-model", "missing-relative-model",
-    "model-without-config", "missing-corpus", "empty-corpus", "unknown-task", "length-too-short",
+    "negative-lr", "bad-choice", "no-model", "missing-model", "missing-relative-model", "no-config-json",
+    "missing-corpus", "empty-corpus", "record-without-text", "unknown-task", "length-too-short",
     "length-below-answer-reserve", "seq-len-beyond-max-positions", "bad-device", "corrupt-resume-checkpoint",
 ]  # fmt: skip
 

@@ -127,7 +127,11 @@ def check_corpus(sources: Sequence[str], what: str) -> None:
     for source in sources:
         if str(source) != STDLIB and not os.path.exists(source):
             raise UsageError(f"{what}: corpus source {str(source)!r} does not exist")
-    if next(iter(iter_documents(list(sources))), None) is None:
+    try:
+        first = next(iter(iter_documents(list(sources))), None)
+    except (KeyError, ValueError) as error:  # a record without the text field, a broken JSON line
+        raise UsageError(f"{what}: cannot read {list(sources)}: {one_line(error)}") from None
+    if first is None:
         raise UsageError(
             f"{what}: corpus {list(sources)} holds no text documents (.txt/.py/.md files, .jsonl or .parquet)"
         )
