@@ -53,7 +53,7 @@ def _one_line_warnings(command: str) -> Iterator[None]:
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if str(filename).startswith(_PACKAGE_DIR):
+        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
             print(f"l2a {command}: warning: {one_line(Exception(str(message)))}", file=sys.stderr)
         else:
             previous(message, category, filename, lineno, file, line)
