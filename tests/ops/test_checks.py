@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from l2a.ops import _checks, conditional_attention, sliding_window_attention
+from l2a.ops import _checks, all_or_here_attention, conditional_attention, sliding_window_attention
 
 BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") is not None else [])
 
@@ -23,14 +23,16 @@ BAD = {
 def _call(op: str, cu: torch.Tensor, backend: str) -> torch.Tensor:
     torch.manual_seed(0)
     q = torch.randn(1, 10, 2, 32)
+    active = torch.ones(1, 10, 2, dtype=torch.bool)
     if op == "conditional":
-        active = torch.ones(1, 10, dtype=torch.bool)
         return conditional_attention(q, q, q, active, cu_seqlens=cu, backend=backend)
+    if op == "all_or_here":
+        return all_or_here_attention(q, q, q, active, 4, cu_seqlens=cu, backend=backend)
     return sliding_window_attention(q, q, q, 4, cu_seqlens=cu, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ["conditional", "sliding_window"])
+@pytest.mark.parametrize("op", ["conditional", "sliding_window", "all_or_here"])
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_cu_seqlens_are_refused(case, op, backend):
     values, message = BAD[case]
