@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,8 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from l2a.ops.linear_cross_entropy import resolve_loss_impl
 from l2a.training import checkpoint as ckpt
 from l2a.training.config import TrainConfig
+from l2a.training.context_parallel import ContextParallel, apply_context_parallel
+from l2a.training.loss import fused_lm_loss
 from l2a.training.metrics import LogWriter, StepStats, attention_pairs, flops_coefficients, peak_flops
 from l2a.training.parallel import (
     DistInfo,
@@ -62,6 +66,7 @@ class TrainResult:
     checkpoint: Path | None = None
     output_dir: Path | None = None
     data_exhausted: bool = False
+    loss_impl: str | None = None
 
 
 def apply_context_extension(
@@ -123,6 +128,13 @@ def _prepare(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Ten
             )
         out["cu_seqlens"] = out["cu_seqlens"].to(torch.int32)
     return out
+
+
+def _predicted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Positions with a next-token target (labels != -100 after the causal shift), float64 on the device."""
+    if "shift_labels" in batch:
+        return (batch["shift_labels"] != -100).sum().to(torch.float64)
+    return (batch["labels"][:, 1:] != -100).sum().to(torch.float64)
 
 
 def _autocast(info: DistInfo, bf16: bool, fsdp: bool) -> contextlib.AbstractContextManager:
@@ -230,7 +242,7 @@ def train(
     Returns:
         TrainResult with the log history and the last checkpoint.
     """
-    info = init_distributed(config.parallel, config.device)
+    info = init_distributed(config.parallel.data_parallel, config.device)
     try:
         return _train(model, tokenizer, config, data, on_log, info)
     finally:
@@ -249,6 +261,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
 
     routed = _accepts(model, "global_leakage")
     packed_ok = _accepts(model, "cu_seqlens")
+    loss_impl = resolve_loss_impl(config.loss_impl, info.device)
+    cp = apply_context_parallel(model, config.parallel.context_parallel)
+    if info.is_main:
+        print(
+            f"l2a train: loss_impl={config.loss_impl} -> {loss_impl}; world {info.world_size}, "
+            f"context parallel {config.parallel.context_parallel}, data parallel {config.parallel.data_parallel}",
+            file=sys.stderr,
+        )
     apply_context_extension(model, config.rope_theta, config.max_position_embeddings)
     set_trainable(model, config.trainable)
     if config.gradient_checkpointing:
@@ -280,12 +300,12 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             )
 
     bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
-    fsdp = config.parallel == "fsdp" and info.distributed
+    fsdp = config.parallel.data_parallel == "fsdp" and info.distributed
     if not fsdp:
         model.to(info.device)
     model.train()
     # fully_shard moves each layer to the device as it shards it: the full model never sits on one GPU.
-    wrapped = wrap_model(model, config.parallel, info, bf16=bf16)
+    wrapped = wrap_model(model, config.parallel.data_parallel, info, bf16=bf16)
     if fsdp:
         wrapped.to(info.device)
     base = unwrap(wrapped)
@@ -298,7 +318,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     if data is None:
         from l2a.training.data import build_batches
 
-        data = build_batches(config, tokenizer, rank=info.rank, world_size=info.world_size)
+        # the ranks of a context-parallel group read the same sequences and keep their shards of them
+        c = config.parallel.context_parallel
+        data = build_batches(config, tokenizer, rank=info.rank // c, world_size=info.world_size // c)
     stream = _DataStream(data)
 
     start_step = 0
@@ -318,7 +340,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     )
     flops_per_token, flops_per_pair = flops_coefficients(base)
     peak = peak_flops(info.device, config.logging.peak_tflops)
-    result = TrainResult(step=start_step, output_dir=output_dir)
+    result = TrainResult(step=start_step, output_dir=output_dir, loss_impl=loss_impl)
     stats = StepStats(info.device)
     progress = None
     if info.is_main and config.logging.progress_bar:
@@ -357,6 +379,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             "lambda": lam,
             "lr": lr,
             "tokens_per_s": stats.tokens / elapsed if elapsed > 0 else float("nan"),
+            "loss_impl": loss_impl,
         }
         if peak is not None and elapsed > 0:
             record["mfu"] = stats.flops / elapsed / (peak * info.world_size)
@@ -375,7 +398,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     zero = torch.zeros((), device=info.device)
     interval_start = time.perf_counter()
     step = start_step
+    # fused LM loss of plain HF models; context-parallel attention (also in backward: recomputation)
+    scope = contextlib.ExitStack()
+    replicas = cp.size if cp is not None else 1  # ranks holding shards of the same sequences
     try:
+        if not routed and loss_impl != "plain":
+            scope.enter_context(fused_lm_loss(base, loss_impl))
+        if cp is not None:
+            scope.enter_context(cp.activate())
         while step < config.steps:
             micro, pairs = [], 0
             for _ in range(config.grad_accum_steps):
@@ -383,7 +413,8 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                 if batch is None:
                     break
                 pairs += attention_pairs(batch)  # on the host copy: no device sync
-                micro.append(_prepare(batch, info.device))
+                mb = _prepare(batch, info.device)
+                micro.append(cp.shard(mb) if cp is not None else mb)
             if len(micro) < config.grad_accum_steps:
                 result.data_exhausted = True
                 break
@@ -393,11 +424,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                         f"{type(base).__name__}.forward takes no cu_seqlens; use unpacked data "
                         "(data.separate_documents=false)"
                     )
-            valid = [(mb["labels"][:, 1:] != -100).sum().to(torch.float64) for mb in micro]
+            valid = [_predicted_tokens(mb) for mb in micro]
             total_valid = all_reduce_sum(torch.stack(valid).sum(), info).clamp_min(1.0)
+            # each rank's LM term is its token sum / (global count / world): the world-mean of the
+            # gradients is then that of the global token mean (and a rank without targets adds 0, not NaN)
+            num_items = (total_valid / info.world_size).float()
             lam = regularizer_weight(step, config.router, config.steps)
             leak = routed and leakage_draw(config.seed, step, config.router.leakage_probability)
-            extra = {"global_leakage": leak} if routed else {}
+            extra = {"global_leakage": leak, "loss_impl": loss_impl} if routed else {}
             tokens = 0
             for i, mb in enumerate(micro):
                 last = i == len(micro) - 1
@@ -406,13 +440,16 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                 )
                 with sync:
                     with _autocast(info, bf16, fsdp):
-                        out = wrapped(**mb, **extra)
+                        out = wrapped(**mb, **extra, num_items_in_batch=num_items)
                     lm = out.lm_loss if routed else out.loss
                     reg = out.router_regularizer if routed else zero
-                    share = (valid[i] * info.world_size / total_valid).to(lm.dtype)
-                    loss = lm * share + (lam / config.grad_accum_steps) * reg
+                    # gradients are averaged over all ranks, the regulariser summed over a sequence's shards
+                    loss = lm + (lam * replicas / config.grad_accum_steps) * reg
                     loss.backward()
-                stats.add_micro(lm, valid[i], reg, out.router_fraction if routed else None)
+                fraction = out.router_fraction if routed else None
+                if cp is not None and routed:
+                    fraction, reg = cp.reduce_statistics(fraction, reg)
+                stats.add_micro(lm * num_items, valid[i], reg, fraction)
                 tokens += mb["input_ids"].numel() * info.world_size
             max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
@@ -422,7 +459,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            flops = flops_per_token * tokens + flops_per_pair * pairs * info.world_size
+            flops = flops_per_token * tokens + flops_per_pair * pairs * info.world_size / replicas
             stats.add_step(grad_norm, leak, tokens, flops)
             step += 1
             result.step = step
@@ -441,6 +478,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
         if result.data_exhausted and config.checkpoint.save_final and step > start_step and not saved_now:
             result.checkpoint = save(step)
     finally:
+        scope.close()
         if progress is not None:
             progress.close()
         if writer is not None:
