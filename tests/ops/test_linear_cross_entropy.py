@@ -54,7 +54,9 @@ def test_bf16_error_within_twice_the_plain_bf16_error():
     ref = ForCausalLMLoss(h64 @ w64.T, labels, V)
     ref_grads = _grads(ref, (h64, w64))
     plain = _grads(ForCausalLMLoss(hidden @ weight.T, labels, V), (hidden, weight))
-    chunked = _grads(linear_cross_entropy(hidden, weight, shift_labels(labels), chunk_tokens=7), (hidden, weight))
+    chunked = _grads(
+        linear_cross_entropy(hidden, weight, shift_labels(labels), chunk_tokens=7), (hidden, weight)
+    )
     for p, c, r in zip(plain, chunked, ref_grads, strict=True):
         assert (c.double() - r).abs().max() <= 2 * (p.double() - r).abs().max() + 1e-6
 

@@ -77,7 +77,10 @@ def check_ops(world: int) -> dict[str, float]:
         out_s, lse_s = wrapped(*shards, *local_extra, cu_seqlens=cu, return_lse=True, backend="torch")
         (out_s.square().sum() + lse_s.masked_fill(lse_s.isinf(), 0).sum()).backward()
         # the gradient of a shard's keys collects the contributions of every rank's queries
-        err = max((out_s - out[:, cut]).abs().max(), (lse_s - lse[..., cut]).nan_to_num(posinf=0, neginf=0).abs().max())
+        err = max(
+            (out_s - out[:, cut]).abs().max(),
+            (lse_s - lse[..., cut]).nan_to_num(posinf=0, neginf=0).abs().max(),
+        )
         for full, shard in zip(leaves, shards, strict=True):
             err = max(err, (shard.grad - full.grad[:, cut]).abs().max())
         errors[name] = float(err)

@@ -68,11 +68,15 @@ def test_bad_override_names_the_item():
         load_config(None, ["steps"])
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "qwen3-8b-128k.yaml"])
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "qwen3-8b-128k.yaml", "qwen3-8b-128k-cp.yaml"])
 def test_shipped_recipes_load(name):
     config = load_config(REPO / "configs" / name)
     if name.startswith("qwen3"):
         assert config.rope_theta == 5e6 and config.max_position_embeddings == 131072
         assert config.data.seq_len == 131072 and config.optim.lr == 5e-5
         assert config.router.regularizer_weight == 1e-8 and config.router.leakage_probability == 0.1
-        assert (config.parallel.data_parallel, config.precision) == ("fsdp", "bf16")
+        assert config.precision == "bf16" and config.gradient_checkpointing
+        if name.endswith("-cp.yaml"):
+            assert (config.parallel.data_parallel, config.parallel.context_parallel) == ("fsdp", 8)
+        else:
+            assert (config.parallel.data_parallel, config.frozen_precision) == ("none", "bf16")

@@ -40,8 +40,16 @@ def test_l2a_rejects_labels_and_shift_labels(make_l2a):
 
 def _tiny_qwen3(seed=0):
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)  # fmt: skip
+    config = Qwen3Config(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     return Qwen3ForCausalLM(config)
 
 
@@ -52,9 +60,17 @@ def test_hf_model_trains_the_same_with_the_fused_loss(make_batches, tmp_path):
         row["labels"][:, : 2 * i] = -100
     histories, models = {}, {}
     for impl in ("plain", "chunked"):
-        config = TrainConfig(output_dir=str(tmp_path / impl), device="cpu", steps=2, grad_accum_steps=2,
-                             trainable=["*"], loss_impl=impl, optim=OptimConfig(lr=1e-2),
-                             logging=LoggingConfig(every=1, progress_bar=False), checkpoint={"save_final": False})  # fmt: skip
+        config = TrainConfig(
+            output_dir=str(tmp_path / impl),
+            device="cpu",
+            steps=2,
+            grad_accum_steps=2,
+            trainable=["*"],
+            loss_impl=impl,
+            optim=OptimConfig(lr=1e-2),
+            logging=LoggingConfig(every=1, progress_bar=False),
+            checkpoint={"save_final": False},
+        )
         models[impl] = _tiny_qwen3()
         result = train(models[impl], None, config, data=rows)
         assert result.loss_impl == impl

@@ -335,7 +335,9 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         has_labels = labels is not None or shift_labels is not None
         impl = resolve_loss_impl(loss_impl, hidden_states.device) if has_labels else "plain"
         if impl != "plain" and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-            raise ValueError(f"logits_to_keep needs loss_impl='plain' when labels are given, got {loss_impl!r}")
+            raise ValueError(
+                f"logits_to_keep needs loss_impl='plain' when labels are given, got {loss_impl!r}"
+            )
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
                 hidden_states = hidden_states[:, -logits_to_keep:]

@@ -148,7 +148,9 @@ def linear_cross_entropy(
                 accum_dtype=torch.float32,
             ).float()
         elif impl == "chunked":
-            total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_tokens)
+            total = _ChunkedLinearCrossEntropy.apply(
+                hidden, weight, bias, targets, ignore_index, chunk_tokens
+            )
         else:
             raise ValueError(f"impl must be 'liger' or 'chunked' (resolve 'auto' first), got {impl!r}")
     if num_items_in_batch is None:

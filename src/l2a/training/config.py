@@ -250,6 +250,10 @@ class TrainConfig(_Validated):
         `activation_checkpointing_enable` / `gradient_checkpointing_enable`, non-reentrant).
     parallel: a `ParallelConfig` (data and context parallelism under torchrun), or its shorthand
         "none" / "ddp" / "fsdp".
+    frozen_precision: "same" keeps the frozen parameters as loaded; "bf16" stores them in bfloat16 (they
+        never update, so fp32 copies only cost memory: 2 bytes per parameter saved, e.g. 13 GiB for Qwen3-8B's
+        MLPs and embeddings). The residual stream then runs in bf16 too. Needs precision bf16; not with FSDP
+        over several processes (FSDP2 keeps one dtype per shard group; it shards the fp32 copies instead).
     loss_impl: LM loss: "plain" (full logits, the model's own loss), "liger" (Liger-Kernel's fused linear
         cross-entropy, CUDA), "chunked" (exact PyTorch, chunked over tokens) or "auto" (liger on CUDA when
         installed, else chunked); logged at start.
@@ -267,6 +271,7 @@ class TrainConfig(_Validated):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    frozen_precision: Literal["same", "bf16"] = "same"
     loss_impl: Literal["auto", "liger", "chunked", "plain"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -294,6 +299,10 @@ class TrainConfig(_Validated):
         _check(
             self.max_position_embeddings is None or self.max_position_embeddings >= 1,
             f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}",
+        )
+        _check(
+            self.frozen_precision == "same" or self.precision == "bf16",
+            f"frozen_precision='bf16' needs precision='bf16', got {self.precision!r}",
         )
         _check(
             self.data.seq_len % self.parallel.context_parallel == 0,

@@ -33,7 +33,7 @@ from torch import nn
 from l2a.ops.linear_cross_entropy import resolve_loss_impl
 from l2a.training import checkpoint as ckpt
 from l2a.training.config import TrainConfig
-from l2a.training.context_parallel import ContextParallel, apply_context_parallel
+from l2a.training.context_parallel import apply_context_parallel
 from l2a.training.loss import fused_lm_loss
 from l2a.training.metrics import LogWriter, StepStats, attention_pairs, flops_coefficients, peak_flops
 from l2a.training.parallel import (
@@ -205,7 +205,7 @@ def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
     return path
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: nn.Module, config: TrainConfig, fsdp: bool) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -215,7 +215,9 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     o = config.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    # the fused CUDA kernel: no full-size temporaries (foreach AdamW's would be GiBs for billions of weights)
+    fused = (not fsdp and all(p.is_cuda for group in groups for p in group["params"])) or None
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
 
 
 def train(
@@ -266,11 +268,18 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     if info.is_main:
         print(
             f"l2a train: loss_impl={config.loss_impl} -> {loss_impl}; world {info.world_size}, "
-            f"context parallel {config.parallel.context_parallel}, data parallel {config.parallel.data_parallel}",
+            f"context parallel {config.parallel.context_parallel}, "
+            f"data parallel {config.parallel.data_parallel}",
             file=sys.stderr,
         )
     apply_context_extension(model, config.rope_theta, config.max_position_embeddings)
     set_trainable(model, config.trainable)
+    if config.frozen_precision == "bf16":
+        if config.parallel.data_parallel == "fsdp" and info.distributed:
+            raise ValueError("frozen_precision='bf16' cannot be combined with FSDP over several processes")
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -309,7 +318,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     if fsdp:
         wrapped.to(info.device)
     base = unwrap(wrapped)
-    optimizer = _optimizer(wrapped, config)
+    optimizer = _optimizer(wrapped, config, fsdp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.optim, config.steps)
     )

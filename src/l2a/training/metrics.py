@@ -83,7 +83,11 @@ class StepStats:
         self.grad_norm: torch.Tensor | None = None  # of the last step
 
     def add_micro(
-        self, lm_token_sum: torch.Tensor, valid: torch.Tensor, reg: torch.Tensor, fraction: torch.Tensor | None
+        self,
+        lm_token_sum: torch.Tensor,
+        valid: torch.Tensor,
+        reg: torch.Tensor,
+        fraction: torch.Tensor | None,
     ) -> None:
         """lm_token_sum: the LM loss summed over the micro-batch's `valid` predicted tokens."""
         self.lm_sum += lm_token_sum.detach().double()
