@@ -286,7 +286,8 @@ def run_recipe(args: argparse.Namespace, out: Path) -> dict:
         if param.requires_grad:
             param.data = param.data.float()  # fp32 masters of the trained weights
     print(f"  model built: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
-    data = packed_documents(args.steps * config.grad_accum_steps, config.data.seq_len, l2a_config.vocab_size, docs=4, seed=3)
+    micro = args.steps * config.grad_accum_steps
+    data = packed_documents(micro, config.data.seq_len, l2a_config.vocab_size, docs=4, seed=3)
     result = _timed_train(model, config, data, warmup=1 if args.steps > 1 else 0)
     result["config"] = config.to_dict()
     print(
