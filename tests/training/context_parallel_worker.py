@@ -3,7 +3,8 @@
 the single-device ops, RUN: {"history", "checkpoint"}}.
 
 Every run trains the tiny L2A model (window 8 over 32-token packed rows: windows and documents cross the
-shard boundaries) for 4 steps with leakage steps, stopping after 2 and resuming from the checkpoint."""
+shard boundaries) with activation checkpointing for 4 steps with leakage steps, stopping after 2 and resuming
+from the checkpoint."""
 
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ def main() -> None:
         wrapper, cp = run.split(":")
         dp_rank, dp_world = rank // int(cp), world // int(cp)
         mine = rows[dp_rank::dp_world]  # the ranks of a context-parallel group read the same rows
-        config = config_for(str(out.parent / f"run-{wrapper}-{cp}"), wrapper, int(cp))
+        # activation checkpointing: the recomputation in the backward attends through the all-to-alls too
+        config = config_for(
+            str(out.parent / f"run-{wrapper}-{cp}"), wrapper, int(cp), gradient_checkpointing=True
+        )
         first = train(tiny_l2a(), None, config, data=mine[:2])
         second = train(tiny_l2a(seed=1), None, config, data=mine)
         results[run] = {"history": first.history + second.history, "checkpoint": str(second.checkpoint)}
