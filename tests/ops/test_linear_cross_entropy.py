@@ -83,6 +83,9 @@ def test_resolve_loss_impl(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_loss_impl("auto", cpu) == "chunked"
     assert resolve_loss_impl("plain", cpu) == "plain"
+    monkeypatch.setattr("l2a.ops.linear_cross_entropy.liger_available", lambda: True)
+    assert resolve_loss_impl("auto", cpu) == "chunked"
+    assert resolve_loss_impl("auto", torch.device("cuda")) == "liger"
     with pytest.raises(ValueError, match="CUDA only"):
         resolve_loss_impl("liger", cpu)
     with pytest.raises(ValueError, match="loss_impl must be one of"):
