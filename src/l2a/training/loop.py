@@ -6,8 +6,15 @@ One optimizer step = `config.grad_accum_steps` micro-steps per rank. Per step th
    (2 ranks × k micro-steps gives the same gradient as 1 rank × 2k);
 2. computes λ(step) and the leakage draw (seeded by (seed, step): the same on every rank, reproduced on
    resume) and runs `model(..., global_leakage=leak)` on each micro-batch;
-3. backpropagates `lm_loss · share + λ · router_regularizer / grad_accum_steps`, clips, steps AdamW and
-   the LambdaLR schedule. Statistics stay on the device until a log step.
+3. backpropagates `lm_sum / (count / world) + λ · C · router_regularizer / grad_accum_steps` (`lm_sum`: the
+   micro-batch's summed LM loss, via the model's `num_items_in_batch`; C: the context-parallel ranks sharing a
+   sequence, 1 without), clips, steps AdamW and the LambdaLR schedule. Statistics stay on the device until a
+   log step.
+
+The LM loss is computed without full-vocabulary logits unless `loss_impl: plain`
+(`l2a.ops.linear_cross_entropy`; plain HF models through `l2a.training.loss.fused_lm_loss`). With
+`parallel.context_parallel` C > 1 each rank trains on its shard of every sequence
+(`l2a.training.context_parallel`).
 
 Models without a router (e.g. HF `Qwen3ForCausalLM` for pretraining a baseline) work too: their `loss`
 is the LM loss and the regulariser is 0; no leakage is drawn.
