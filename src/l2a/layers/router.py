@@ -71,10 +71,7 @@ class Router(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_states.dtype
         hard_f = hard.to(dtype)
-        if self.training and force is None:
-            gate = hard_f + (soft - soft.detach()).to(dtype)
-        else:
-            gate = hard_f
+        gate = hard_f + (soft - soft.detach()).to(dtype) if self.training and force is None else hard_f
         return RoutingDecision(soft=soft, hard=hard, gate=gate)
 
     def extra_repr(self) -> str:
