@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from l2a.layers import L2ADecoderLayer
 from l2a.models import L2AForCausalLM
 from l2a.training import TrainConfig, train
 
@@ -96,6 +97,12 @@ def test_bad_context_parallel_settings_are_errors(make_l2a):
 
     with pytest.raises(ValueError, match="must divide the number of processes"):
         apply_context_parallel(make_l2a(), 2)
+    model = make_l2a()
+    model.model.layers[1].__class__ = type("OwnAttentionLayer", (L2ADecoderLayer,), {})
+    with pytest.raises(ValueError, match=r"L2ADecoderLayer only .* \['OwnAttentionLayer'\]"):
+        apply_context_parallel(model, 2)
+    with pytest.raises(ValueError, match="needs an L2A model"):
+        apply_context_parallel(torch.nn.Linear(2, 2), 2)
     with pytest.raises(ValueError, match="multiple of parallel.context_parallel=3"):
         TrainConfig(parallel={"context_parallel": 3}, data={"seq_len": 32})
     with pytest.raises(ValueError, match="context_parallel must be >= 1"):

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from l2a import ops
+from l2a.layers import L2ADecoderLayer
 from l2a.layers.attention_ops import override_attention_ops
 from l2a.models.modeling import _document_positions
 from l2a.ops.linear_cross_entropy import shift_labels
@@ -189,6 +191,20 @@ def apply_context_parallel(model: nn.Module, size: int) -> ContextParallel | Non
         raise ValueError(
             f"parallel.context_parallel={size} needs an L2A model (its layers attend through "
             f"l2a.layers.attention_ops), got {type(model).__name__}"
+        )
+    # Only layers whose attention goes through l2a.layers.attention_ops are split correctly; another layer
+    # class (e.g. one calling an op of its own) would attend within its shard only.
+    others = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, GradientCheckpointingLayer) and type(m) is not L2ADecoderLayer
+        }
+    )
+    if others:
+        raise ValueError(
+            f"parallel.context_parallel={size} supports L2ADecoderLayer only (its attention goes through "
+            f"l2a.layers.attention_ops), got {others}"
         )
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world % size != 0:
