@@ -250,6 +250,9 @@ class TrainConfig(_Validated):
         `activation_checkpointing_enable` / `gradient_checkpointing_enable`, non-reentrant).
     parallel: a `ParallelConfig` (data and context parallelism under torchrun), or its shorthand
         "none" / "ddp" / "fsdp".
+    activation_offload: keep the tensors saved for the backward (with `gradient_checkpointing`: the layer
+        inputs, 1 GiB per layer for Qwen3-8B at 128K tokens) in (pinned) host memory instead of on the device
+        (`torch.autograd.graph.save_on_cpu`); costs a copy each way per step.
     frozen_precision: "same" keeps the frozen parameters as loaded; "bf16" stores them in bfloat16 (they
         never update, so fp32 copies only cost memory: 2 bytes per parameter saved, e.g. 13 GiB for Qwen3-8B's
         MLPs and embeddings). The residual stream then runs in bf16 too. Needs precision bf16; not with FSDP
@@ -271,6 +274,7 @@ class TrainConfig(_Validated):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    activation_offload: bool = False
     frozen_precision: Literal["same", "bf16"] = "same"
     loss_impl: Literal["auto", "liger", "chunked", "plain"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)

@@ -151,6 +151,12 @@ def _autocast(info: DistInfo, bf16: bool, fsdp: bool) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
+def _saved_tensors(config: TrainConfig, info: DistInfo) -> contextlib.AbstractContextManager:
+    if config.activation_offload:
+        return torch.autograd.graph.save_on_cpu(pin_memory=info.device.type == "cuda")
+    return contextlib.nullcontext()
+
+
 class _DataStream:
     """Iterator over micro-batches that records its position for checkpoints.
 
@@ -455,7 +461,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                     contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
                 )
                 with sync:
-                    with _autocast(info, bf16, fsdp):
+                    with _autocast(info, bf16, fsdp), _saved_tensors(config, info):
                         out = wrapped(**mb, **extra, num_items_in_batch=num_items)
                     lm = out.lm_loss if routed else out.loss
                     reg = out.router_regularizer if routed else zero
