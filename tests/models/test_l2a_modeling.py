@@ -105,7 +105,7 @@ def test_router_fraction_matches_router_decisions(tiny_l2a):
 def test_loss_is_lm_loss_plus_weighted_regularizer(tiny_l2a):
     model = tiny_l2a("llama", window=4)
     ids = torch.randint(0, 300, (2, 10))
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, loss_impl="plain")
     expected_lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.lm_loss, expected_lm)
     torch.testing.assert_close(out.loss, out.lm_loss)
@@ -122,7 +122,7 @@ def test_training_forward_uses_hard_decision_and_trains_router(tiny_l2a):
     with torch.no_grad():
         eval_logits = model(ids).logits
     model.train()
-    out = model(ids, labels=ids, router_regularizer_weight=1e-2)
+    out = model(ids, labels=ids, router_regularizer_weight=1e-2, loss_impl="plain")
     torch.testing.assert_close(out.logits, eval_logits, atol=1e-6, rtol=0)
     out.loss.backward()
     assert all(layer.router.weight.grad.abs().sum() > 0 for layer in model.model.layers)
@@ -134,7 +134,7 @@ def test_global_leakage_same_forward_more_router_gradient(tiny_l2a):
     grads, logits = [], []
     for leakage in (False, True):
         model.zero_grad()
-        out = model(ids, labels=ids, global_leakage=leakage)
+        out = model(ids, labels=ids, global_leakage=leakage, loss_impl="plain")
         out.lm_loss.backward()
         logits.append(out.logits.detach())
         grads.append(torch.cat([layer.router.weight.grad.flatten() for layer in model.model.layers]))

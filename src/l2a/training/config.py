@@ -215,6 +215,32 @@ class LoggingConfig(_Validated):
 
 
 @dataclass
+class ParallelConfig(_Validated):
+    """How the processes launched by torchrun split the work (the model code stays single-device).
+
+    data_parallel: "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`), over all
+        processes. A plain string `parallel: fsdp` means `parallel: {data_parallel: fsdp}`.
+    context_parallel: C > 1 splits every sequence into C contiguous shards over groups of C consecutive
+        ranks (Ulysses all-to-all around both attention branches, `l2a.training.context_parallel`); the
+        world size must be a multiple of C, C must divide the query heads and divide (or be a multiple
+        of) the KV heads, and `data.seq_len` must be a multiple of C. L2A models only.
+    """
+
+    data_parallel: Literal["none", "ddp", "fsdp"] = "none"
+    context_parallel: int = 1
+
+    def _validate(self) -> None:
+        _check(
+            self.context_parallel >= 1,
+            f"parallel.context_parallel must be >= 1, got {self.context_parallel}",
+        )
+
+
+SECTION_SHORTHANDS = {"parallel": "data_parallel"}
+"""Sections that may be written as one scalar, meaning this field of theirs (`parallel: fsdp`)."""
+
+
+@dataclass
 class TrainConfig(_Validated):
     """Everything `l2a.training.train` needs.
 
@@ -230,7 +256,18 @@ class TrainConfig(_Validated):
         MixedPrecisionPolicy over the model's own weights (fp32 when loaded by `run_training`).
     gradient_checkpointing: activation checkpointing of every decoder layer (HF
         `activation_checkpointing_enable` / `gradient_checkpointing_enable`, non-reentrant).
-    parallel: "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`), under torchrun.
+    parallel: a `ParallelConfig` (data and context parallelism under torchrun), or its shorthand
+        "none" / "ddp" / "fsdp".
+    activation_offload: keep the tensors saved for the backward (with `gradient_checkpointing`: the layer
+        inputs, 1 GiB per layer for Qwen3-8B at 128K tokens) in (pinned) host memory instead of on the device
+        (`torch.autograd.graph.save_on_cpu`); costs a copy each way per step.
+    frozen_precision: "same" keeps the frozen parameters as loaded; "bf16" stores them in bfloat16 (they
+        never update, so fp32 copies only cost memory: 2 bytes per parameter saved, e.g. 13 GiB for Qwen3-8B's
+        MLPs and embeddings). The residual stream then runs in bf16 too. Needs precision bf16; not with FSDP
+        over several processes (FSDP2 keeps one dtype per shard group; it shards the fp32 copies instead).
+    loss_impl: LM loss: "plain" (full logits, the model's own loss), "liger" (Liger-Kernel's fused linear
+        cross-entropy, CUDA), "chunked" (exact PyTorch, chunked over tokens) or "auto" (liger on CUDA when
+        installed, else chunked); logged at start.
     """
 
     model: str | None = None
@@ -244,7 +281,10 @@ class TrainConfig(_Validated):
     device: str | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    activation_offload: bool = False
+    frozen_precision: Literal["same", "bf16"] = "same"
+    loss_impl: Literal["auto", "liger", "chunked", "plain"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -254,7 +294,7 @@ class TrainConfig(_Validated):
     def _validate(self) -> None:
         # Sections may be given as mappings (`checkpoint={"every": 10}`): build and validate them here.
         hints = get_type_hints(type(self))
-        for name in ("data", "optim", "router", "checkpoint", "logging"):
+        for name in ("data", "optim", "router", "checkpoint", "logging", "parallel"):
             setattr(self, name, _coerce(getattr(self, name), hints[name], name))
         _check(
             self.device is None
@@ -271,6 +311,15 @@ class TrainConfig(_Validated):
         _check(
             self.max_position_embeddings is None or self.max_position_embeddings >= 1,
             f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}",
+        )
+        _check(
+            self.frozen_precision == "same" or self.precision == "bf16",
+            f"frozen_precision='bf16' needs precision='bf16', got {self.precision!r}",
+        )
+        _check(
+            self.data.seq_len % self.parallel.context_parallel == 0,
+            f"data.seq_len={self.data.seq_len} must be a multiple of "
+            f"parallel.context_parallel={self.parallel.context_parallel}",
         )
         _check(
             self.optim.warmup_steps <= self.steps,
@@ -322,6 +371,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        shorthand = SECTION_SHORTHANDS.get(name)
+        if shorthand is not None and not isinstance(value, dict):
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, got {value!r}")
         return _build(tp, value, prefix=f"{name}.")
@@ -410,8 +462,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ValueError(f"override {item!r} must look like key.sub=value")
         node = values
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
+            if depth == 0 and part in SECTION_SHORTHANDS and not isinstance(child, dict):
+                child = node[part] = {SECTION_SHORTHANDS[part]: child}
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
             node = child
