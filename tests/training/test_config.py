@@ -87,7 +87,7 @@ def test_shipped_recipes_load(name):
     [
         (["stepz=3"], r"unknown config key 'stepz'; did you mean 'steps'\?"),
         (["router.leakage_probabilty=0.5"], r"did you mean 'router.leakage_probability'\?"),
-        (["zzz=1"], r"unknown config key 'zzz' \(valid keys: checkpoint, "),
+        (["zzz=1"], r"unknown config key 'zzz' \(valid keys: activation_offload, checkpoint, "),
         (["steps=abc"], "steps must be an integer, got 'abc'"),
         (["optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
         (["trainable=attention"], "trainable must be a list, got 'attention'"),
