@@ -215,3 +215,19 @@ def test_config_changes_take_effect_at_once(tiny_l2a):
     torch.testing.assert_close(out.router_fraction, torch.zeros(2))
     with torch.no_grad():
         torch.testing.assert_close(out.logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def test_auto_loss_fuses_in_training_only(tiny_l2a):
+    """HF's contract: with labels, eval mode returns logits; training mode fuses the LM head into the loss."""
+    model = tiny_l2a("qwen3", window=4)
+    ids = torch.randint(0, 300, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(ids, labels=ids)
+    assert evaluated.logits is not None and evaluated.logits.shape == (2, 10, 300)
+    expected = F.cross_entropy(evaluated.logits[:, :-1].reshape(-1, 300).float(), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(evaluated.lm_loss, expected)
+    model.train()
+    trained = model(ids, labels=ids)
+    assert trained.logits is None
+    torch.testing.assert_close(trained.lm_loss, expected, rtol=1e-5, atol=1e-5)

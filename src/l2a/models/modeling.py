@@ -312,8 +312,9 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         router_regularizer_weight: lambda; defaults to `config.router_regularizer_weight`.
         num_items_in_batch: token count for HF's loss normalisation under gradient accumulation.
         loss_impl: with labels, "plain" computes the logits and HF's loss from them (and returns the
-            logits); "liger" / "chunked" fuse the LM head into the loss and return logits=None; "auto" is
-            "liger" on CUDA when Liger-Kernel is installed, else "chunked" (`l2a.ops.linear_cross_entropy`).
+            logits); "liger" / "chunked" fuse the LM head into the loss and return logits=None; "auto" is, in
+            training mode, "liger" on CUDA when Liger-Kernel is installed, else "chunked"
+            (`l2a.ops.linear_cross_entropy`), and "plain" in eval mode.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -333,7 +334,10 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         if labels is not None and shift_labels is not None:
             raise ValueError("pass labels or shift_labels, not both")
         has_labels = labels is not None or shift_labels is not None
-        impl = resolve_loss_impl(loss_impl, hidden_states.device) if has_labels else "plain"
+        # "auto" fuses only in training (as Liger's HF patches do): evaluation with labels keeps HF's
+        # contract of returning the logits.
+        fuse = has_labels and (loss_impl != "auto" or self.training)
+        impl = resolve_loss_impl(loss_impl, hidden_states.device) if fuse else "plain"
         if impl != "plain" and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError(
                 f"logits_to_keep needs loss_impl='plain' when labels are given, got {loss_impl!r}"
