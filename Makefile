@@ -20,7 +20,7 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
 
 demo: install
-	$(VENV)/bin/l2a demo --out runs/demo
+	$(VENV)/bin/l2a demo --out runs/demo --force
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -107,8 +107,21 @@ def useful_fwd_flops(active: torch.Tensor, window: int, d: int) -> float:
     return 4.0 * d * keys.sum().item()
 
 
+def _inputs(n: int, active_frac: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """q (1, n, 28, 128), k, v (1, n, 4, 128) bf16, dout, and a head-wise routing mask (1, n, 28)."""
+    torch.manual_seed(n)
+    q = torch.randn(1, n, 28, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, n, 4, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, n, 4, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    gen = torch.Generator(device=device).manual_seed(n)
+    active = torch.rand(1, n, 28, device=device, generator=gen) < active_frac
+    return q, k, v, dout, active
+
+
 def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[dict]:
-    b, hq, hkv, d, window = 1, 28, 4, 128, args.window
+    """The table: cuDNN, one-pass, composed and the row-list cost at every N; then the launch variants."""
+    hq, hkv, d, window = 28, 4, 128, args.window
     rows = []
 
     def record(method: str, n: int, fwd: float | None, fb: float | None, flops: float, **extra) -> None:
@@ -119,14 +132,8 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[
         log(json.dumps(row))
 
     for n in args.ns:
-        torch.manual_seed(n)
-        q = torch.randn(b, n, hq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(b, n, hkv, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(b, n, hkv, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-        dout = torch.randn_like(q)
-        gen = torch.Generator(device=device).manual_seed(n)
-        active = torch.rand(b, n, hq, device=device, generator=gen) < args.active
-        frac = active.float().mean().item()
+        q, k, v, dout, active = _inputs(n, args.active, device)
+        frac = round(active.float().mean().item(), 4)
         qt = q.detach().transpose(1, 2).contiguous().requires_grad_()
         kt = k.detach().repeat_interleave(hq // hkv, 2).transpose(1, 2).contiguous().requires_grad_()
         vt = v.detach().repeat_interleave(hq // hkv, 2).transpose(1, 2).contiguous().requires_grad_()
@@ -139,26 +146,42 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[
         del qt, kt, vt, dt
         torch.cuda.empty_cache()
         flops = useful_fwd_flops(active, window, d)
-        variants = {
+        methods = {
             "l2a AHA one-pass": partial(all_or_here_attention, q, k, v, active, window, backend="triton"),
-            "l2a AHA composed (window + far + lse merge)": partial(composed_aha, q, k, v, active, window),
         }
-        for method, fn in variants.items():
+        if not args.no_composed:
+            methods["l2a AHA composed (window + far + lse merge)"] = partial(
+                composed_aha, q, k, v, active, window
+            )
+        for method, fn in methods.items():
             fwd = bench(fn)
             fb = bench(_fwd_bwd(fn, (q, k, v), dout))
-            record(method, n, fwd, fb, flops, active=round(frac, 4))
-        # fixed cost inside both passes: building the two row lists per head (cumsum, scatter, gathers)
-        lists = partial(aha_rows, q, k, active, window, None, None)
-        record("AHA row lists alone (inside fwd and bwd)", n, bench(lists), None, 0.0)
-        for cfg in args.fwd_configs:
-            os.environ["L2A_FWD"] = cfg
+            record(method, n, fwd, fb, flops, active=frac)
+        # fixed cost inside both passes: building the two pair lists per K/V group
+        record(
+            "AHA pair lists alone (built in fwd and in bwd)",
+            n,
+            bench(partial(aha_rows, q, k, active, window, None, None)),
+            None,
+            0.0,
+        )
+        del q, k, v, dout, active
+        torch.cuda.empty_cache()
+    for n in args.ns if args.variants else ():
+        q, k, v, dout, active = _inputs(n, args.active, device)
+        flops = useful_fwd_flops(active, window, d)
+        fn = partial(all_or_here_attention, q, k, v, active, window, backend="triton")
+        for variant in args.variants:
+            settings = dict(item.split("=", 1) for item in variant.split())
+            os.environ.update(settings)
             try:
                 record(
-                    f"l2a AHA one-pass, L2A_FWD={cfg}", n, bench(variants["l2a AHA one-pass"]), None, flops
+                    f"l2a AHA one-pass, {variant}", n, bench(fn), bench(_fwd_bwd(fn, (q, k, v), dout)), flops
                 )
             except Exception as e:  # noqa: BLE001  (out of resources for this config)
-                record(f"l2a AHA one-pass, L2A_FWD={cfg}", n, None, None, flops, note=type(e).__name__)
-            os.environ.pop("L2A_FWD")
+                record(f"l2a AHA one-pass, {variant}", n, None, None, flops, note=type(e).__name__)
+            for name in settings:
+                os.environ.pop(name)
         del q, k, v, dout, active
         torch.cuda.empty_cache()
     return rows
@@ -194,10 +217,15 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--active", type=float, default=0.07, help="fraction of (token, head) pairs routed")
     parser.add_argument(
-        "--fwd-configs",
-        type=lambda s: [c for c in s.split(";") if c],
+        "--variants",
+        type=lambda s: [c.strip() for c in s.split("|") if c.strip()],
         default=[],
-        help="extra forward launch configs 'BM,BN,warps,stages;...' to time for the one-pass kernel",
+        help="launch settings to time the one-pass kernel under, after the table: "
+        "'L2A_FWD=128,128,8,2|L2A_BWD_DQ=64,64,4,2 L2A_BWD_DKDV=64,64,4,2'",
+    )
+    parser.add_argument("--no-composed", action="store_true", help="skip the composed two-op form")
+    parser.add_argument(
+        "--check-head-dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 128)
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -211,7 +239,7 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    failures = check_correctness(device)
+    failures = check_correctness(device, args.check_head_dims)
     if failures:
         log("correctness check FAILED; refusing to report:\n  " + "\n  ".join(failures))
         sys.exit(1)

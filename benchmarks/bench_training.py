@@ -10,6 +10,21 @@ and with `force_route="all"`. Reported: median tokens/s over the steps after war
 measured during those steps.
 
     python benchmarks/bench_training.py --seq-lens 16384,32768 --out runs/bench_training
+
+`--mode dense`: L2A against the dense HF model (SDPA) with the same settings in the same run: a Qwen2.5-1.5B
+shape (random weights, built on the GPU), all parameters trainable, bf16 autocast, activation checkpointing,
+the fused LM loss for both; L2A with fixed random token-wise routing (a fraction `--sparsity` of the tokens
+skips global attention, a fresh mask per layer). Reported: step time (median after one warm-up step) and
+peak memory of each.
+
+    python benchmarks/bench_training.py --mode dense --seq-lens 65536,131072 --out runs/bench_dense
+
+`--mode recipe`: one or more steps of a training recipe (`--config`, e.g. configs/qwen3-8b-128k.yaml) through
+`l2a.training.train`, on a Qwen3-8B-shaped L2A model with random weights built on the GPU in bf16 (trainable
+parameters then cast to fp32 masters), on random packed documents of `data.seq_len` tokens: peak memory and
+tokens/s per step.
+
+    python benchmarks/bench_training.py --mode recipe --config configs/qwen3-8b-128k.yaml --steps 2
 """
 
 from __future__ import annotations
@@ -24,7 +39,11 @@ import torch
 import transformers
 
 import l2a
+from l2a.layers.router import RoutingDecision
+from l2a.models.conversion import l2a_config_from_base
 from l2a.training import CheckpointConfig, LoggingConfig, OptimConfig, RouterConfig, TrainConfig, train
+from l2a.training.config import load_config
+from l2a.training.params import set_trainable
 
 
 def build_model(args: argparse.Namespace) -> l2a.L2AForCausalLM:
@@ -105,8 +124,188 @@ def run_phase(model, seq_len: int, args: argparse.Namespace, out_dir: Path) -> d
     }
 
 
+class FixedRouting(torch.nn.Module):
+    """Wraps a router: the hard decision is a fixed mask `routed` (1, N); the gate's gradient still flows
+    through the router's soft output (straight-through), as in training."""
+
+    def __init__(self, router: torch.nn.Module, routed: torch.Tensor):
+        super().__init__()
+        self.router = router
+        self.register_buffer("routed", routed, persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor, force=None) -> RoutingDecision:
+        decision = self.router(hidden_states, force)
+        hard = self.routed[:, : hidden_states.shape[1]].expand_as(decision.hard)
+        gate = hard.to(hidden_states.dtype) + (decision.soft - decision.soft.detach()).to(hidden_states.dtype)
+        return RoutingDecision(soft=decision.soft, hard=hard, gate=gate)
+
+
+def qwen25_15b_config(vocab: int) -> transformers.Qwen2Config:
+    return transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+    )
+
+
+def qwen3_8b_config() -> transformers.Qwen3Config:
+    return transformers.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    )
+
+
+def _build_on_gpu(cls, config, dtype: torch.dtype = torch.bfloat16):
+    """Random weights initialised on the GPU (HF's init on the CPU takes minutes for billions of weights)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            torch.manual_seed(0)
+            return cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _timed_train(model, config: TrainConfig, data: list[dict], warmup: int) -> dict:
+    records: list[dict] = []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train(model, None, config, data=data, on_log=records.append)
+    torch.cuda.synchronize()
+    timed = records[warmup:] or records
+    tokens = data[0]["input_ids"].numel() * config.grad_accum_steps
+    return {
+        "step_s": statistics.median(tokens / r["tokens_per_s"] for r in timed),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "per_step": [
+            {k: r.get(k) for k in ("step", "lm_loss", "tokens_per_s", "sparsity", "loss_impl")}
+            for r in records
+        ],
+    }
+
+
+def run_dense_comparison(args: argparse.Namespace, out: Path) -> list[dict]:
+    rows = []
+    for seq_len in (int(s) for s in args.seq_lens.split(",")):
+        config = TrainConfig(
+            output_dir=str(out / f"run-{seq_len}"),
+            steps=args.steps,
+            trainable=["*"],
+            precision="bf16",
+            gradient_checkpointing=True,
+            optim=OptimConfig(lr=1e-6, lr_schedule="constant"),
+            router=RouterConfig(regularizer_weight=0.0, leakage_probability=0.0),
+            logging=LoggingConfig(every=1, progress_bar=False, jsonl=False),
+            checkpoint=CheckpointConfig(save_final=False),
+        )
+        data = random_batches(args.steps, seq_len, args.vocab, seed=2)
+        row: dict = {"seq_len": seq_len}
+        for name in ("dense", "l2a"):
+            base = _build_on_gpu(transformers.Qwen2ForCausalLM, qwen25_15b_config(args.vocab))
+            base.config._attn_implementation = "sdpa"
+            if name == "l2a":
+                model = l2a.convert_model(base, sliding_window=args.window)
+                del base
+                gen = torch.Generator(device="cuda").manual_seed(0)
+                for layer in model.model.layers:
+                    routed = torch.rand(1, seq_len, device="cuda", generator=gen) >= args.sparsity
+                    layer.router = FixedRouting(layer.router, routed)
+            else:
+                model = base
+            model.float()  # fp32 master weights under bf16 autocast, as `l2a train` loads them
+            row[name] = _timed_train(model, config, data, warmup=1)
+            print(
+                f"  N={seq_len} {name}: {row[name]['step_s']:.2f} s/step, "
+                f"{row[name]['peak_mem_gib']:.1f} GiB",
+                flush=True,
+            )
+            del model
+            torch.cuda.empty_cache()
+        rows.append(row)
+    print("| N | dense step | L2A step | speed-up | peak GiB dense / L2A |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        d, a = r["dense"], r["l2a"]
+        print(
+            f"| {r['seq_len']} | {d['step_s']:.2f} s | {a['step_s']:.2f} s | "
+            f"{d['step_s'] / a['step_s']:.2f}x | {d['peak_mem_gib']:.1f} / {a['peak_mem_gib']:.1f} |"
+        )
+    return rows
+
+
+def packed_documents(n: int, seq_len: int, vocab: int, docs: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        cuts = torch.randperm(seq_len - 1, generator=gen)[: docs - 1].add(1).sort().values
+        out.append(
+            {
+                "input_ids": torch.randint(0, vocab, (1, seq_len), generator=gen),
+                "cu_seqlens": torch.cat([torch.tensor([0]), cuts, torch.tensor([seq_len])]).to(torch.int32),
+            }
+        )
+    return out
+
+
+def run_recipe(args: argparse.Namespace, out: Path) -> dict:
+    config = load_config(
+        args.config,
+        [
+            f"steps={args.steps}",
+            f"output_dir={out / 'recipe'}",
+            "checkpoint.resume=null",
+            "checkpoint.save_final=false",
+            "logging.every=1",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            "optim.warmup_steps=0",
+            *args.set,
+        ],
+    )
+    l2a_config = l2a_config_from_base(
+        qwen3_8b_config(), sliding_window=4095, rope_theta=5e6, max_position_embeddings=131072
+    )
+    model = _build_on_gpu(l2a.L2AForCausalLM, l2a_config)
+    set_trainable(model, config.trainable)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # fp32 masters of the trained weights
+    print(f"  model built: {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    micro = args.steps * config.grad_accum_steps
+    data = packed_documents(micro, config.data.seq_len, l2a_config.vocab_size, docs=4, seed=3)
+    result = _timed_train(model, config, data, warmup=1 if args.steps > 1 else 0)
+    result["config"] = config.to_dict()
+    print(
+        f"| {config.data.seq_len} tokens | {result['step_s']:.1f} s/step | "
+        f"{result['tokens_per_s']:,.0f} tokens/s | peak {result['peak_mem_gib']:.1f} GiB | "
+        f"loss {result['per_step'][0]['loss_impl']} |"
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["learned", "dense", "recipe"], default="learned")
+    parser.add_argument(
+        "--sparsity", type=float, default=0.9, help="dense mode: fraction of tokens not routed"
+    )
+    parser.add_argument("--config", default="configs/qwen3-8b-128k.yaml", help="recipe mode: the recipe")
+    parser.add_argument("--set", action="append", default=[], help="recipe mode: config override KEY=VALUE")
     parser.add_argument("--seq-lens", default="16384,32768")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
@@ -128,6 +327,20 @@ def main() -> None:
         raise SystemExit("bench_training.py needs a CUDA device (--device cpu only smoke-tests the script)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": vars(args),
+    }
+    if args.mode != "learned":
+        print(f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}")
+        result = run_dense_comparison(args, out) if args.mode == "dense" else run_recipe(args, out)
+        (out / f"bench_training_{args.mode}.json").write_text(
+            json.dumps({"meta": meta, "result": result}, indent=2)
+        )
+        return
     rows = []
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         model = build_model(args)
@@ -141,13 +354,6 @@ def main() -> None:
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    meta = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "args": vars(args),
-    }
     (out / "bench_training.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}")
     print("| seq len | sparsity | learned tok/s | all-global tok/s | speed-up | peak GiB (learned / all) |")

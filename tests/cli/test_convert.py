@@ -130,3 +130,21 @@ def test_nonpositive_window(base_dir, tmp_path, window, capsys):
         main(["convert", str(base_dir), str(tmp_path / "out"), "--window", window])
     assert exc.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("theta", ["0", "-5", "nan", "inf", "fast"])
+def test_nonpositive_rope_theta(base_dir, tmp_path, theta, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(base_dir), str(tmp_path / "out"), "--window", "4", "--rope-theta", theta])
+    assert exc.value.code == 2
+    assert "argument --rope-theta: must be a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_window_beyond_max_positions_warns_in_one_line(base_dir, tmp_path, capsys):
+    assert main(["convert", str(base_dir), str(tmp_path / "out"), "--window", "300"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "l2a convert: warning: sliding_window=300 exceeds max_position_embeddings=256: the local window "
+        "alone covers every position, so no token needs global attention"
+    ]

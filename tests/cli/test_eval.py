@@ -1,6 +1,7 @@
 """`l2a eval` end to end on a tiny converted model saved in a temporary directory."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -155,14 +156,14 @@ def test_eval_force_route_and_argument_errors(checkpoints, tmp_path, capsys):
     payload = json.loads((out / "results.json").read_text())
     assert [m["label"] for m in payload["models"]] == ["tiny-l2a [local_only]"]
     assert payload["models"][0]["info"]["force_route"] == "none"
-    with pytest.raises(ValueError, match="nothing to evaluate"):
-        main(["eval", str(checkpoints / "tiny-l2a"), "--out", str(out)])
-    with pytest.raises(ValueError, match="unknown task"):
-        main(["eval", str(checkpoints / "tiny-l2a"), "--tasks", "niah", "--lengths", "1k"])
-    with pytest.raises(ValueError, match="variants"):
-        main(
-            ["eval", str(checkpoints / "tiny-l2a"), "--variants", "sparse", "--speed", "--speed-lengths", "8"]
-        )
+    capsys.readouterr()
+    assert main(["eval", str(checkpoints / "tiny-l2a"), "--out", str(out)]) == 2
+    assert "l2a eval: error: nothing to evaluate" in capsys.readouterr().err
+    assert main(["eval", str(checkpoints / "tiny-l2a"), "--tasks", "niah", "--lengths", "1k"]) == 2
+    assert "l2a eval: error: unknown task(s) ['niah']" in capsys.readouterr().err
+    args = ["eval", str(checkpoints / "tiny-l2a"), "--variants", "sparse", "--speed", "--speed-lengths", "8"]
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert "l2a eval: error: variants must be a non-empty subset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(checkpoints / "tiny-l2a"), "--lengths", "4q"])
     assert "cannot parse length '4q'" in capsys.readouterr().err
@@ -184,10 +185,87 @@ def test_eval_task_args_reach_prompts_and_results(checkpoints, tmp_path, capsys)
     assert all(len(s["answers"][0]) == 4 and s["needle_distance"] >= 100 for s in samples)
 
     model = str(checkpoints / "tiny-l2a")
-    with pytest.raises(ValueError, match="task 'kv_retrieval' has no argument 'digits'"):
-        main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "kv_retrieval.digits=2", *common])
-    with pytest.raises(ValueError, match=r"task arguments given for \['vt'\], which are not among the tasks"):
-        main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "vt.num_chains=2", *common])
+    capsys.readouterr()
+    assert (
+        main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "kv_retrieval.digits=2", *common]) == 2
+    )
+    assert "task 'kv_retrieval' has no argument 'digits'" in capsys.readouterr().err
+    assert main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "vt.num_chains=2", *common]) == 2
+    assert "task arguments given for ['vt'], which are not among the tasks" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", model, "--tasks", "kv_retrieval", "--task-arg", "key_chars=2", *common])
     assert "must look like TASK.KEY=VALUE" in capsys.readouterr().err
+
+
+def _no_model_loads(monkeypatch):
+    """Mistakes must be found before any model loads."""
+    import l2a.evaluation.runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(l2a.evaluation.runner, "load_model", refuse)
+
+
+BAD_INPUTS = {
+    "unknown-task": (["--tasks", "kv_retreival"], r"unknown task\(s\) \['kv_retreival'\]; did you mean"),
+    "length-too-short": (
+        ["--tasks", "niah_single_1", "--lengths", "64"],
+        "niah_single_1: length 64 is too short",
+    ),
+    "cuda": (["--tasks", "vt", "--device", "cuda:7"], "device 'cuda:7' requested but"),
+    "dtype": (["--tasks", "vt", "--dtype", "float8"], "dtype must be 'auto' or one of"),
+    "missing-tokenizer": (["--tasks", "vt", "--tokenizer", "./tok"], "tokenizer './tok' does not exist"),
+    "missing-corpus": (["--perplexity", "--ppl-data", "./corpus"], "corpus source './corpus' does not exist"),
+    "samples": (["--samples", "0", "--tasks", "vt"], "samples must be positive, got 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_before_any_model_loads(checkpoints, tmp_path, monkeypatch, capsys, name):
+    extra, message = BAD_INPUTS[name]
+    if "--lengths" not in extra:
+        extra = [*extra, "--lengths", "256"]
+    _no_model_loads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoints / "tiny-l2a"), "--out", str(out), "--no-progress", *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("l2a eval: error: "), err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_missing_model_paths_are_refused_without_a_hub_lookup(tmp_path, monkeypatch, capsys):
+    _no_model_loads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for path in ["./nowhere", "runs/nowhere", str(tmp_path / "nowhere")]:
+        assert main(["eval", path, "--tasks", "vt", "--lengths", "256", "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err == f"l2a eval: error: model {path!r} does not exist\n"
+
+
+def test_out_is_never_overwritten_without_force(checkpoints, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", str(checkpoints / "tiny-l2a"), "--tasks", "fwe", "--lengths", "512", "--samples", "1",
+            "--tokenizer", "byte", "--device", "cpu", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "routing_tiny-l2a.png").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"l2a eval: error: output directory {str(out)!r} is not empty "
+        "(use --force to replace an earlier run's results)\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--no-routing", "--force"]) == 0
+    assert not (out / "routing_tiny-l2a.png").exists(), "a plot of the earlier run survived --force"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "heatmap_tiny-l2a.png", "notes.txt", "results.json", "results.md", "scores_vs_length.png",
+    ]  # fmt: skip

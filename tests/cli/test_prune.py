@@ -10,10 +10,9 @@ import l2a
 from l2a.cli import main
 
 
-@pytest.fixture
-def l2a_dir(tmp_path):
+def _qwen2() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    base = Qwen2ForCausalLM(
+    return Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=100,
             hidden_size=32,
@@ -23,8 +22,12 @@ def l2a_dir(tmp_path):
             num_key_value_heads=1,
         )
     )
+
+
+@pytest.fixture
+def l2a_dir(tmp_path):
     path = tmp_path / "l2a"
-    l2a.convert_model(base, sliding_window=4).save_pretrained(path)
+    l2a.convert_model(_qwen2(), sliding_window=4).save_pretrained(path)
     return path
 
 
@@ -61,3 +64,23 @@ def test_errors(l2a_dir, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["prune", str(l2a_dir), str(l2a_dir), "--layers", "0", "--force"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_prune_copies_tokenizer_and_generation_config(l2a_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    (l2a_dir / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    (l2a_dir / "tokenizer_config.json").write_text('{"model_max_length": 77}')
+    GenerationConfig(max_new_tokens=7, eos_token_id=3).save_pretrained(l2a_dir)
+    assert main(["prune", str(l2a_dir), str(tmp_path / "out"), "--layers", "1"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_text() == (l2a_dir / name).read_text()
+    generation = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (generation.max_new_tokens, generation.eos_token_id) == (7, 3)
+
+
+def test_prune_refuses_a_non_l2a_model_before_loading_it(tmp_path, capsys):
+    _qwen2().save_pretrained(tmp_path / "q")
+    assert main(["prune", str(tmp_path / "q"), str(tmp_path / "out"), "--layers", "0"]) == 2
+    assert capsys.readouterr().err.endswith("holds a 'qwen2' model, not an L2A model\n")
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ GPU_BASE = dict(hidden_size=128, head_dim=32, num_hidden_layers=3)
 def _run(model, ids, backend):
     model.config.attention_backend = backend
     model.zero_grad()
-    out = model(ids, labels=ids, router_regularizer_weight=1e-3)
+    out = model(ids, labels=ids, router_regularizer_weight=1e-3, loss_impl="plain")
     out.loss.backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.float().detach(), out.router_fraction, grads

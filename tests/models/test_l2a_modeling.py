@@ -105,7 +105,7 @@ def test_router_fraction_matches_router_decisions(tiny_l2a):
 def test_loss_is_lm_loss_plus_weighted_regularizer(tiny_l2a):
     model = tiny_l2a("llama", window=4)
     ids = torch.randint(0, 300, (2, 10))
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, loss_impl="plain")
     expected_lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.lm_loss, expected_lm)
     torch.testing.assert_close(out.loss, out.lm_loss)
@@ -122,7 +122,7 @@ def test_training_forward_uses_hard_decision_and_trains_router(tiny_l2a):
     with torch.no_grad():
         eval_logits = model(ids).logits
     model.train()
-    out = model(ids, labels=ids, router_regularizer_weight=1e-2)
+    out = model(ids, labels=ids, router_regularizer_weight=1e-2, loss_impl="plain")
     torch.testing.assert_close(out.logits, eval_logits, atol=1e-6, rtol=0)
     out.loss.backward()
     assert all(layer.router.weight.grad.abs().sum() > 0 for layer in model.model.layers)
@@ -134,7 +134,7 @@ def test_global_leakage_same_forward_more_router_gradient(tiny_l2a):
     grads, logits = [], []
     for leakage in (False, True):
         model.zero_grad()
-        out = model(ids, labels=ids, global_leakage=leakage)
+        out = model(ids, labels=ids, global_leakage=leakage, loss_impl="plain")
         out.lm_loss.backward()
         logits.append(out.logits.detach())
         grads.append(torch.cat([layer.router.weight.grad.flatten() for layer in model.model.layers]))
@@ -215,3 +215,19 @@ def test_config_changes_take_effect_at_once(tiny_l2a):
     torch.testing.assert_close(out.router_fraction, torch.zeros(2))
     with torch.no_grad():
         torch.testing.assert_close(out.logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def test_auto_loss_fuses_in_training_only(tiny_l2a):
+    """HF's contract: with labels, eval mode returns logits; training mode fuses the LM head into the loss."""
+    model = tiny_l2a("qwen3", window=4)
+    ids = torch.randint(0, 300, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(ids, labels=ids)
+    assert evaluated.logits is not None and evaluated.logits.shape == (2, 10, 300)
+    expected = F.cross_entropy(evaluated.logits[:, :-1].reshape(-1, 300).float(), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(evaluated.lm_loss, expected)
+    model.train()
+    trained = model(ids, labels=ids)
+    assert trained.logits is None
+    torch.testing.assert_close(trained.lm_loss, expected, rtol=1e-5, atol=1e-5)

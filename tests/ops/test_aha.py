@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-import l2a.ops.triton.aha  # noqa: E402, F401  (registers torch.ops.l2a.all_or_here_attention)
+import l2a.ops.triton.aha as aha_triton  # noqa: E402  (registers torch.ops.l2a.all_or_here_attention)
 from l2a.ops.triton import _flash  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -288,3 +288,35 @@ def test_bad_arguments_are_clear_errors(kwargs: dict, error: type, match: str) -
     active, window = args.pop("active"), args.pop("window")
     with pytest.raises(error, match=match):
         all_or_here_attention(q, k, v, active, window, **args)
+
+
+@pytest.mark.parametrize("chunk", [16, 1024], ids=lambda c: f"chunk{c}")
+def test_pair_lists_hold_every_pair_once_in_order(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The list builder (several chunks, documents, key_start) against lists built pair by pair."""
+    monkeypatch.setattr(aha_triton, "_CHUNK", chunk)
+    b, n, nk, hq, hkv, window = 2, 23, 30, 6, 2, 5
+    group = hq // hkv
+    q, k = torch.zeros(b, n, hq, 16, device=DEVICE), torch.zeros(b, nk, hkv, 16, device=DEVICE)
+    active = torch.rand(b, n, hq, generator=torch.Generator().manual_seed(2)).to(DEVICE) < 0.3
+    key_start = torch.tensor([0, 9], device=DEVICE)
+    rows = aha_triton.aha_rows(q, k, active, window, None, key_start)
+    assert rows.pairs and rows.idx.shape == (b, 2 * hkv, n * group)
+    for bi in range(b):
+        for h in range(hkv):
+            for part, want_routed in enumerate((True, False)):
+                pairs = [
+                    t * group + g
+                    for t in range(n)
+                    for g in range(group)
+                    if bool(active[bi, t, h * group + g]) == want_routed
+                ]
+                lid = 2 * h + part
+                count = len(pairs)
+                assert int(rows.count[bi, lid]) == count
+                assert rows.idx[bi, lid, :count].tolist() == pairs
+                pos = [p // group + nk - n for p in pairs]
+                lo = [max(int(key_start[bi]), 0 if want_routed else x - window + 1) for x in pos]
+                assert rows.lo[bi, lid, :count].tolist() == lo
+                assert rows.hi[bi, lid, :count].tolist() == pos
+                assert (rows.lo[bi, lid, count:] == _flash._PAD).all()
+                assert (rows.hi[bi, lid, count:] == _flash._PAD).all()

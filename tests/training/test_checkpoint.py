@@ -16,7 +16,13 @@ from l2a.training import (
     TrainConfig,
     train,
 )
-from l2a.training.checkpoint import list_checkpoints, save_checkpoint
+from l2a.training.checkpoint import (
+    CorruptCheckpointError,
+    check_checkpoint,
+    latest_good_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 
 
 @pytest.fixture
@@ -120,3 +126,68 @@ def test_save_never_overwrites_and_cleans_interrupted(make_l2a, tmp_path):
     assert path.name == "step-000001" and not stale.exists() and not (path / "junk").exists()
     with pytest.raises(FileExistsError):
         save_checkpoint(tmp_path, 1, **kwargs)
+
+
+def _saved(model, root, steps):
+    kwargs = dict(
+        model=model, model_state=None, trainer_state={"step": 0}, rank_state={}, config={}, keep_last=9
+    )
+    return [save_checkpoint(root, step, **kwargs) for step in steps]
+
+
+CORRUPTIONS = {
+    "truncated-weights": ("model.safetensors", lambda b: b[: len(b) // 2], "model.safetensors is truncated"),
+    "empty-weights": ("model.safetensors", lambda b: b"", "model.safetensors is truncated"),
+    "garbage-trainer-state": ("trainer_state.pt", lambda b: b"garbage", "trainer_state.pt is unreadable"),
+    "truncated-rank-state": ("rank_00000.pt", lambda b: b[:-30], "rank_00000.pt is unreadable"),
+    "garbage-config": ("config.json", lambda b: b"{", "config.json is not valid JSON"),
+    "missing-trainer-state": ("trainer_state.pt", None, "has no trainer_state.pt"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_check_checkpoint_names_the_bad_file(make_l2a, tmp_path, name):
+    (path,) = _saved(make_l2a(), tmp_path, [1])
+    check_checkpoint(path)
+    file, corrupt, message = CORRUPTIONS[name]
+    data = (path / file).read_bytes()
+    (path / file).unlink()
+    if corrupt is not None:
+        (path / file).write_bytes(corrupt(data))
+    with pytest.raises(CorruptCheckpointError, match=message):
+        check_checkpoint(path)
+
+
+def test_latest_good_checkpoint_moves_bad_ones_aside(make_l2a, tmp_path):
+    paths = _saved(make_l2a(), tmp_path, [1, 2, 3])
+    (paths[2] / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.warns(
+        UserWarning, match=r"step-000003/trainer_state.pt is unreadable .*resuming from step-000002"
+    ):
+        assert latest_good_checkpoint(tmp_path) == paths[1]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert (tmp_path / "step-000003.corrupt" / "trainer_state.pt").read_bytes() == b"garbage"
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(make_l2a, tmp_path):
+    paths = _saved(make_l2a(), tmp_path, [1, 2])
+    for path in paths:
+        (path / "rank_00000.pt").write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError, match="no readable checkpoint to resume from: .*step-000002"):
+        latest_good_checkpoint(tmp_path)
+    assert list_checkpoints(tmp_path) == paths
+
+
+def test_explicit_corrupt_resume_fails_before_training(make_l2a, make_batches, tmp_path):
+    (path,) = _saved(make_l2a(), tmp_path / "old", [1])
+    (path / "model.safetensors").write_bytes(b"\x00" * 16)
+    config = TrainConfig(
+        output_dir=str(tmp_path / "run"),
+        device="cpu",
+        steps=2,
+        logging=LoggingConfig(progress_bar=False),
+        checkpoint=CheckpointConfig(resume=str(path)),
+    )
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors has an unreadable header"):
+        train(make_l2a(), load_tokenizer("byte"), config, data=make_batches(2))
+    assert not (tmp_path / "run" / "log.jsonl").exists()

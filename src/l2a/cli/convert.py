@@ -1,10 +1,9 @@
-"""`l2a convert BASE_DIR OUT_DIR --window W [--method l2a|aha]`: turn a Qwen2/Qwen3/Llama checkpoint into an
-L2A (or AHA) checkpoint."""
+"""`l2a convert BASE_DIR OUT_DIR --window W`: turn a Qwen2/Qwen3/Llama checkpoint into an L2A checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -13,6 +12,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -26,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("base_dir", help="local base checkpoint directory (config.json + weights)")
     parser.add_argument("out_dir", help="output directory (must be empty or absent unless --force)")
     parser.add_argument("--window", type=_positive_int, required=True, help="local attention window (tokens)")
-    parser.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (e.g. 5e6)")
+    parser.add_argument(
+        "--rope-theta", type=_positive_float, default=None, help="override RoPE theta (e.g. 5e6)"
+    )
     parser.add_argument(
         "--max-position-embeddings", type=_positive_int, default=None, help="override the maximum positions"
     )
@@ -45,19 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from l2a.models.conversion import convert_checkpoint
 
-    try:
-        out = convert_checkpoint(
-            args.base_dir,
-            args.out_dir,
-            window=args.window,
-            rope_theta=args.rope_theta,
-            max_position_embeddings=args.max_position_embeddings,
-            dtype=args.dtype,
-            force=args.force,
-            method=args.method,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"l2a convert: error: {err}", file=sys.stderr)
-        return 2
+    out = convert_checkpoint(
+        args.base_dir,
+        args.out_dir,
+        window=args.window,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=args.max_position_embeddings,
+        dtype=args.dtype,
+        force=args.force,
+        method=args.method,
+    )
     print(f"saved {args.method.upper()} model to {out}")
     return 0

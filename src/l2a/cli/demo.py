@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from l2a.cli._common import UsageError, prepare_output_dir
+
+OUTPUTS = ("report.json", "*.png", "model", "base", "pretrain", "routed")
+"""What `run_demo` writes into --out (removed first with --force, so nothing of an earlier run survives)."""
+AHA_OUTPUTS = (*OUTPUTS, "long_tail")
+"""What `l2a.demo_aha.run_aha_demo` writes into --out."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(full attention, before conversion).",
     )
     parser.add_argument(
-        "--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)"
+        "--out",
+        default="runs/demo",
+        metavar="DIR",
+        help="output directory (default: runs/demo); must be empty unless --force",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty DIR, first deleting an earlier run's " + ", ".join(OUTPUTS),
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and leakage draws")
     parser.add_argument("--quick", action="store_true", help="a reduced run (tens of seconds; no accuracy)")
@@ -56,31 +70,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_aha(args: argparse.Namespace) -> int:
-    from l2a.demo import task_arg_flags
+    from l2a.demo import resolve_device, task_arg_flags
     from l2a.demo_aha import AHADemoConfig, format_aha_report, run_aha_demo
 
     out = "runs/demo_aha" if args.out == "runs/demo" else args.out
-    try:
-        config = (AHADemoConfig.quick() if args.quick else AHADemoConfig()).with_overrides(args.overrides)
-    except ValueError as err:
-        print(f"l2a demo: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        report = run_aha_demo(
-            out, seed=args.seed, config=config, threads=args.threads, device=args.device, base=args.base
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"l2a demo: error: {err}", file=sys.stderr)
-        return 2
-    print(format_aha_report(report))
-    print(
-        f"report: {out}/report.json, plots: {out}/aha_routing.png"
-        + (f", {out}/long_tail.png" if report["long_tail"] else "")
+    config = (AHADemoConfig.quick() if args.quick else AHADemoConfig()).with_overrides(args.overrides)
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    resolve_device(args.device)
+    prepare_output_dir(out, force=args.force, outputs=AHA_OUTPUTS)
+    report = run_aha_demo(
+        out, seed=args.seed, config=config, threads=args.threads, device=args.device, base=args.base
     )
+    print(format_aha_report(report))
+    plots = f"{out}/aha_routing.png" + (f", {out}/long_tail.png" if report["long_tail"] else "")
+    print(f"report: {out}/report.json, plots: {plots}")
     print(
         f"evaluate: l2a eval {report['model_dir']} {report['base_dir']} "
-        "--variants learned,local_only,all_global "
-        f"{task_arg_flags(report)} ..."
+        f"--variants learned,local_only,all_global {task_arg_flags(report)} ..."
     )
     return 0
 
@@ -89,11 +96,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.method == "aha":
         return _run_aha(args)
     if args.base is not None:
-        print("l2a demo: error: --base is an option of --method aha", file=sys.stderr)
-        return 2
-    from l2a.demo import DemoConfig, format_report, run_demo, task_arg_flags
+        raise UsageError("--base is an option of --method aha")
+    import dataclasses
 
+    from l2a.demo import DemoConfig, format_report, resolve_device, run_demo, task_arg_flags
+    from l2a.training.config import did_you_mean
+
+    keys = [field.name for field in dataclasses.fields(DemoConfig)]
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if "=" in item and key not in keys:
+            raise UsageError(
+                f"unknown demo config key {key!r}{did_you_mean(key, keys)} (valid keys: {', '.join(keys)})"
+            )
     config = (DemoConfig.quick() if args.quick else DemoConfig()).with_overrides(args.overrides)
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    resolve_device(args.device)
+    prepare_output_dir(args.out, force=args.force, outputs=OUTPUTS)
     report = run_demo(args.out, seed=args.seed, config=config, threads=args.threads, device=args.device)
     print(format_report(report))
     print(f"report: {args.out}/report.json, plot: {args.out}/routing.png")

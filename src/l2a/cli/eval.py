@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
-from l2a.evaluation.common import parse_length, parse_lengths
-from l2a.evaluation.tasks import parse_task_arg
+from l2a.cli._common import check_corpus, check_model_path, prepare_output_dir
+
+OUTPUTS = ("results.json", "results.md", "*.png")
+"""What `write_report` puts into --out (removed first with --force, so no plot of an earlier run survives)."""
 
 
-def _arg(parse):
-    """Wrap a parser so that its ValueError message reaches argparse's usage error."""
+def _arg(module: str, name: str):
+    """Argument type calling `module.name` (imported when parsing, not when building the parser), so that
+    its ValueError message reaches argparse's usage error."""
 
     def convert(text: str):
+        parse = getattr(importlib.import_module(module), name)
         try:
             return parse(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
+    convert.__name__ = name  # argparse names the type in "invalid <name> value"
     return convert
+
+
+parse_length = _arg("l2a.evaluation.common", "parse_length")
+parse_lengths = _arg("l2a.evaluation.common", "parse_lengths")
+parse_task_arg = _arg("l2a.evaluation.tasks", "parse_task_arg")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--task-arg",
         action="append",
-        type=_arg(parse_task_arg),
+        type=parse_task_arg,
         default=[],
         metavar="TASK.KEY=VALUE",
         dest="task_args",
@@ -42,13 +53,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--lengths",
-        type=_arg(parse_lengths),
+        type=parse_lengths,
         default=[],
         help="comma-separated prompt lengths, e.g. 4k,8k,16k",
     )
     parser.add_argument("--samples", type=int, default=10, help="prompts per task and length (default 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    parser.add_argument(
+        "--out",
+        default="runs/eval",
+        help="output directory (default runs/eval); must be empty unless --force",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out, first deleting its results.json, results.md and *.png",
+    )
     routing = parser.add_mutually_exclusive_group()
     routing.add_argument(
         "--variants",
@@ -67,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ppl-data", default="stdlib", help="corpus for perplexity and routing texts (default stdlib)"
     )
     parser.add_argument(
-        "--ppl-seq-len", type=_arg(parse_length), help="perplexity window (default: largest --lengths)"
+        "--ppl-seq-len", type=parse_length, help="perplexity window (default: largest --lengths)"
     )
     parser.add_argument("--ppl-windows", type=int, default=8, help="windows for perplexity (default 8)")
     parser.add_argument(
@@ -82,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--speed-lengths",
-        type=_arg(parse_lengths),
+        type=parse_lengths,
         default=[],
         help="lengths for --speed (default: --lengths)",
     )
@@ -100,7 +120,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l2a.evaluation.runner import EvalSettings, run_evaluation
+    from l2a.evaluation.runner import (
+        EvalSettings,
+        check_settings,
+        check_variants,
+        resolve_device,
+        resolve_dtype,
+        run_evaluation,
+    )
 
     if args.force_route is not None:
         variants = ["all_global" if args.force_route == "all" else "local_only"]
@@ -129,12 +156,22 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         progress=not args.no_progress,
     )
+    models = [check_model_path(path, "model") for path in args.models]
+    tokenizer = args.tokenizer
+    if tokenizer not in (None, "byte"):
+        tokenizer = check_model_path(tokenizer, "tokenizer")
+    if settings.perplexity or (settings.routing and settings.routing_texts):
+        check_corpus([settings.perplexity_data], "--ppl-data")
+    check_variants(variants)
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    check_settings(settings, tokenizer or models[0])
+    prepare_output_dir(args.out, force=args.force, outputs=OUTPUTS)
     results = run_evaluation(
-        args.models,
+        models,
         settings,
         out_dir=args.out,
         variants=variants,
-        tokenizer=args.tokenizer,
+        tokenizer=tokenizer,
         device=args.device,
         dtype=args.dtype,
     )

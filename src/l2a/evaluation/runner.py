@@ -8,6 +8,7 @@ every (token, head) pair, routed: the dense reference).
 
 from __future__ import annotations
 
+import difflib
 import gc
 import itertools
 from collections.abc import Iterator, Sequence
@@ -64,7 +65,9 @@ class EvalSettings:
     def __post_init__(self) -> None:
         unknown = [name for name in self.tasks if name not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+            close = difflib.get_close_matches(unknown[0], list(TASKS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown task(s) {unknown}{hint} (known tasks: {', '.join(TASKS)})")
         if self.tasks and not self.lengths:
             raise ValueError("tasks need at least one length")
         stray = [name for name in self.task_args if name not in self.tasks]
@@ -82,13 +85,40 @@ class EvalSettings:
             raise ValueError("nothing to evaluate: give tasks, perplexity=True or speed=True")
 
 
+def check_variants(variants: Sequence[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
+
+
+def check_settings(settings: EvalSettings, tokenizer: str) -> None:
+    """Fail before any model loads when a task's prompt cannot fit the shortest length: draws one prompt
+    per task at that length with ``tokenizer`` (a path or "byte"; cheap at the shortest length)."""
+    if settings.tasks:
+        sample_tasks(
+            load_tokenizer(tokenizer),
+            settings.tasks,
+            [min(settings.lengths)],
+            1,
+            settings.seed,
+            task_args=settings.task_args,
+        )
+
+
 def resolve_device(device: str) -> torch.device:
     """ "auto" → cuda when available, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} requested but there are {torch.cuda.device_count()} CUDA devices"
+        )
     return resolved
 
 
@@ -238,9 +268,7 @@ def run_evaluation(
     """
     if not model_paths:
         raise ValueError("give at least one model")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
+    check_variants(variants)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     results = []

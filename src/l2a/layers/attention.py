@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import Router
-from l2a.ops import conditional_attention, sliding_window_attention
 
 
 class AttentionProjections(nn.Module):

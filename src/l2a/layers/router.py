@@ -65,11 +65,13 @@ class Router(nn.Module):
             hard = torch.zeros_like(soft, dtype=torch.bool)
         else:
             raise ValueError(f"force must be None, 'all' or 'none', got {force!r}")
-        hard_f = hard.to(hidden_states.dtype)
-        if self.training and force is None:
-            gate = hard_f + (soft - soft.detach()).to(hidden_states.dtype)
-        else:
-            gate = hard_f
+        # the compute dtype: under autocast the autocast dtype (an fp32 norm output must not turn the global
+        # branch's output, and with it the residual stream, to fp32)
+        device_type = hidden_states.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_states.dtype
+        hard_f = hard.to(dtype)
+        gate = hard_f + (soft - soft.detach()).to(dtype) if self.training and force is None else hard_f
         return RoutingDecision(soft=soft, hard=hard, gate=gate)
 
     def extra_repr(self) -> str:

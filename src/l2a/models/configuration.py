@@ -8,6 +8,8 @@ The base architecture's flavour (Qwen2/Qwen2.5, Qwen3, Llama) is kept through ex
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Literal, get_args
 
 from transformers import PreTrainedConfig
@@ -171,6 +173,19 @@ class L2AConfig(PreTrainedConfig):
         self._validate_method()
         if not self.rope_parameters or "rope_theta" not in self.rope_parameters:
             raise ValueError(f"rope_parameters must hold at least 'rope_theta', got {self.rope_parameters!r}")
+        theta = self.rope_parameters["rope_theta"]
+        positive = isinstance(theta, (int, float)) and not isinstance(theta, bool) and theta > 0
+        if not (positive and math.isfinite(theta)):
+            raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
+        limit = self.max_position_embeddings
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"max_position_embeddings must be a positive int, got {limit!r}")
+        if self.sliding_window > limit:
+            warnings.warn(
+                f"sliding_window={self.sliding_window} exceeds max_position_embeddings={limit}: the local "
+                "window alone covers every position, so no token needs global attention",
+                stacklevel=2,
+            )
 
     def _validate_method(self) -> None:
         if self.method not in get_args(Method):

@@ -18,6 +18,8 @@ from l2a.models.aha_cache import AHACache, new_cache
 from l2a.models.cache import L2ACache
 from l2a.models.configuration import L2AConfig
 from l2a.models.outputs import L2ACausalLMOutputWithPast, L2AModelOutputWithPast
+from l2a.ops.linear_cross_entropy import LossImpl, linear_cross_entropy, resolve_loss_impl
+from l2a.ops.linear_cross_entropy import shift_labels as shift_labels_of
 
 
 class L2ARotaryEmbedding(nn.Module):
@@ -333,14 +335,22 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         router_regularizer_weight: float | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         cache: L2ACache | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        loss_impl: LossImpl = "auto",
     ) -> L2ACausalLMOutputWithPast | tuple:
         """Arguments as `L2AModel.forward`, plus:
 
         labels: (B, N) next-token targets as in HF (shifted inside the loss; -100 ignored).
+        shift_labels: (B, N) targets already shifted (position t's own target), instead of `labels`; for
+            sequence shards whose last target lies in the next shard (context parallelism).
         logits_to_keep: int k > 0 computes logits of the last k positions only; a 1-D tensor selects
             positions.
         router_regularizer_weight: lambda; defaults to `config.router_regularizer_weight`.
         num_items_in_batch: token count for HF's loss normalisation under gradient accumulation.
+        loss_impl: with labels, "plain" computes the logits and HF's loss from them (and returns the
+            logits); "liger" / "chunked" fuse the LM head into the loss and return logits=None; "auto" is, in
+            training mode, "liger" on CUDA when Liger-Kernel is installed, else "chunked"
+            (`l2a.ops.linear_cross_entropy`), and "plain" in eval mode.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -357,21 +367,43 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             global_leakage=global_leakage,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and shift_labels is not None:
+            raise ValueError("pass labels or shift_labels, not both")
+        has_labels = labels is not None or shift_labels is not None
+        # "auto" fuses only in training (as Liger's HF patches do): evaluation with labels keeps HF's
+        # contract of returning the logits.
+        fuse = has_labels and (loss_impl != "auto" or self.training)
+        impl = resolve_loss_impl(loss_impl, hidden_states.device) if fuse else "plain"
+        if impl != "plain" and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError(
+                f"logits_to_keep needs loss_impl='plain' when labels are given, got {loss_impl!r}"
+            )
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
                 hidden_states = hidden_states[:, -logits_to_keep:]
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states) if impl == "plain" else None
 
         lm_loss = loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
+        if has_labels:
+            if impl == "plain":
+                lm_loss = self.loss_function(
+                    logits=logits,
+                    labels=labels,
+                    shift_labels=shift_labels,
+                    vocab_size=self.config.vocab_size,
+                    num_items_in_batch=num_items_in_batch,
+                )
+            else:
+                lm_loss = linear_cross_entropy(
+                    hidden_states,
+                    self.lm_head.weight,
+                    shift_labels if shift_labels is not None else shift_labels_of(labels),
+                    bias=self.lm_head.bias,
+                    num_items_in_batch=num_items_in_batch,
+                    impl=impl,
+                )
             weight = (
                 self.config.router_regularizer_weight
                 if router_regularizer_weight is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -60,6 +62,8 @@ def check_active(active: torch.Tensor, b: int, n: int, hq: int, device: torch.de
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, b: int, n: int, nk: int, device: torch.device) -> None:
+    """Shape, dtype and device always; the values (start at 0, end at N, non-decreasing) as
+    `check_cu_seqlens_values` decides."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -72,6 +76,54 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, b: int, n: int, nk: int, d
         raise ValueError(f"cu_seqlens describes packed documents and needs batch 1, got batch {b}")
     if n != nk:
         raise ValueError("cu_seqlens needs seqlen_q == seqlen_k (packed self-attention)")
+    check_cu_seqlens_values(cu_seqlens, n)
+
+
+# The last cu_seqlens found valid: (weak reference, version counter, N). A model passes one tensor to the
+# attention ops of all its layers; only the first call reads its values.
+_last_valid_cu_seqlens: tuple[weakref.ref, int, int] | None = None
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n: int) -> None:
+    """ValueError unless `cu_seqlens` starts at 0, ends at `n` and never decreases (else the Triton
+    kernels and the PyTorch reference would silently disagree about the documents).
+
+    Reading the values is a host sync for a CUDA tensor, so it is done once per tensor (the same tensor
+    passed to every layer of a forward is read at its first layer; an in-place change is seen through the
+    version counter) and skipped while torch.compile traces or a CUDA graph is captured, where it cannot sync.
+    """
+    global _last_valid_cu_seqlens
+    if torch.compiler.is_compiling():
+        return
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    version = _version(cu_seqlens)
+    last = _last_valid_cu_seqlens
+    if version is not None and last is not None and last[0]() is cu_seqlens and last[1:] == (version, n):
+        return
+    first, last_value, decreasing = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], (cu_seqlens[1:] < cu_seqlens[:-1]).any().to(cu_seqlens.dtype)]
+    ).tolist()  # one transfer for the three facts
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if last_value != n:
+        raise ValueError(f"cu_seqlens must end at seqlen {n}, got {last_value}")
+    if decreasing:
+        values = cu_seqlens.tolist()
+        i = next(i for i in range(1, len(values)) if values[i] < values[i - 1])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing (cumulative document lengths), but cu_seqlens[{i}]="
+            f"{values[i]} < cu_seqlens[{i - 1}]={values[i - 1]}"
+        )
+    if version is not None:
+        _last_valid_cu_seqlens = (weakref.ref(cu_seqlens), version, n)
 
 
 def check_key_start(key_start: torch.Tensor | None, b: int, device: torch.device) -> None:

@@ -10,6 +10,10 @@ Layout of `output_dir/checkpoints/step-000100/`:
 A checkpoint is written into `.step-000100.tmp` and renamed when complete, so a crash never leaves a
 half-written `step-*` directory and never touches an existing one; after the rename, checkpoints beyond
 `keep_last` are deleted (oldest first).
+
+Resuming checks a checkpoint's files first (`check_checkpoint`: headers and archive directories, no tensor
+data read) and names the unreadable file. With `resume: auto` an unreadable newest checkpoint is moved
+aside to `step-000100.corrupt` with a warning and the run resumes from the newest readable one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import json
 import random
 import re
 import shutil
+import struct
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,10 @@ import torch.distributed as dist
 import yaml
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is missing or cannot be read; the message names the file."""
 
 
 def _rank() -> int:
@@ -141,8 +152,118 @@ def save_checkpoint(
     return final
 
 
+def _check_safetensors(file: Path) -> None:
+    """The header parses and the data it describes fits the file (catches truncation and garbage)."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise CorruptCheckpointError(f"checkpoint file {file} is truncated ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CorruptCheckpointError(f"checkpoint file {file} is truncated or not a safetensors file")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptCheckpointError(f"checkpoint file {file} has an unreadable header") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + header_len + max(ends, default=0) > size:
+        raise CorruptCheckpointError(f"checkpoint file {file} is truncated ({size} bytes)")
+
+
+def _check_torch_archive(file: Path) -> None:
+    """A `torch.save` file is a zip archive whose central directory (at its end) must be readable."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CorruptCheckpointError(f"checkpoint file {file} is unreadable ({error})") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise CorruptCheckpointError(f"checkpoint file {index} is unreadable") from None
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise CorruptCheckpointError(f"no model.safetensors (or index) in checkpoint {path}")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise `CorruptCheckpointError` naming the first missing or unreadable file of checkpoint `path`.
+
+    Reads the JSON/YAML files, the safetensors headers and the zip directories of the `torch.save` files
+    (not the tensor data), which catches missing, empty, truncated and overwritten files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CorruptCheckpointError(f"checkpoint {path} is not a directory")
+    for name in ("config.json", "trainer_state.pt", "rank_00000.pt"):
+        if not (path / name).is_file():
+            raise CorruptCheckpointError(f"checkpoint {path} has no {name}")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CorruptCheckpointError(f"checkpoint file {path / 'config.json'} is not valid JSON") from None
+    for file in _weight_files(path):
+        if not file.is_file():
+            raise CorruptCheckpointError(f"checkpoint {path} has no {file.name}")
+        _check_safetensors(file)
+    for file in [path / "trainer_state.pt", *sorted(path.glob("rank_*.pt"))]:
+        _check_torch_archive(file)
+
+
+def latest_good_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under `root` that passes `check_checkpoint` (None when there is none).
+
+    Newer unreadable ones are moved aside to `step-N.corrupt` (by rank 0) with a warning naming the file,
+    so the resumed run can write its own `step-N` again. Raises `CorruptCheckpointError` when there are
+    checkpoints but none is readable.
+    """
+    found = list_checkpoints(root)
+    problems: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            check_checkpoint(path)
+        except CorruptCheckpointError as error:
+            problems.append((path, str(error)))
+            continue
+        if _rank() == 0:
+            for bad, reason in problems:
+                aside = _aside_name(bad)
+                bad.rename(aside)
+                warnings.warn(
+                    f"{reason}; moved it aside to {aside.name} and resuming from {path.name}", stacklevel=2
+                )
+        return path
+    if problems:
+        raise CorruptCheckpointError(
+            "no readable checkpoint to resume from: " + "; ".join(reason for _, reason in problems)
+        )
+    return None
+
+
+def _aside_name(path: Path) -> Path:
+    aside, n = path.with_name(f"{path.name}.corrupt"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+    return aside
+
+
+def _load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint file {file} is missing") from None
+    except Exception as error:  # pickle/zip/torch errors alike: the file is what the user must know
+        raise CorruptCheckpointError(f"checkpoint file {file} is unreadable ({error})") from None
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return _load(Path(path) / "trainer_state.pt")
 
 
 def load_rank_state(path: str | Path, rank: int) -> dict[str, Any]:
@@ -151,22 +272,18 @@ def load_rank_state(path: str | Path, rank: int) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{file} missing: checkpoint {path} was written by fewer ranks; resume with the same world size"
         )
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return _load(file)
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors written by `save_pretrained` in `path` (single or sharded safetensors), on CPU."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or index) in checkpoint {path}")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(path / file), device="cpu"))
+    for file in _weight_files(Path(path)):
+        try:
+            state.update(load_file(str(file), device="cpu"))
+        except (SafetensorError, OSError) as error:
+            raise CorruptCheckpointError(f"checkpoint file {file} is unreadable ({error})") from None
     return state

@@ -2,13 +2,15 @@
 
 `load_config(path, overrides)` reads a YAML (`.yaml`/`.yml`) or TOML (`.toml`) file and applies dotted
 overrides such as `optim.lr=1e-4` or `data.sources=[a.jsonl,b.jsonl]` (values parsed as YAML scalars).
-Unknown keys are errors; values are coerced to the field types (YAML reads `5e-5` as a string, so
-numeric fields accept numeric strings).
+Unknown keys are errors (naming the closest valid key); values are coerced to the field types (YAML reads
+`5e-5` as a string, so numeric fields accept numeric strings). Every mistake is a ValueError naming the key
+or the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -21,6 +23,12 @@ import yaml
 
 TRAINABLE_GROUPS = ("attention", "norms", "router", "mlp", "embeddings", "lm_head", "other")
 """Named parameter groups accepted in `TrainConfig.trainable` (see `l2a.training.params`)."""
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """`"; did you mean 'PREFIXx'?"` for the closest `x` of `choices` to a mistyped `word`, else `""`."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -207,6 +215,32 @@ class LoggingConfig(_Validated):
 
 
 @dataclass
+class ParallelConfig(_Validated):
+    """How the processes launched by torchrun split the work (the model code stays single-device).
+
+    data_parallel: "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`), over all
+        processes. A plain string `parallel: fsdp` means `parallel: {data_parallel: fsdp}`.
+    context_parallel: C > 1 splits every sequence into C contiguous shards over groups of C consecutive
+        ranks (Ulysses all-to-all around both attention branches, `l2a.training.context_parallel`); the
+        world size must be a multiple of C, C must divide the query heads and divide (or be a multiple
+        of) the KV heads, and `data.seq_len` must be a multiple of C. L2A models only.
+    """
+
+    data_parallel: Literal["none", "ddp", "fsdp"] = "none"
+    context_parallel: int = 1
+
+    def _validate(self) -> None:
+        _check(
+            self.context_parallel >= 1,
+            f"parallel.context_parallel must be >= 1, got {self.context_parallel}",
+        )
+
+
+SECTION_SHORTHANDS = {"parallel": "data_parallel"}
+"""Sections that may be written as one scalar, meaning this field of theirs (`parallel: fsdp`)."""
+
+
+@dataclass
 class TrainConfig(_Validated):
     """Everything `l2a.training.train` needs.
 
@@ -222,7 +256,18 @@ class TrainConfig(_Validated):
         MixedPrecisionPolicy over the model's own weights (fp32 when loaded by `run_training`).
     gradient_checkpointing: activation checkpointing of every decoder layer (HF
         `activation_checkpointing_enable` / `gradient_checkpointing_enable`, non-reentrant).
-    parallel: "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`), under torchrun.
+    parallel: a `ParallelConfig` (data and context parallelism under torchrun), or its shorthand
+        "none" / "ddp" / "fsdp".
+    activation_offload: keep the tensors saved for the backward (with `gradient_checkpointing`: the layer
+        inputs, 1 GiB per layer for Qwen3-8B at 128K tokens) in (pinned) host memory instead of on the device
+        (`torch.autograd.graph.save_on_cpu`); costs a copy each way per step.
+    frozen_precision: "same" keeps the frozen parameters as loaded; "bf16" stores them in bfloat16 (they
+        never update, so fp32 copies only cost memory: 2 bytes per parameter saved, e.g. 13 GiB for Qwen3-8B's
+        MLPs and embeddings). The residual stream then runs in bf16 too. Needs precision bf16; not with FSDP
+        over several processes (FSDP2 keeps one dtype per shard group; it shards the fp32 copies instead).
+    loss_impl: LM loss: "plain" (full logits, the model's own loss), "liger" (Liger-Kernel's fused linear
+        cross-entropy, CUDA), "chunked" (exact PyTorch, chunked over tokens) or "auto" (liger on CUDA when
+        installed, else chunked); logged at start.
     """
 
     model: str | None = None
@@ -236,7 +281,10 @@ class TrainConfig(_Validated):
     device: str | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    activation_offload: bool = False
+    frozen_precision: Literal["same", "bf16"] = "same"
+    loss_impl: Literal["auto", "liger", "chunked", "plain"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -246,7 +294,7 @@ class TrainConfig(_Validated):
     def _validate(self) -> None:
         # Sections may be given as mappings (`checkpoint={"every": 10}`): build and validate them here.
         hints = get_type_hints(type(self))
-        for name in ("data", "optim", "router", "checkpoint", "logging"):
+        for name in ("data", "optim", "router", "checkpoint", "logging", "parallel"):
             setattr(self, name, _coerce(getattr(self, name), hints[name], name))
         _check(
             self.device is None
@@ -263,6 +311,15 @@ class TrainConfig(_Validated):
         _check(
             self.max_position_embeddings is None or self.max_position_embeddings >= 1,
             f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}",
+        )
+        _check(
+            self.frozen_precision == "same" or self.precision == "bf16",
+            f"frozen_precision='bf16' needs precision='bf16', got {self.precision!r}",
+        )
+        _check(
+            self.data.seq_len % self.parallel.context_parallel == 0,
+            f"data.seq_len={self.data.seq_len} must be a multiple of "
+            f"parallel.context_parallel={self.parallel.context_parallel}",
         )
         _check(
             self.optim.warmup_steps <= self.steps,
@@ -299,7 +356,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name} must be a list, got {value!r}")
+            raise ValueError(f"{name} must be a list, got {value!r}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
@@ -309,34 +366,43 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return origin(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{name} must be a mapping, got {value!r}")
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        shorthand = SECTION_SHORTHANDS.get(name)
+        if shorthand is not None and not isinstance(value, dict):
+            value = {shorthand: value}
         if not isinstance(value, dict):
-            raise TypeError(f"{name} must be a mapping, got {value!r}")
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
         return _build(tp, value, prefix=f"{name}.")
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be true/false, got {value!r}")
+            raise ValueError(f"{name} must be true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        return int(value)
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        out = float(value)
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            out = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
         if math.isnan(out):
             raise ValueError(f"{name} must not be NaN")
         return out
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string, got {value!r}")
+            raise ValueError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"{name}: unsupported field type {tp!r}")
 
@@ -346,22 +412,43 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
+        key = unknown[0]
+        hint = did_you_mean(key, names, prefix)
+        where = f" of section {prefix[:-1]!r}" if prefix else ""
+        raise ValueError(
+            f"unknown config key {prefix + key!r}{hint} (valid keys{where}: {', '.join(sorted(names))})"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} is not a file")
     text = path.read_text()
-    if suffix in (".yaml", ".yml"):
-        values = yaml.safe_load(text) or {}
-    elif suffix == ".toml":
+    if suffix == ".toml":
         import tomllib
 
-        values = tomllib.loads(text)
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return values
@@ -375,12 +462,19 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ValueError(f"override {item!r} must look like key.sub=value")
         node = values
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
+            if depth == 0 and part in SECTION_SHORTHANDS and not isinstance(child, dict):
+                child = node[part] = {SECTION_SHORTHANDS[part]: child}
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)})"
+            ) from None
     return values
 
 

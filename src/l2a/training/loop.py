@@ -6,8 +6,15 @@ One optimizer step = `config.grad_accum_steps` micro-steps per rank. Per step th
    (2 ranks × k micro-steps gives the same gradient as 1 rank × 2k);
 2. computes λ(step) and the leakage draw (seeded by (seed, step): the same on every rank, reproduced on
    resume) and runs `model(..., global_leakage=leak)` on each micro-batch;
-3. backpropagates `lm_loss · share + λ · router_regularizer / grad_accum_steps`, clips, steps AdamW and
-   the LambdaLR schedule. Statistics stay on the device until a log step.
+3. backpropagates `lm_sum / (count / world) + λ · C · router_regularizer / grad_accum_steps` (`lm_sum`: the
+   micro-batch's summed LM loss, via the model's `num_items_in_batch`; C: the context-parallel ranks sharing a
+   sequence, 1 without), clips, steps AdamW and the LambdaLR schedule. Statistics stay on the device until a
+   log step.
+
+The LM loss is computed without full-vocabulary logits unless `loss_impl: plain`
+(`l2a.ops.linear_cross_entropy`; plain HF models through `l2a.training.loss.fused_lm_loss`). With
+`parallel.context_parallel` C > 1 each rank trains on its shard of every sequence
+(`l2a.training.context_parallel`).
 
 Models without a router (e.g. HF `Qwen3ForCausalLM` for pretraining a baseline) work too: their `loss`
 is the LM loss and the regulariser is 0; no leakage is drawn.
@@ -19,6 +26,7 @@ import contextlib
 import inspect
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,8 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from l2a.ops.linear_cross_entropy import resolve_loss_impl
 from l2a.training import checkpoint as ckpt
 from l2a.training.config import TrainConfig
+from l2a.training.context_parallel import apply_context_parallel
+from l2a.training.loss import fused_lm_loss
 from l2a.training.metrics import LogWriter, StepStats, attention_pairs, flops_coefficients, peak_flops
 from l2a.training.parallel import (
     DistInfo,
@@ -62,6 +73,7 @@ class TrainResult:
     checkpoint: Path | None = None
     output_dir: Path | None = None
     data_exhausted: bool = False
+    loss_impl: str | None = None
 
 
 def apply_context_extension(
@@ -125,10 +137,23 @@ def _prepare(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Ten
     return out
 
 
+def _predicted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Positions with a next-token target (labels != -100 after the causal shift), float64 on the device."""
+    if "shift_labels" in batch:
+        return (batch["shift_labels"] != -100).sum().to(torch.float64)
+    return (batch["labels"][:, 1:] != -100).sum().to(torch.float64)
+
+
 def _autocast(info: DistInfo, bf16: bool, fsdp: bool) -> contextlib.AbstractContextManager:
     # FSDP2 casts parameters itself (MixedPrecisionPolicy); elsewhere autocast keeps fp32 master weights.
     if bf16 and not fsdp:
         return torch.autocast(device_type=info.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _saved_tensors(config: TrainConfig, info: DistInfo) -> contextlib.AbstractContextManager:
+    if config.activation_offload:
+        return torch.autograd.graph.save_on_cpu(pin_memory=info.device.type == "cuda")
     return contextlib.nullcontext()
 
 
@@ -184,16 +209,15 @@ def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return ckpt.latest_checkpoint(root)
+        return ckpt.latest_good_checkpoint(root)
     path = Path(resume)
-    if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(
-            f"checkpoint.resume={resume!r} is not a checkpoint directory (no trainer_state.pt)"
-        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
+    ckpt.check_checkpoint(path)
     return path
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: nn.Module, config: TrainConfig, fsdp: bool) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -203,7 +227,9 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     o = config.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    # the fused CUDA kernel: no full-size temporaries (foreach AdamW's would be GiBs for billions of weights)
+    fused = (not fsdp and all(p.is_cuda for group in groups for p in group["params"])) or None
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
 
 
 def train(
@@ -230,7 +256,7 @@ def train(
     Returns:
         TrainResult with the log history and the last checkpoint.
     """
-    info = init_distributed(config.parallel, config.device)
+    info = init_distributed(config.parallel.data_parallel, config.device)
     try:
         return _train(model, tokenizer, config, data, on_log, info)
     finally:
@@ -249,8 +275,23 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
 
     routed = _accepts(model, "global_leakage")
     packed_ok = _accepts(model, "cu_seqlens")
+    loss_impl = resolve_loss_impl(config.loss_impl, info.device)
+    cp = apply_context_parallel(model, config.parallel.context_parallel)
+    if info.is_main:
+        print(
+            f"l2a train: loss_impl={config.loss_impl} -> {loss_impl}; world {info.world_size}, "
+            f"context parallel {config.parallel.context_parallel}, "
+            f"data parallel {config.parallel.data_parallel}",
+            file=sys.stderr,
+        )
     apply_context_extension(model, config.rope_theta, config.max_position_embeddings)
     set_trainable(model, config.trainable)
+    if config.frozen_precision == "bf16":
+        if config.parallel.data_parallel == "fsdp" and info.distributed:
+            raise ValueError("frozen_precision='bf16' cannot be combined with FSDP over several processes")
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -280,16 +321,16 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             )
 
     bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
-    fsdp = config.parallel == "fsdp" and info.distributed
+    fsdp = config.parallel.data_parallel == "fsdp" and info.distributed
     if not fsdp:
         model.to(info.device)
     model.train()
     # fully_shard moves each layer to the device as it shards it: the full model never sits on one GPU.
-    wrapped = wrap_model(model, config.parallel, info, bf16=bf16)
+    wrapped = wrap_model(model, config.parallel.data_parallel, info, bf16=bf16)
     if fsdp:
         wrapped.to(info.device)
     base = unwrap(wrapped)
-    optimizer = _optimizer(wrapped, config)
+    optimizer = _optimizer(wrapped, config, fsdp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.optim, config.steps)
     )
@@ -298,7 +339,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     if data is None:
         from l2a.training.data import build_batches
 
-        data = build_batches(config, tokenizer, rank=info.rank, world_size=info.world_size)
+        # the ranks of a context-parallel group read the same sequences and keep their shards of them
+        c = config.parallel.context_parallel
+        data = build_batches(config, tokenizer, rank=info.rank // c, world_size=info.world_size // c)
     stream = _DataStream(data)
 
     start_step = 0
@@ -318,7 +361,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     )
     flops_per_token, flops_per_pair = flops_coefficients(base)
     peak = peak_flops(info.device, config.logging.peak_tflops)
-    result = TrainResult(step=start_step, output_dir=output_dir)
+    result = TrainResult(step=start_step, output_dir=output_dir, loss_impl=loss_impl)
     stats = StepStats(info.device)
     progress = None
     if info.is_main and config.logging.progress_bar:
@@ -357,6 +400,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             "lambda": lam,
             "lr": lr,
             "tokens_per_s": stats.tokens / elapsed if elapsed > 0 else float("nan"),
+            "loss_impl": loss_impl,
         }
         if peak is not None and elapsed > 0:
             record["mfu"] = stats.flops / elapsed / (peak * info.world_size)
@@ -375,7 +419,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
     zero = torch.zeros((), device=info.device)
     interval_start = time.perf_counter()
     step = start_step
+    # fused LM loss of plain HF models; context-parallel attention (also in backward: recomputation)
+    scope = contextlib.ExitStack()
+    replicas = cp.size if cp is not None else 1  # ranks holding shards of the same sequences
     try:
+        if not routed and loss_impl != "plain":
+            scope.enter_context(fused_lm_loss(base, loss_impl))
+        if cp is not None:
+            scope.enter_context(cp.activate())
         while step < config.steps:
             micro, pairs = [], 0
             for _ in range(config.grad_accum_steps):
@@ -383,7 +434,8 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                 if batch is None:
                     break
                 pairs += attention_pairs(batch)  # on the host copy: no device sync
-                micro.append(_prepare(batch, info.device))
+                mb = _prepare(batch, info.device)
+                micro.append(cp.shard(mb) if cp is not None else mb)
             if len(micro) < config.grad_accum_steps:
                 result.data_exhausted = True
                 break
@@ -393,11 +445,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                         f"{type(base).__name__}.forward takes no cu_seqlens; use unpacked data "
                         "(data.separate_documents=false)"
                     )
-            valid = [(mb["labels"][:, 1:] != -100).sum().to(torch.float64) for mb in micro]
+            valid = [_predicted_tokens(mb) for mb in micro]
             total_valid = all_reduce_sum(torch.stack(valid).sum(), info).clamp_min(1.0)
+            # each rank's LM term is its token sum / (global count / world): the world-mean of the
+            # gradients is then that of the global token mean (and a rank without targets adds 0, not NaN)
+            num_items = (total_valid / info.world_size).float()
             lam = regularizer_weight(step, config.router, config.steps)
             leak = routed and leakage_draw(config.seed, step, config.router.leakage_probability)
-            extra = {"global_leakage": leak} if routed else {}
+            extra = {"global_leakage": leak, "loss_impl": loss_impl} if routed else {}
             tokens = 0
             for i, mb in enumerate(micro):
                 last = i == len(micro) - 1
@@ -405,20 +460,19 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                     contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
                 )
                 with sync:
-                    with _autocast(info, bf16, fsdp):
-                        out = wrapped(**mb, **extra)
+                    with _autocast(info, bf16, fsdp), _saved_tensors(config, info):
+                        out = wrapped(**mb, **extra, num_items_in_batch=num_items)
                     lm = out.lm_loss if routed else out.loss
                     reg = out.router_regularizer if routed else zero
-                    share = (valid[i] * info.world_size / total_valid).to(lm.dtype)
-                    loss = lm * share + (lam / config.grad_accum_steps) * reg
+                    # gradients are averaged over all ranks, the regulariser summed over a sequence's shards
+                    loss = lm + (lam * replicas / config.grad_accum_steps) * reg
                     loss.backward()
-                stats.add_micro(
-                    lm,
-                    valid[i],
-                    reg,
-                    out.router_fraction if routed else None,
-                    getattr(out, "router_head_fraction", None) if routed else None,
-                )
+                fraction = out.router_fraction if routed else None
+                # per-head fractions (AHA) never meet context parallelism: it refuses non-L2A layers
+                head_fraction = getattr(out, "router_head_fraction", None) if routed else None
+                if cp is not None and routed:
+                    fraction, reg = cp.reduce_statistics(fraction, reg)
+                stats.add_micro(lm * num_items, valid[i], reg, fraction, head_fraction)
                 tokens += mb["input_ids"].numel() * info.world_size
             max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
@@ -428,7 +482,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            flops = flops_per_token * tokens + flops_per_pair * pairs * info.world_size
+            flops = flops_per_token * tokens + flops_per_pair * pairs * info.world_size / replicas
             stats.add_step(grad_norm, leak, tokens, flops)
             step += 1
             result.step = step
@@ -447,6 +501,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
         if result.data_exhausted and config.checkpoint.save_final and step > start_step and not saved_now:
             result.checkpoint = save(step)
     finally:
+        scope.close()
         if progress is not None:
             progress.close()
         if writer is not None:

@@ -85,13 +85,14 @@ class StepStats:
 
     def add_micro(
         self,
-        lm_loss: torch.Tensor,
+        lm_token_sum: torch.Tensor,
         valid: torch.Tensor,
         reg: torch.Tensor,
         fraction: torch.Tensor | None,
         head_fraction: torch.Tensor | None = None,
     ) -> None:
-        self.lm_sum += lm_loss.detach().double() * valid
+        """lm_token_sum: the LM loss summed over the micro-batch's `valid` predicted tokens."""
+        self.lm_sum += lm_token_sum.detach().double()
         self.valid_tokens += valid
         self.reg_sum += reg.detach().double()
         if fraction is not None:

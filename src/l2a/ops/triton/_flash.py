@@ -911,15 +911,19 @@ def backward(
     rows: Rows,
     active: torch.Tensor | None,
     scale: float,
+    max_count: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D) given dout (B, N, Hq, D) and optional dlse (B, Hq, N)."""
+    """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D) given dout (B, N, Hq, D) and optional dlse (B, Hq, N).
+
+    max_count: an upper bound of `rows.count` known on the host; sizes the compact buffers (and the dQ grid)
+    by the routed rows instead of all N."""
     q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
     dout = dout.contiguous() if dout.stride() != out.stride() else dout
     lse = lse.contiguous()
     dq, _ = _row_outputs(q, active)
     if dlse is not None:
         dlse = dlse.contiguous().float()
-    compact = backward_dq(dout, dlse, q, k, v, out, lse, rows, scale, dq)
+    compact = backward_dq(dout, dlse, q, k, v, out, lse, rows, scale, dq, max_count)
     dk, dv = backward_dkdv(k, v, compact, rows, scale)
     return dq, dk, dv
 
@@ -939,10 +943,10 @@ class CompactRows:
     delta: torch.Tensor
 
 
-def _compact_buffers(q: torch.Tensor, rows: Rows, hkv: int) -> CompactRows:
+def _compact_buffers(q: torch.Tensor, rows: Rows, hkv: int, slots: int) -> CompactRows:
     b, n, hq, d = q.shape
     lists = hkv * rows.lists_per_group
-    n_rows = rows.idx.shape[-1] * rows.rows_per_token
+    n_rows = slots * rows.rows_per_token
     new = torch.full if POISON_UNWRITTEN else (lambda size, _fill, **kw: torch.empty(size, **kw))
     return CompactRows(
         new((b, lists, n_rows, d), float("nan"), dtype=q.dtype, device=q.device),
@@ -963,6 +967,7 @@ def backward_dq(
     rows: Rows,
     scale: float,
     dq: torch.Tensor,
+    max_count: int | None = None,
 ) -> CompactRows:
     """Fill dq (B, N, Hq, D) for the listed rows and return their compact copies for `backward_dkdv`
     (inputs already made contiguous)."""
@@ -970,9 +975,11 @@ def backward_dq(
     nk, hkv = k.shape[1], k.shape[2]
     r = rows.rows_per_token
     n_lists_total = b * hkv * rows.lists_per_group
-    compact = _compact_buffers(q, rows, hkv)
+    capacity = rows.idx.shape[-1]  # slots per list: N tokens, or N * G (token, head) pairs
+    slots = capacity if max_count is None else max(1, min(max_count, capacity))
+    compact = _compact_buffers(q, rows, hkv, slots)
     cfg = bwd_dq_config(d)
-    grid = (triton.cdiv(rows.idx.shape[-1] * r, cfg.block_m) * n_lists_total,)
+    grid = (triton.cdiv(slots * r, cfg.block_m) * n_lists_total,)
     _bwd_dq_kernel[grid](
         q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse,
         compact.q, compact.dout, compact.lse2, compact.delta,

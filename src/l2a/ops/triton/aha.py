@@ -13,8 +13,85 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 from l2a.ops.triton import _flash
+from l2a.ops.triton._autograd import _fake_grads, _fake_out_lse
+
+# pairs per program of the list builder
+_CHUNK = 1024
+
+
+@triton.jit
+def _pair_routed(
+    ACTIVE, pid, n_chunks, hkv_heads, group, n_pairs, stride_ab, stride_an, stride_ah, CHUNK: tl.constexpr
+):
+    """Program id -> (b, K/V head, chunk); the chunk's pairs p = t G + g and their routing bits."""
+    chunk = pid % n_chunks
+    bh = pid // n_chunks
+    b = bh // hkv_heads
+    hkv = bh % hkv_heads
+    p = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = p < n_pairs
+    t = p // group
+    head = hkv * group + p % group
+    r = tl.load(ACTIVE + b * stride_ab + t * stride_an + head * stride_ah, mask=valid, other=0)
+    return bh, b, p, valid, t, (r != 0) & valid
+
+
+@triton.jit
+def _count_kernel(
+    ACTIVE, CNT, n_chunks, hkv_heads, group, n_pairs, stride_ab, stride_an, stride_ah, CHUNK: tl.constexpr
+):
+    pid = tl.program_id(0)
+    _, _, _, _, _, routed = _pair_routed(
+        ACTIVE, pid, n_chunks, hkv_heads, group, n_pairs, stride_ab, stride_an, stride_ah, CHUNK
+    )
+    tl.store(CNT + pid, tl.sum(routed.to(tl.int32), 0))
+
+
+@triton.jit
+def _lists_kernel(
+    ACTIVE, OFF, TOTAL, KEY_START, DOC_START, IDX, LO, HI,
+    n_chunks, hkv_heads, group, n_pairs, stride_ab, stride_an, stride_ah, n, nk, window,
+    HAS_KEY_START: tl.constexpr, HAS_DOCS: tl.constexpr, CHUNK: tl.constexpr, PAD: tl.constexpr,
+):  # fmt: skip
+    """Place each pair of one chunk in its list: routed slot OFF + (routed pairs so far in the chunk) - 1,
+    local slot p - (routed pairs up to p); write its token's key range, and _PAD past each list's count."""
+    pid = tl.program_id(0)
+    bh, b, p, valid, t, routed = _pair_routed(
+        ACTIVE, pid, n_chunks, hkv_heads, group, n_pairs, stride_ab, stride_an, stride_ah, CHUNK
+    )
+    routed_upto = tl.load(OFF + pid) + tl.cumsum(routed.to(tl.int32), 0)
+    pos = t + (nk - n)
+    lo = tl.zeros([CHUNK], dtype=tl.int32)
+    if HAS_KEY_START:
+        lo = tl.maximum(lo, tl.load(KEY_START + b).to(tl.int32))
+    if HAS_DOCS:
+        lo = tl.maximum(lo, tl.load(DOC_START + t, mask=valid, other=0))
+    lo_window = tl.maximum(lo, pos - window + 1)
+    base_routed = bh * 2 * n_pairs
+    base_local = base_routed + n_pairs
+    local = valid & ~routed
+    slot_routed = base_routed + routed_upto - 1
+    slot_local = base_local + p - routed_upto
+    tl.store(IDX + slot_routed, p, mask=routed)
+    tl.store(LO + slot_routed, lo, mask=routed)
+    tl.store(HI + slot_routed, pos, mask=routed)
+    tl.store(IDX + slot_local, p, mask=local)
+    tl.store(LO + slot_local, lo_window, mask=local)
+    tl.store(HI + slot_local, pos, mask=local)
+    # slots p of the chunk's range that lie past a list's count: sorted padding for searchsorted
+    total = tl.load(TOTAL + bh)
+    pad = valid & (p >= total)
+    tl.store(IDX + base_routed + p, 0, mask=pad)
+    tl.store(LO + base_routed + p, PAD, mask=pad)
+    tl.store(HI + base_routed + p, PAD, mask=pad)
+    pad = valid & (p >= n_pairs - total)
+    tl.store(IDX + base_local + p, 0, mask=pad)
+    tl.store(LO + base_local + p, PAD, mask=pad)
+    tl.store(HI + base_local + p, PAD, mask=pad)
 
 
 def aha_rows(
@@ -30,31 +107,32 @@ def aha_rows(
 
     Mixing the G heads of a group in one list keeps an M-tile's span of positions short: ~BLOCK_M / G local
     tokens (the window tile loads ~W + BLOCK_M / G keys) and ~BLOCK_M / (G a) routed ones at a fraction a
-    routed. One cumulative sum places both lists: pair p is routed slot c_p - 1 or local slot p - c_p.
+    routed. Built by two small kernels (per-chunk counts, then placement) around a cumulative sum of the
+    counts: pair p is routed slot c_p - 1 or local slot p - c_p, c_p the routed pairs up to p.
     """
     b, n, hq, _ = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     n_pairs = n * group
-    bounds = dict(cu_seqlens=cu_seqlens, key_start=key_start)
-    lo_full, hi = _flash.key_bounds(n, nk, b, q.device, **bounds)
-    lo_window, _ = _flash.key_bounds(n, nk, b, q.device, window=window, **bounds)
-    routed = (active[:, :, None] if active.dim() == 2 else active).expand(b, n, hq)
-    routed = routed.reshape(b, n, hkv, group).permute(0, 2, 1, 3).reshape(b, hkv, n_pairs)
-    cum = torch.cumsum(routed, dim=-1, dtype=torch.int32)
-    pair = torch.arange(n_pairs, device=q.device, dtype=torch.int32)
-    dest = torch.where(routed, cum - 1, n_pairs + pair - cum).long()
-    idx = torch.zeros(b, hkv, 2 * n_pairs, device=q.device, dtype=torch.int32)
-    idx.scatter_(-1, dest, pair.expand(b, hkv, n_pairs))
-    idx = idx.view(b, 2 * hkv, n_pairs)
-    n_routed = cum[..., -1]
-    count = torch.stack((n_routed, n_pairs - n_routed), dim=-1).reshape(b, 2 * hkv)
-    filled = pair[None, None, :] < count[..., None]
-    tok = (idx // group).long()
-    lo = torch.stack((lo_full, lo_window), dim=1)[:, None].expand(b, hkv, 2, n).reshape(b, 2 * hkv, n)
-    lo_c = torch.where(filled, torch.gather(lo, -1, tok), _flash._PAD)
-    hi_c = torch.where(filled, torch.gather(hi[:, None].expand(b, 2 * hkv, n), -1, tok), _flash._PAD)
-    return _flash.Rows(idx, lo_c, hi_c, count, lists_per_group=2, rows_per_token=1, pairs=True)
+    routed = (active[:, :, None] if active.dim() == 2 else active).expand(b, n, hq).view(torch.uint8)
+    n_chunks = triton.cdiv(n_pairs, _CHUNK)
+    grid = (b * hkv * n_chunks,)
+    geometry = (n_chunks, hkv, group, n_pairs, *routed.stride())
+    counts = torch.empty(b * hkv, n_chunks, device=q.device, dtype=torch.int32)
+    _count_kernel[grid](routed, counts, *geometry, CHUNK=_CHUNK)
+    upto = torch.cumsum(counts, dim=-1, dtype=torch.int32)
+    total = upto[:, -1].contiguous()
+    doc_start = None
+    if cu_seqlens is not None:
+        doc_start = _flash.key_bounds(n, nk, 1, q.device, cu_seqlens=cu_seqlens)[0][0]
+    idx, lo, hi = (torch.empty(b, 2 * hkv, n_pairs, device=q.device, dtype=torch.int32) for _ in range(3))
+    _lists_kernel[grid](
+        routed, upto - counts, total, counts if key_start is None else key_start,
+        counts if doc_start is None else doc_start, idx, lo, hi, *geometry, n, nk, window,
+        HAS_KEY_START=key_start is not None, HAS_DOCS=doc_start is not None, CHUNK=_CHUNK, PAD=_flash._PAD,
+    )  # fmt: skip
+    count = torch.stack((total, n_pairs - total), dim=-1).reshape(b, 2 * hkv)
+    return _flash.Rows(idx, lo, hi, count, lists_per_group=2, rows_per_token=1, pairs=True)
 
 
 def all_or_here_attention_fwd(
@@ -108,8 +186,7 @@ def all_or_here_attention_op(
 
 @all_or_here_attention_op.register_fake
 def _(q, k, v, active, window, scale, cu_seqlens, key_start):
-    b, n, hq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, hq, n), dtype=torch.float32)
+    return _fake_out_lse(q)
 
 
 @torch.library.custom_op("l2a::all_or_here_attention_backward", mutates_args=())
@@ -134,7 +211,7 @@ def all_or_here_attention_backward_op(
 
 @all_or_here_attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, active, window, scale, cu_seqlens, key_start):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _fake_grads(q, k, v)
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:

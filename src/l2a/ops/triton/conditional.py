@@ -52,6 +52,10 @@ def conditional_attention_bwd(
     cu_seqlens: torch.Tensor | None,
     key_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D)."""
+    """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D).
+
+    The compact backward buffers are sized by the longest routed list: one host sync per call, in the
+    backward only (the forward stays sync-free)."""
     rows = _rows(q, k, active, key_offset, cu_seqlens, key_start)
-    return _flash.backward(dout, dlse, q, k, v, out, lse, rows, active, scale)
+    max_count = int(rows.count.max())
+    return _flash.backward(dout, dlse, q, k, v, out, lse, rows, active, scale, max_count)
