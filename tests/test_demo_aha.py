@@ -88,3 +88,14 @@ def test_start_from_a_saved_base(quick_report, tmp_path):
     wrong = AHADemoConfig.quick().with_overrides(["hidden_size=32"])
     with pytest.raises(ValueError, match="does not match the demo config"):
         run_aha_demo(tmp_path / "x", config=wrong, threads=1, progress=False, base=out / "base")
+
+
+def test_cli_refuses_a_base_inside_the_output(tmp_path, capsys):
+    (tmp_path / "base").mkdir()
+    code = main(
+        ["demo", "--method", "aha", "--out", str(tmp_path), "--force", "--base", str(tmp_path / "base")]
+    )
+    assert code == 2 and "lies inside --out" in capsys.readouterr().err
+    assert (tmp_path / "base").is_dir()
+    assert main(["demo", "--base", str(tmp_path / "base")]) == 2
+    assert "--base is an option of --method aha" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from l2a.cli._common import UsageError, prepare_output_dir
 
@@ -78,6 +79,13 @@ def _run_aha(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     resolve_device(args.device)
+    if args.base is not None and Path(out).resolve() in (
+        Path(args.base).resolve(),
+        *Path(args.base).resolve().parents,
+    ):
+        raise UsageError(
+            f"--base {args.base} lies inside --out {out}: use another --out (the run rewrites it)"
+        )
     prepare_output_dir(out, force=args.force, outputs=AHA_OUTPUTS)
     report = run_aha_demo(
         out, seed=args.seed, config=config, threads=args.threads, device=args.device, base=args.base
