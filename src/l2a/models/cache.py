@@ -1,8 +1,17 @@
-"""KV cache for L2A generation: per layer a bounded local cache and, for global layers, a full global cache.
+"""KV cache for L2A generation: per layer a bounded local cache and, for layers that route, a global cache.
 
-Tensors are kept in the ops layout (B, N, Hkv, D) (HF's own caches use (B, Hkv, N, D)).
-The local cache keeps the last `window - 1` tokens after each forward (all a next query can see);
-the global cache keeps every token, because a routed query attends to the whole prefix.
+Tensors are kept in the ops layout (B, N, Hkv, D) (HF's own caches use (B, Hkv, N, D)), in preallocated
+buffers written in place: a decode step copies its new keys/values into free slots and attends over views,
+with no `torch.cat` and no host synchronisation (all bookkeeping is Python integers).
+
+- Local: the last `window - 1` tokens (all a next query can see). The buffer has `LOCAL_SLACK` spare slots;
+  when they are used up, the last `window - 1` tokens are moved to the front (one copy every `LOCAL_SLACK`
+  steps). After a prefill it holds exactly min(window - 1, seen) tokens.
+- Global: every token, because a routed query attends to the whole prefix. Sized exactly by the prefill,
+  then grown `GLOBAL_CHUNK` tokens at a time, or sized once up front with `max_length` (static).
+- Layers that cannot route (pruned layers, every layer under `force_route="none"`) keep no global K/V.
+
+`nbytes()` counts the bytes allocated (spare slots included), not only the filled ones.
 """
 
 from __future__ import annotations
@@ -10,27 +19,89 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+# Spare local slots and global growth step, in tokens.
+LOCAL_SLACK = 256
+GLOBAL_CHUNK = 4096
+
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+class _KVBuffer:
+    """Keys and values (B, capacity, Hkv, D) of which slots [start, end) hold tokens in position order."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.start = 0
+        self.end = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def allocate(self, like: torch.Tensor, capacity: int) -> None:
+        """Fresh buffers of `capacity` tokens shaped like `like` (B, *, Hkv, D), keeping the filled slots."""
+        b, _, hkv, d = like.shape
+        keys = like.new_empty(b, capacity, hkv, d)
+        values = like.new_empty(b, capacity, hkv, d)
+        filled = self.end - self.start
+        if filled:
+            keys[:, :filled] = self.keys[:, self.start : self.end]
+            values[:, :filled] = self.values[:, self.start : self.end]
+        self.keys, self.values, self.start, self.end = keys, values, 0, filled
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy k, v (B, N, Hkv, D) into the slots after `end` (the caller made room)."""
+        n = k.shape[1]
+        self.keys[:, self.end : self.end + n] = k
+        self.values[:, self.end : self.end + n] = v
+        self.end += n
+
+    def view(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:, start : self.end], self.values[:, start : self.end]
+
+    def matches(self, k: torch.Tensor) -> bool:
+        """Whether new keys k (B, N, Hkv, D) fit this buffer's batch, heads, dtype and device."""
+        t = self.keys
+        return (
+            t is not None
+            and (t.shape[0], *t.shape[2:]) == (k.shape[0], *k.shape[2:])
+            and (t.dtype == k.dtype and t.device == k.device)
+        )
+
+    def nbytes(self) -> int:
+        return _nbytes(self.keys) + _nbytes(self.values)
+
+    def apply(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.start = self.end = 0
+
+
 class L2ALayerCache:
-    """Cache of one layer. `seen_tokens` counts every token the layer has processed."""
+    """Cache of one layer. `seen_tokens` counts every token the layer has processed.
+
+    has_global: whether the layer keeps global K/V. max_length: static capacity of the global cache in
+    tokens (None: sized by the prefill and grown in `GLOBAL_CHUNK` steps).
+    """
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, window: int, has_global: bool):
+    def __init__(self, window: int, has_global: bool, max_length: int | None = None):
         self.window = window
         self.has_global = has_global
+        self.max_length = max_length
         self.seen_tokens = 0
-        self.local_keys: torch.Tensor | None = None
-        self.local_values: torch.Tensor | None = None
-        self.global_keys: torch.Tensor | None = None
-        self.global_values: torch.Tensor | None = None
+        self.local = _KVBuffer()
+        self.global_ = _KVBuffer()
 
     def __repr__(self) -> str:
         return (
@@ -41,54 +112,75 @@ class L2ALayerCache:
     def update_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Append k, v (B, N, Hkv, D); return the keys/values to attend over (cached + new) and the
         absolute position of their first token. Afterwards only the last `window - 1` tokens are kept."""
-        cached = 0 if self.local_keys is None else self.local_keys.shape[1]
+        keep = self.window - 1
+        buf, n = self.local, k.shape[1]
+        cached = buf.end - buf.start
         first_position = self.seen_tokens - cached
-        if self.local_keys is not None:
-            k = torch.cat([self.local_keys, k], dim=1)
-            v = torch.cat([self.local_values, v], dim=1)
-        self.seen_tokens = first_position + k.shape[1]
-        keep = min(self.window - 1, k.shape[1])
-        # clone: a slice would keep the whole concatenated buffer alive
-        self.local_keys = k[:, k.shape[1] - keep :].clone()
-        self.local_values = v[:, v.shape[1] - keep :].clone()
-        return k, v, first_position
+        self.seen_tokens += n
+        if buf.keys is not None and not buf.matches(k):
+            raise ValueError("the new keys do not match the cache (batch, heads, dtype or device changed)")
+        if n > LOCAL_SLACK or buf.keys is None:
+            # prefill: attend over cached + new, then keep exactly the last `keep` tokens
+            k_all = k if not cached else torch.cat([buf.keys[:, buf.start : buf.end], k], dim=1)
+            v_all = v if not cached else torch.cat([buf.values[:, buf.start : buf.end], v], dim=1)
+            tail = min(keep, k_all.shape[1])
+            buf.reset()
+            buf.allocate(k_all, tail)
+            buf.write(k_all[:, k_all.shape[1] - tail :], v_all[:, v_all.shape[1] - tail :])
+            return k_all, v_all, first_position
+        if buf.end + n > buf.capacity:
+            if cached + n > buf.capacity or buf.capacity < keep + LOCAL_SLACK:
+                buf.allocate(k, keep + LOCAL_SLACK)
+            else:  # slide the kept tokens to the front (a copy: the ranges may overlap)
+                kept_k = buf.keys[:, buf.start : buf.end].clone()
+                kept_v = buf.values[:, buf.start : buf.end].clone()
+                buf.keys[:, :cached], buf.values[:, :cached] = kept_k, kept_v
+                buf.start, buf.end = 0, cached
+        start = buf.start
+        buf.write(k, v)
+        buf.start = max(buf.start, buf.end - keep)
+        k_all, v_all = buf.view(start)
+        return k_all, v_all, first_position
 
     def update_global(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, N, Hkv, D) to the global cache; return all cached keys/values (from position 0)."""
         if not self.has_global:
-            raise RuntimeError("update_global called on the cache of a local-only layer")
-        if self.global_keys is not None:
-            k = torch.cat([self.global_keys, k], dim=1)
-            v = torch.cat([self.global_values, v], dim=1)
-        self.global_keys, self.global_values = k, v
-        return k, v
+            raise RuntimeError("update_global called on the cache of a layer that keeps no global K/V")
+        buf, n = self.global_, k.shape[1]
+        if buf.keys is not None and not buf.matches(k):
+            raise ValueError("the new keys do not match the cache (batch, heads, dtype or device changed)")
+        needed = buf.end + n
+        if needed > buf.capacity:
+            if self.max_length is not None:
+                if needed > self.max_length:
+                    raise ValueError(
+                        f"the static L2ACache holds max_length={self.max_length} tokens, {needed} needed"
+                    )
+                buf.allocate(k, self.max_length)
+            else:
+                # the first forward (prefill) allocates exactly; decode grows in large steps
+                buf.allocate(k, needed if buf.keys is None else needed + GLOBAL_CHUNK)
+        buf.write(k, v)
+        return buf.view(0)
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.max_length is None else self.max_length
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: {"local": ..., "global": ...}."""
-        return {
-            "local": _nbytes(self.local_keys) + _nbytes(self.local_values),
-            "global": _nbytes(self.global_keys) + _nbytes(self.global_values),
-        }
-
-    def _tensors(self) -> list[str]:
-        return ["local_keys", "local_values", "global_keys", "global_values"]
+        """Bytes allocated: {"local": ..., "global": ...}."""
+        return {"local": self.local.nbytes(), "global": self.global_.nbytes()}
 
     def _apply(self, fn) -> None:
-        for name in self._tensors():
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
+        self.local.apply(fn)
+        self.global_.apply(fn)
 
     def reset(self) -> None:
         self.seen_tokens = 0
-        for name in self._tensors():
-            setattr(self, name, None)
+        self.local.reset()
+        self.global_.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -109,16 +201,22 @@ class L2ALayerCache:
 class L2ACache(Cache):
     """Cache of an L2A model for `generate()`: one `L2ALayerCache` per layer.
 
-    Local caches are bounded by the window; global caches (only for `config.global_layers`) hold every token.
-    `nbytes()` reports the memory held, `layer_nbytes()` its split per layer into local and global.
+    Local caches are bounded by the window; global caches (only for `config.global_layers`, and none at all
+    when `config.force_route == "none"`) hold every token. `max_length` sizes the global caches once, up
+    front (the static equivalent of HF's `StaticCache`); the buffers are allocated at the first forward.
+    `nbytes()` reports the memory allocated, `layer_nbytes()` its split per layer into local and global.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, max_length: int | None = None):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
+        routes = config.force_route != "none"
         layers = [
-            L2ALayerCache(config.sliding_window, i in config.global_layers)
+            L2ALayerCache(config.sliding_window, routes and i in config.global_layers, max_length)
             for i in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
+        self.max_length = max_length
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(
@@ -136,12 +234,12 @@ class L2ACache(Cache):
         return self.get_seq_length(layer_idx) + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
+        return -1 if self.max_length is None else self.max_length
 
     def layer_nbytes(self) -> list[dict[str, int]]:
-        """Per layer {"local": bytes, "global": bytes}."""
+        """Per layer {"local": bytes, "global": bytes} allocated."""
         return [layer.nbytes() for layer in self.layers]
 
     def nbytes(self) -> int:
-        """Total bytes held by all cached keys and values."""
+        """Total bytes allocated for cached keys and values."""
         return sum(b["local"] + b["global"] for b in self.layer_nbytes())
