@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import l2a.layers.attention as attention_module
+import l2a.models.cache as cache_module
 from l2a.models import L2ACache
+from l2a.models._compat import CACHE_KWARG
 
 PROMPT, NEW = 13, 8
 
@@ -71,23 +73,72 @@ def test_cache_memory_is_bounded_locally(tiny_l2a):
     window = 4
     model = tiny_l2a("qwen2", window=window, global_layers=[1])
     ids, mask = _left_padded_batch()
+    per_token = 2 * 2 * 16 * 4  # batch 2, Hkv 2, D 16, float32 bytes
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    # after the prefill: keys and values of the last W - 1 tokens locally, of every token globally
+    local = 2 * (window - 1) * per_token
+    assert cache.layer_nbytes() == [
+        {"local": local, "global": 0},
+        {"local": local, "global": 2 * PROMPT * per_token},
+    ]
+    assert cache.nbytes() == 2 * local + 2 * PROMPT * per_token
+    # decoding: the local buffers stay bounded (spare slots included), whatever the number of steps
+    sizes = []
+    for new in (NEW, 3 * NEW):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True
+        )
+        sizes.append(out.past_key_values.layer_nbytes())
+    bound = 2 * (window - 1 + cache_module.LOCAL_SLACK) * per_token
+    assert sizes[0][0]["local"] == sizes[1][0]["local"] <= bound
+    assert sizes[0][1]["global"] >= 2 * (PROMPT + NEW - 1) * per_token
+
+
+def test_layers_that_cannot_route_keep_no_global_cache(tiny_l2a):
+    model = tiny_l2a("qwen3", window=3, force_route="none")
+    ids, mask = _left_padded_batch()
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
+    )
+    assert [b["global"] for b in out.past_key_values.layer_nbytes()] == [0, 0]
+    # switching routing back on with that cache is refused, not silently wrong
+    model.config.force_route = None
+    with pytest.raises(ValueError, match="no global keys"):
+        model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+
+
+@pytest.mark.parametrize("max_length", [None, PROMPT + 30], ids=["grown", "static"])
+def test_long_generation_through_buffer_moves_equals_recompute(tiny_l2a, monkeypatch, max_length):
+    """Small spare/growth sizes, so that local buffers slide and global buffers grow several times."""
+    monkeypatch.setattr(cache_module, "LOCAL_SLACK", 3)
+    monkeypatch.setattr(cache_module, "GLOBAL_CHUNK", 5)
+    model = tiny_l2a("qwen3", window=5)
+    ids, mask = _left_padded_batch(pad=6)
+    steps = 20
+    cache = L2ACache(model.config, max_length=max_length)
     out = model.generate(
         ids,
         attention_mask=mask,
-        max_new_tokens=NEW,
+        max_new_tokens=steps,
         do_sample=False,
         return_dict_in_generate=True,
-        pad_token_id=0,
+        **{CACHE_KWARG: cache},
     )
-    cache = out.past_key_values
-    seen = PROMPT + NEW - 1
-    per_token = 2 * 2 * 16 * 4  # batch 2, Hkv 2, D 16, float32 bytes
-    expected_local = 2 * (window - 1) * per_token  # keys and values
-    assert cache.layer_nbytes() == [
-        {"local": expected_local, "global": 0},
-        {"local": expected_local, "global": 2 * seen * per_token},
-    ]
-    assert cache.nbytes() == 2 * expected_local + 2 * seen * per_token
+    expected, fractions = _greedy_by_recompute(model, ids, mask, steps)
+    assert ((fractions > 0) & (fractions < 1)).any()
+    torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
+    if max_length is not None:
+        per_token = 2 * 2 * 16 * 4
+        assert out.past_key_values.layer_nbytes()[0]["global"] == 2 * max_length * per_token
+
+
+def test_static_cache_too_short_is_refused(tiny_l2a):
+    model = tiny_l2a("qwen3", window=5)
+    with pytest.raises(ValueError, match="max_length=10"):
+        model.generate(
+            torch.randint(1, 300, (1, 8)), max_new_tokens=5, **{CACHE_KWARG: L2ACache(model.config, 10)}
+        )
 
 
 def test_tokens_routed_nowhere_skip_global_attention(tiny_l2a, monkeypatch):
@@ -123,3 +174,21 @@ def test_foreign_cache_refused(tiny_l2a):
     model = tiny_l2a("qwen2", window=3)
     with pytest.raises(TypeError, match="L2ACache"):
         model.generate(torch.randint(1, 300, (1, 5)), past_key_values=DynamicCache(), max_new_tokens=2)
+
+
+def test_cache_implementation_static_sizes_the_global_cache_once(tiny_l2a):
+    model = tiny_l2a("qwen2", window=3)
+    ids, mask = _left_padded_batch()
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        return_dict_in_generate=True,
+        cache_implementation="static",
+    )
+    expected, _ = _greedy_by_recompute(model, ids, mask, NEW)
+    torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
+    per_token = 2 * 2 * 16 * 4  # batch 2, Hkv 2, D 16, float32 bytes
+    assert out.past_key_values.max_length >= PROMPT + NEW - 1
+    assert out.past_key_values.layer_nbytes()[1]["global"] == 2 * out.past_key_values.max_length * per_token

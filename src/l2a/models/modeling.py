@@ -392,9 +392,12 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             raise TypeError(f"past_key_values must be an L2ACache, got {type(cache).__name__}")
         if cache is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.cache_implementation not in (None, "dynamic"):
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
             raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
-                "L2A models; they use their own L2ACache (leave cache_implementation unset)"
+                f"cache_implementation={implementation!r} is not supported by L2A models; they use their "
+                "own L2ACache ('dynamic', or 'static': global caches sized once for the generation)"
             )
-        model_kwargs[CACHE_KWARG] = L2ACache(self.config)
+        # HF passes (generation_mode, batch_size, max_cache_length) after model_kwargs
+        max_length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+        model_kwargs[CACHE_KWARG] = L2ACache(self.config, max_length if implementation == "static" else None)
