@@ -58,6 +58,18 @@ def split_size(nk: int, programs_per_split: int, device: torch.device, block_n: 
 
 
 @triton.jit
+def _key_space(NKP, nk, ring, HAS_NK_PTR: tl.constexpr):
+    """Number of keys written (from the device with a static cache) and the first position the splits
+    cover: 0, or for a ring of `ring` slots the oldest position still held."""
+    if HAS_NK_PTR:
+        nk = tl.load(NKP).to(tl.int32)
+    base = nk * 0
+    if ring > 0:
+        base = tl.maximum(nk - ring, 0)
+    return nk, base
+
+
+@triton.jit
 def _row_bounds(
     b, hkv, ACT, KS, stride_ab, stride_an, stride_ah, n, nk, group, key_offset, window,
     HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -87,27 +99,28 @@ def _row_bounds(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, ACT, KS, PO, PL,
+    Q, K, V, ACT, KS, NKP, PO, PL,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ab, stride_an, stride_ah,
     stride_pb, stride_ps, stride_pm,
-    hkv_heads, n, nk, group, key_offset, window, chunk, qk_scale,
-    HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    hkv_heads, n, nk, ring, group, key_offset, window, chunk, qk_scale,
+    HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_NK_PTR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // hkv_heads
     hkv = pid % hkv_heads
+    nk, base = _key_space(NKP, nk, ring, HAS_NK_PTR)
     row_valid, tok, head, lo, hi = _row_bounds(
         b, hkv, ACT, KS, stride_ab, stride_an, stride_ah, n, nk, group, key_offset, window,
         HAS_ACTIVE, HEAD_WISE, HAS_KEY_START, BLOCK_M,
     )  # fmt: skip
     # keys of this split that some routed row sees (unrouted rows: lo = nk, hi = -1)
-    k_first = tl.maximum(split * chunk, tl.min(lo, 0))
-    k_last = tl.minimum(tl.minimum(split * chunk + chunk, nk) - 1, tl.max(hi, 0))
+    k_first = tl.maximum(base + split * chunk, tl.min(lo, 0))
+    k_last = tl.minimum(tl.minimum(base + split * chunk + chunk, nk) - 1, tl.max(hi, 0))
     if k_last < k_first:
         return  # no routed row meets this split: nothing is read
     b64 = b.to(tl.int64)
@@ -123,7 +136,8 @@ def _decode_split_kernel(
     for start in range(k_first - k_first % BLOCK_N, k_last + 1, BLOCK_N):
         kpos = start + offs_n
         in_range = (kpos >= k_first) & (kpos <= k_last)
-        k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        slot = tl.where(ring > 0, kpos % tl.maximum(ring, 1), kpos)
+        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         qk = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         valid = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None]) & in_range[None, :]
         qk = tl.where(valid, qk, float("-inf"))
@@ -132,7 +146,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(qk - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kpos[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     # partial (normalised output, base-2 lse); rows without a key in this split are never read
@@ -146,25 +160,26 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    PO, PL, ACT, KS, Out, LSE,
+    PO, PL, ACT, KS, NKP, Out, LSE,
     stride_pb, stride_ps, stride_pm,
     stride_ab, stride_an, stride_ah,
     stride_ob, stride_on, stride_oh,
     stride_lb, stride_lh,
-    hkv_heads, n, nk, group, key_offset, window, chunk,
-    HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    hkv_heads, n, nk, ring, group, key_offset, window, chunk,
+    HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_NK_PTR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = pid // hkv_heads
     hkv = pid % hkv_heads
+    nk, base = _key_space(NKP, nk, ring, HAS_NK_PTR)
     row_valid, tok, head, lo, hi = _row_bounds(
         b, hkv, ACT, KS, stride_ab, stride_an, stride_ah, n, nk, group, key_offset, window,
         HAS_ACTIVE, HEAD_WISE, HAS_KEY_START, BLOCK_M,
     )  # fmt: skip
     has_keys = hi >= lo
-    s_first = tl.where(has_keys, lo, 0) // chunk
-    s_last = tl.where(has_keys, hi // chunk, -1)
+    s_first = tl.where(has_keys, lo - base, 0) // chunk
+    s_last = tl.where(has_keys, (hi - base) // chunk, -1)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = tl.arange(0, BLOCK_M)
     base = pid.to(tl.int64) * stride_pb + rows * stride_pm
@@ -201,9 +216,14 @@ def decode_attention_fwd(
     key_offset: int,
     window: int,
     key_start: torch.Tensor | None,
+    cache_seqlen: torch.Tensor | None = None,
+    ring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N, Hq, D), lse float32 (B, Hq, N) for few query tokens; arguments as the public ops
-    (already validated), window 0 for none. Rows that are not routed give out 0, lse -inf."""
+    (already validated), window 0 for none. Rows that are not routed give out 0, lse -inf.
+
+    cache_seqlen: int (1,) on the device, tokens written to a preallocated k/v (B, S, Hkv, D); None: all S.
+    ring: k/v hold position j in slot j % S (`l2a.ops.attention_with_kvcache`)."""
     check_supported(q)
     b, n, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
@@ -226,24 +246,26 @@ def decode_attention_fwd(
         act = active.view(torch.uint8) if active.dtype == torch.bool else active
         act_strides = (act.stride(0), act.stride(1), act.stride(2) if act.dim() == 3 else 0)
     ks = key_start if key_start is not None else q
+    nkp = cache_seqlen if cache_seqlen is not None else q
     flags = dict(
         HAS_ACTIVE=active is not None,
         HEAD_WISE=active is not None and active.dim() == 3,
         HAS_KEY_START=key_start is not None,
+        HAS_NK_PTR=cache_seqlen is not None,
         HEAD_DIM=d,
         BLOCK_M=block_m,
     )
     p_strides = partial_out.stride()[:3]
     _decode_split_kernel[(b * hkv, n_splits)](
-        q, k, v, act, ks, partial_out, partial_lse,
+        q, k, v, act, ks, nkp, partial_out, partial_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *act_strides, *p_strides,
-        hkv, n, nk, group, key_offset, window, chunk, scale * LOG2E,
+        hkv, n, nk, nk if ring else 0, group, key_offset, window, chunk, scale * LOG2E,
         BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         **flags,
     )  # fmt: skip
     _decode_merge_kernel[(b * hkv,)](
-        partial_out, partial_lse, act, ks, out, lse, *p_strides, *act_strides,
-        *out.stride()[:3], *lse.stride()[:2], hkv, n, nk, group, key_offset, window, chunk,
+        partial_out, partial_lse, act, ks, nkp, out, lse, *p_strides, *act_strides,
+        *out.stride()[:3], *lse.stride()[:2], hkv, n, nk, nk if ring else 0, group, key_offset, window, chunk,
         num_warps=num_warps, **flags,
     )  # fmt: skip
     return out, lse
@@ -259,11 +281,13 @@ def decode_attention_op(
     key_offset: int,
     window: int,
     key_start: torch.Tensor | None,
+    cache_seqlen: torch.Tensor | None = None,
+    ring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return decode_attention_fwd(q, k, v, active, scale, key_offset, window, key_start)
+    return decode_attention_fwd(q, k, v, active, scale, key_offset, window, key_start, cache_seqlen, ring)
 
 
 @decode_attention_op.register_fake
-def _(q, k, v, active, scale, key_offset, window, key_start):
+def _(q, k, v, active, scale, key_offset, window, key_start, cache_seqlen=None, ring=False):
     b, n, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, n), dtype=torch.float32)
