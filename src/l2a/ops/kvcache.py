@@ -21,10 +21,8 @@ def slot_positions(cache_seqlen: torch.Tensor, slots: int, ring: bool) -> torch.
     """Absolute position held by each slot, int64 (S,); -1 for slots not written yet."""
     j = torch.arange(slots, device=cache_seqlen.device)
     filled = cache_seqlen.long().reshape(1)
-    if ring:
-        pos = filled - 1 - torch.remainder(filled - 1 - j, slots)
-    else:
-        pos = j
+    # a ring slot j holds the latest position p < filled with p = j (mod S)
+    pos = filled - 1 - torch.remainder(filled - 1 - j, slots) if ring else j
     return torch.where(pos < filled, pos, -1)
 
 
