@@ -225,3 +225,31 @@ def test_generate_with_decode_kernels_matches_full_forward_on_gpu(tiny_l2a, monk
     with torch.no_grad():
         full = model(out.sequences, attention_mask=full_mask, use_cache=False).logits[:, 39:-1]
     torch.testing.assert_close(steps, full, atol=2e-3, rtol=2e-3)
+
+
+def test_static_decode_step_compiles_to_one_graph_without_recompiles(tiny_l2a):
+    """torch.compile(fullgraph=True) of the decode step with a static cache: one graph for every step (no
+    break, no recompilation as the cache fills), same logits as the eager step."""
+    model = tiny_l2a("qwen3", window=4)
+    ids, mask = _left_padded_batch()
+    graphs = []
+
+    def counting_backend(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(model, backend=counting_backend, fullgraph=True)
+    caches = [L2ACache(model.config, max_length=PROMPT + 8) for _ in range(2)]
+    with torch.no_grad():
+        prompt = [model(ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: c}).logits for c in caches]
+        tokens = [p[:, -1:].argmax(-1) for p in prompt]
+        fractions = []
+        for _ in range(5):
+            got = step(input_ids=tokens[0], use_cache=True, **{CACHE_KWARG: caches[0]})
+            ref = model(input_ids=tokens[1], use_cache=True, **{CACHE_KWARG: caches[1]})
+            torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=0)
+            fractions.append(ref.router_fraction)
+            tokens = [got.logits[:, -1:].argmax(-1), ref.logits[:, -1:].argmax(-1)]
+    assert len(graphs) == 1
+    assert caches[0].get_seq_length() == PROMPT + 5

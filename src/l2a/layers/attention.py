@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import Router
+from l2a.ops import attention_with_kvcache
 
 
 class AttentionProjections(nn.Module):
@@ -86,6 +87,19 @@ class LocalAttention(AttentionProjections):
         cos, sin = position_embeddings
         q = self.project_q(h, cos, sin)
         k, v = self.project_kv(h, cos, sin)
+        if layer_cache is not None and layer_cache.static_step(h.shape[1]):
+            k_ring, v_ring, filled = layer_cache.step_local(k, v)
+            out = attention_with_kvcache(
+                q,
+                k_ring,
+                v_ring,
+                filled,
+                window=self.config.sliding_window,
+                ring=True,
+                key_start=key_start,
+                backend=self.config.attention_backend,
+            )
+            return self.o_proj(out.flatten(-2))
         if layer_cache is not None:
             k, v, first_position = layer_cache.update_local(k, v)
             if key_start is not None:
@@ -135,10 +149,17 @@ class GlobalAttention(AttentionProjections):
         """
         cos, sin = position_embeddings
         k, v = self.project_kv(h, cos, sin)
-        if layer_cache is not None:
-            k, v = layer_cache.update_global(k, v)
         routed = active if active.dim() == 2 else active.any(-1)
         b, n = routed.shape
+        if layer_cache is not None and layer_cache.static_step(n):
+            k_all, v_all, filled = layer_cache.step_global(k, v)
+            q = self.project_q(h, cos, sin)
+            out = attention_with_kvcache(
+                q, k_all, v_all, filled, active=active, key_start=key_start, backend=self.config.attention_backend
+            )
+            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
+        if layer_cache is not None:
+            k, v = layer_cache.update_global(k, v)
         if n <= self.COMPACT_MIN_TOKENS or torch.compiler.is_compiling():
             q = self.project_q(h, cos, sin)
             out = self._attend(q, k, v, active, cu_seqlens, key_start)

@@ -11,6 +11,12 @@ with no `torch.cat` and no host synchronisation (all bookkeeping is Python integ
   then grown `GLOBAL_CHUNK` tokens at a time, or sized once up front with `max_length` (static).
 - Layers that cannot route (pruned layers, every layer under `force_route="none"`) keep no global K/V.
 
+Static (`max_length` given): the global buffer holds `max_length` tokens and the local one is a ring of
+`window - 1 + STATIC_STEP_TOKENS` slots (position j in slot j % slots); after the first forward (the prompt)
+every forward of at most `STATIC_STEP_TOKENS` tokens is a *static step*: keys are written at the fill level
+kept on the device, attention reads it there (`l2a.ops.attention_with_kvcache`), and no Python number
+changes, so the step can be captured (`torch.compile(mode="reduce-overhead")`, CUDA graphs).
+
 `nbytes()` counts the bytes allocated (spare slots included), not only the filled ones.
 """
 
@@ -22,6 +28,8 @@ from transformers.cache_utils import Cache
 # Spare local slots and global growth step, in tokens.
 LOCAL_SLACK = 256
 GLOBAL_CHUNK = 4096
+# Most new tokens of a static (capturable) step.
+STATIC_STEP_TOKENS = 16
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -83,6 +91,13 @@ class _KVBuffer:
         self.start = self.end = 0
 
 
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that these buffers keep their address (CUDA graphs then write them in place)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
 class L2ALayerCache:
     """Cache of one layer. `seen_tokens` counts every token the layer has processed.
 
@@ -102,6 +117,8 @@ class L2ALayerCache:
         self.seen_tokens = 0
         self.local = _KVBuffer()
         self.global_ = _KVBuffer()
+        # static mode: tokens written so far, int32 (1,) on the device (set by the first forward)
+        self.position: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (
@@ -112,6 +129,8 @@ class L2ALayerCache:
     def update_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Append k, v (B, N, Hkv, D); return the keys/values to attend over (cached + new) and the
         absolute position of their first token. Afterwards only the last `window - 1` tokens are kept."""
+        if self.max_length is not None:
+            return self._static_prefill_local(k, v)
         keep = self.window - 1
         buf, n = self.local, k.shape[1]
         cached = buf.end - buf.start
@@ -157,14 +176,85 @@ class L2ALayerCache:
                         f"the static L2ACache holds max_length={self.max_length} tokens, {needed} needed"
                     )
                 buf.allocate(k, self.max_length)
+                _mark_static(buf.keys, buf.values)
+                self.position = self._prompt_position
             else:
                 # the first forward (prefill) allocates exactly; decode grows in large steps
                 buf.allocate(k, needed if buf.keys is None else needed + GLOBAL_CHUNK)
         buf.write(k, v)
         return buf.view(0)
 
+    # static mode ---------------------------------------------------------------------------------------
+
+    @property
+    def ring_slots(self) -> int:
+        return self.window - 1 + STATIC_STEP_TOKENS
+
+    def static_step(self, n: int) -> bool:
+        """Whether a forward of n tokens is a static step (see the module docstring)."""
+        return self.position is not None and n <= STATIC_STEP_TOKENS
+
+    def _static_prefill_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self.position is not None or self.local.keys is not None:
+            raise ValueError(
+                f"a static L2ACache takes the prompt in its first forward, then at most {STATIC_STEP_TOKENS} "
+                f"tokens per forward; got {k.shape[1]}"
+            )
+        n, slots = k.shape[1], self.ring_slots
+        if n > self.max_length:
+            raise ValueError(f"the static L2ACache holds max_length={self.max_length} tokens, {n} needed")
+        self.local.allocate(k, slots)
+        tail = torch.arange(max(0, n - slots), n, device=k.device)
+        self.local.keys.index_copy_(1, tail % slots, k[:, tail])
+        self.local.values.index_copy_(1, tail % slots, v[:, tail])
+        position = torch.full((1,), n, dtype=torch.int32, device=k.device)
+        _mark_static(self.local.keys, self.local.values, position)
+        # the prompt is done once the layer's last update ran (the global one, where there is one)
+        if self.has_global:
+            self._prompt_position = position
+        else:
+            self.position = position
+        self.seen_tokens = self._host_filled = n
+        return k, v, 0
+
+    def step_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static step: write k, v (B, N, Hkv, D) into the ring; return the ring (B, S, Hkv, D) and the new
+        fill level int32 (1,)."""
+        n = k.shape[1]
+        slots = torch.remainder(self.position.long() + torch.arange(n, device=k.device), self.ring_slots)
+        self.local.keys.index_copy_(1, slots, k)
+        self.local.values.index_copy_(1, slots, v)
+        filled = self.position + n
+        if not self.has_global:
+            self._check_room(n)
+            self.position.add_(n)
+        return self.local.keys, self.local.values, filled
+
+    def _check_room(self, n: int) -> None:
+        # eager steps keep a host copy of the fill level to refuse an overflow with a clear message;
+        # captured steps cannot (the check would synchronise): there an overflow is a device index error
+        if not torch.compiler.is_compiling():
+            self._host_filled += n
+            if self._host_filled > self.max_length:
+                raise ValueError(
+                    f"the static L2ACache holds max_length={self.max_length} tokens, {self._host_filled} needed"
+                )
+
+    def step_global(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static step: write k, v into the global buffer (B, max_length, Hkv, D); return it and the new fill
+        level. Writing past `max_length` is a device-side index error (no host check in a step)."""
+        n = k.shape[1]
+        self._check_room(n)
+        index = self.position.long() + torch.arange(n, device=k.device)
+        self.global_.keys.index_copy_(1, index, k)
+        self.global_.values.index_copy_(1, index, v)
+        filled = self.position + n
+        self.position.add_(n)
+        return self.global_.keys, self.global_.values, filled
+
     def get_seq_length(self) -> int:
-        return self.seen_tokens
+        # static mode: the fill level lives on the device (reading it synchronises; no step calls this)
+        return self.seen_tokens if self.position is None else int(self.position.item())
 
     def get_max_length(self) -> int:
         return -1 if self.max_length is None else self.max_length
@@ -179,6 +269,7 @@ class L2ALayerCache:
 
     def reset(self) -> None:
         self.seen_tokens = 0
+        self.position = None
         self.local.reset()
         self.global_.reset()
 
@@ -217,6 +308,24 @@ class L2ACache(Cache):
         ]
         super().__init__(layers=layers)
         self.max_length = max_length
+        self.key_start: torch.Tensor | None = None
+
+    def static_step(self, n: int) -> bool:
+        """Whether a forward of n new tokens is a capturable static step (static cache, prompt done)."""
+        return self.layers[0].static_step(n)
+
+    def record_padding(self, key_start: torch.Tensor | None, batch: int, device: torch.device) -> None:
+        """At a static cache's first forward: keep the left padding (first valid position per row) for the
+        static steps, which take no attention mask."""
+        if self.max_length is not None and self.layers[0].position is None:
+            zeros = torch.zeros(batch, dtype=torch.long, device=device)
+            self.key_start = zeros if key_start is None else key_start.to(device=device, dtype=torch.long)
+            _mark_static(self.key_start)
+
+    def step_positions(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static step: key_start int64 (B,) and position ids int64 (B, N), from the device fill level."""
+        start = self.layers[0].position.long() + torch.arange(n, device=self.key_start.device)
+        return self.key_start, start[None, :] - self.key_start[:, None]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(
