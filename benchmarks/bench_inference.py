@@ -138,6 +138,7 @@ def prefill(kind: str, model, ids: torch.Tensor, max_len: int):
         static = StaticCache(config=model.config, max_cache_len=max_len)
         for i, layer in enumerate(cache.layers):
             static.update(layer.keys, layer.values, i, {"cache_position": torch.arange(n, device=ids.device)})
+            layer.keys = layer.values = None  # free as we go: both caches at once may not fit
         cache = static
     return ttft, cache, token, fraction
 
