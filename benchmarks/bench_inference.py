@@ -206,6 +206,9 @@ def main() -> None:
     )
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["dense", "l2a", "local_only"])
     parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=0, help="skip batch x prompt above this (recorded as not run)"
+    )
     parser.add_argument("--routed", type=float, default=0.1, help="target fraction of routed tokens")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=16)
@@ -242,6 +245,12 @@ def main() -> None:
     rows = []
     for b in args.batches:
         for n in args.prompts:
+            if args.max_batch_tokens and b * n > args.max_batch_tokens:
+                rows += [
+                    dict(batch=b, prompt=n, variant=v, error="not run (--max-batch-tokens)")
+                    for v in args.variants
+                ]
+                continue
             ids = torch.randint(0, model.config.vocab_size, (b, n), device=DEVICE)
             for variant in args.variants:
                 model.config.force_route = "none" if variant == "local_only" else None
