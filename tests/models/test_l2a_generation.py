@@ -159,11 +159,12 @@ def test_tokens_routed_nowhere_skip_global_attention(tiny_l2a, monkeypatch):
     assert calls == [PROMPT] * 2 + [1] * 6  # every token routed: prefill + 3 decode steps, 2 layers
 
 
-def test_beam_search_with_cache_equals_without(tiny_l2a):
+@pytest.mark.parametrize("implementation", [None, "static"], ids=["dynamic", "static"])
+def test_beam_search_with_cache_equals_without(tiny_l2a, implementation):
     model = tiny_l2a("qwen2", window=3)
     ids, mask = _left_padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
-    with_cache = model.generate(ids, use_cache=True, **kwargs)
+    with_cache = model.generate(ids, use_cache=True, cache_implementation=implementation, **kwargs)
     without = model.generate(ids, use_cache=False, **kwargs)
     torch.testing.assert_close(with_cache, without, atol=0, rtol=0)
 

@@ -155,7 +155,13 @@ class GlobalAttention(AttentionProjections):
             k_all, v_all, filled = layer_cache.step_global(k, v)
             q = self.project_q(h, cos, sin)
             out = attention_with_kvcache(
-                q, k_all, v_all, filled, active=active, key_start=key_start, backend=self.config.attention_backend
+                q,
+                k_all,
+                v_all,
+                filled,
+                active=active,
+                key_start=key_start,
+                backend=self.config.attention_backend,
             )
             return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
         if layer_cache is not None:

@@ -82,9 +82,17 @@ class _KVBuffer:
     def nbytes(self) -> int:
         return _nbytes(self.keys) + _nbytes(self.values)
 
-    def apply(self, fn) -> None:
-        if self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
+    def apply(self, fn, in_place: bool = False) -> None:
+        """keys, values = fn(keys), fn(values); in place where the shape is kept (static buffers keep their
+        address for captured steps)."""
+        if self.keys is None:
+            return
+        keys, values = fn(self.keys), fn(self.values)
+        if in_place and keys.shape == self.keys.shape:
+            self.keys.copy_(keys)
+            self.values.copy_(values)
+        else:
+            self.keys, self.values = keys, values
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -98,11 +106,42 @@ def _mark_static(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_static_address(t)
 
 
+class StaticState:
+    """Fill level of a static cache, shared by its layers. `position`: int32 (1,) tokens written, on the
+    device. `L2ACache.step_positions` computes, once per static step, what every layer's writes and
+    attention need: `index` int64 (N,) positions of the new tokens, `ring` their ring slots, `filled` the
+    new fill level int32 (1,)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.position: torch.Tensor | None = None
+        self.host_filled = 0
+        self.index = self.ring = self.filled = None
+
+    def advance(self, n: int, ring_slots: int) -> torch.Tensor:
+        """Start a static step of n tokens; returns `index`."""
+        # eager steps keep a host copy of the fill level to refuse an overflow with a clear message;
+        # captured steps cannot (the check would synchronise): there an overflow is a device index error
+        if not torch.compiler.is_compiling():
+            self.host_filled += n
+            if self.host_filled > self.max_length:
+                needed = self.host_filled
+                raise ValueError(
+                    f"the static L2ACache holds max_length={self.max_length} tokens, {needed} needed"
+                )
+        self.index = self.position.long() + torch.arange(n, device=self.position.device)
+        self.ring = torch.remainder(self.index, ring_slots)
+        self.filled = self.position + n
+        self.position.add_(n)
+        return self.index
+
+
 class L2ALayerCache:
     """Cache of one layer. `seen_tokens` counts every token the layer has processed.
 
     has_global: whether the layer keeps global K/V. max_length: static capacity of the global cache in
-    tokens (None: sized by the prefill and grown in `GLOBAL_CHUNK` steps).
+    tokens (None: sized by the prefill and grown in `GLOBAL_CHUNK` steps). static_state: the fill level
+    shared with the other layers of a static `L2ACache` (a layer cache on its own makes its own).
     """
 
     is_compileable = False
@@ -110,15 +149,23 @@ class L2ALayerCache:
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, window: int, has_global: bool, max_length: int | None = None):
+    def __init__(
+        self,
+        window: int,
+        has_global: bool,
+        max_length: int | None = None,
+        static_state: StaticState | None = None,
+    ):
         self.window = window
         self.has_global = has_global
         self.max_length = max_length
         self.seen_tokens = 0
         self.local = _KVBuffer()
         self.global_ = _KVBuffer()
-        # static mode: tokens written so far, int32 (1,) on the device (set by the first forward)
-        self.position: torch.Tensor | None = None
+        if max_length is not None and static_state is None:
+            static_state = StaticState(max_length)
+        self.static = static_state
+        self.prompt_done = False  # static mode: the first forward (the prompt) has run through this layer
 
     def __repr__(self) -> str:
         return (
@@ -177,7 +224,7 @@ class L2ALayerCache:
                     )
                 buf.allocate(k, self.max_length)
                 _mark_static(buf.keys, buf.values)
-                self.position = self._prompt_position
+                self.prompt_done = True
             else:
                 # the first forward (prefill) allocates exactly; decode grows in large steps
                 buf.allocate(k, needed if buf.keys is None else needed + GLOBAL_CHUNK)
@@ -192,10 +239,12 @@ class L2ALayerCache:
 
     def static_step(self, n: int) -> bool:
         """Whether a forward of n tokens is a static step (see the module docstring)."""
-        return self.position is not None and n <= STATIC_STEP_TOKENS
+        return self.prompt_done and n <= STATIC_STEP_TOKENS
 
-    def _static_prefill_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self.position is not None or self.local.keys is not None:
+    def _static_prefill_local(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self.prompt_done or self.local.keys is not None:
             raise ValueError(
                 f"a static L2ACache takes the prompt in its first forward, then at most {STATIC_STEP_TOKENS} "
                 f"tokens per forward; got {k.shape[1]}"
@@ -207,54 +256,35 @@ class L2ALayerCache:
         tail = torch.arange(max(0, n - slots), n, device=k.device)
         self.local.keys.index_copy_(1, tail % slots, k[:, tail])
         self.local.values.index_copy_(1, tail % slots, v[:, tail])
-        position = torch.full((1,), n, dtype=torch.int32, device=k.device)
-        _mark_static(self.local.keys, self.local.values, position)
+        _mark_static(self.local.keys, self.local.values)
+        if self.static.position is None:
+            self.static.position = torch.full((1,), n, dtype=torch.int32, device=k.device)
+            self.static.host_filled = n
+            _mark_static(self.static.position)
         # the prompt is done once the layer's last update ran (the global one, where there is one)
-        if self.has_global:
-            self._prompt_position = position
-        else:
-            self.position = position
-        self.seen_tokens = self._host_filled = n
+        self.prompt_done = not self.has_global
+        self.seen_tokens = n
         return k, v, 0
 
     def step_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Static step: write k, v (B, N, Hkv, D) into the ring; return the ring (B, S, Hkv, D) and the new
         fill level int32 (1,)."""
-        n = k.shape[1]
-        slots = torch.remainder(self.position.long() + torch.arange(n, device=k.device), self.ring_slots)
-        self.local.keys.index_copy_(1, slots, k)
-        self.local.values.index_copy_(1, slots, v)
-        filled = self.position + n
-        if not self.has_global:
-            self._check_room(n)
-            self.position.add_(n)
-        return self.local.keys, self.local.values, filled
+        self.local.keys.index_copy_(1, self.static.ring, k)
+        self.local.values.index_copy_(1, self.static.ring, v)
+        return self.local.keys, self.local.values, self.static.filled
 
-    def _check_room(self, n: int) -> None:
-        # eager steps keep a host copy of the fill level to refuse an overflow with a clear message;
-        # captured steps cannot (the check would synchronise): there an overflow is a device index error
-        if not torch.compiler.is_compiling():
-            self._host_filled += n
-            if self._host_filled > self.max_length:
-                raise ValueError(
-                    f"the static L2ACache holds max_length={self.max_length} tokens, {self._host_filled} needed"
-                )
-
-    def step_global(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step_global(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Static step: write k, v into the global buffer (B, max_length, Hkv, D); return it and the new fill
-        level. Writing past `max_length` is a device-side index error (no host check in a step)."""
-        n = k.shape[1]
-        self._check_room(n)
-        index = self.position.long() + torch.arange(n, device=k.device)
-        self.global_.keys.index_copy_(1, index, k)
-        self.global_.values.index_copy_(1, index, v)
-        filled = self.position + n
-        self.position.add_(n)
-        return self.global_.keys, self.global_.values, filled
+        level."""
+        self.global_.keys.index_copy_(1, self.static.index, k)
+        self.global_.values.index_copy_(1, self.static.index, v)
+        return self.global_.keys, self.global_.values, self.static.filled
 
     def get_seq_length(self) -> int:
         # static mode: the fill level lives on the device (reading it synchronises; no step calls this)
-        return self.seen_tokens if self.position is None else int(self.position.item())
+        return int(self.static.position.item()) if self.prompt_done else self.seen_tokens
 
     def get_max_length(self) -> int:
         return -1 if self.max_length is None else self.max_length
@@ -264,12 +294,15 @@ class L2ALayerCache:
         return {"local": self.local.nbytes(), "global": self.global_.nbytes()}
 
     def _apply(self, fn) -> None:
-        self.local.apply(fn)
-        self.global_.apply(fn)
+        static = self.max_length is not None
+        self.local.apply(fn, in_place=static)
+        self.global_.apply(fn, in_place=static)
 
     def reset(self) -> None:
         self.seen_tokens = 0
-        self.position = None
+        self.prompt_done = False
+        if self.static is not None:
+            self.static.__init__(self.static.max_length)
         self.local.reset()
         self.global_.reset()
 
@@ -302,8 +335,11 @@ class L2ACache(Cache):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
         routes = config.force_route != "none"
+        self.static = None if max_length is None else StaticState(max_length)
         layers = [
-            L2ALayerCache(config.sliding_window, routes and i in config.global_layers, max_length)
+            L2ALayerCache(
+                config.sliding_window, routes and i in config.global_layers, max_length, self.static
+            )
             for i in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
@@ -317,15 +353,31 @@ class L2ACache(Cache):
     def record_padding(self, key_start: torch.Tensor | None, batch: int, device: torch.device) -> None:
         """At a static cache's first forward: keep the left padding (first valid position per row) for the
         static steps, which take no attention mask."""
-        if self.max_length is not None and self.layers[0].position is None:
+        if self.static is not None and self.static.position is None:
             zeros = torch.zeros(batch, dtype=torch.long, device=device)
             self.key_start = zeros if key_start is None else key_start.to(device=device, dtype=torch.long)
             _mark_static(self.key_start)
 
     def step_positions(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static step: key_start int64 (B,) and position ids int64 (B, N), from the device fill level."""
-        start = self.layers[0].position.long() + torch.arange(n, device=self.key_start.device)
-        return self.key_start, start[None, :] - self.key_start[:, None]
+        """Start a static step of n tokens (once per forward, before the layers): key_start int64 (B,) and
+        position ids int64 (B, N), from the device fill level."""
+        index = self.static.advance(n, self.layers[0].ring_slots)
+        return self.key_start, index[None, :] - self.key_start[:, None]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.key_start is not None:
+            self.key_start.copy_(self.key_start.index_select(0, beam_idx.to(self.key_start.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.key_start is not None:
+            self.key_start = self.key_start.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.key_start is not None:
+            self.key_start = self.key_start[indices]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(
