@@ -33,18 +33,23 @@ def _greedy_by_recompute(model, ids, mask, steps):
     return ids, torch.stack(fractions)
 
 
+def _generate(model, ids, mask, steps, **kwargs):
+    """Greedy generate() returning the dict output."""
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("arch,window", [("qwen3", 4), ("qwen2", 1), ("llama", 6)])
 def test_greedy_generate_with_cache_equals_recompute(arch, window, tiny_l2a):
     model = tiny_l2a(arch, window=window)
     ids, mask = _left_padded_batch()
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=NEW,
-        do_sample=False,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
+    out = _generate(model, ids, mask, NEW, pad_token_id=0)
     expected, fractions = _greedy_by_recompute(model, ids, mask, NEW)
     assert ((fractions > 0) & (fractions < 1)).any(), "routing must be mixed for this test to mean anything"
     torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
@@ -86,9 +91,7 @@ def test_cache_memory_is_bounded_locally(tiny_l2a):
     # decoding: the local buffers stay bounded (spare slots included), whatever the number of steps
     sizes = []
     for new in (NEW, 3 * NEW):
-        out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True
-        )
+        out = _generate(model, ids, mask, new)
         sizes.append(out.past_key_values.layer_nbytes())
     bound = 2 * (window - 1 + cache_module.LOCAL_SLACK) * per_token
     assert sizes[0][0]["local"] == sizes[1][0]["local"] <= bound
@@ -98,9 +101,7 @@ def test_cache_memory_is_bounded_locally(tiny_l2a):
 def test_layers_that_cannot_route_keep_no_global_cache(tiny_l2a):
     model = tiny_l2a("qwen3", window=3, force_route="none")
     ids, mask = _left_padded_batch()
-    out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
-    )
+    out = _generate(model, ids, mask, 3)
     assert [b["global"] for b in out.past_key_values.layer_nbytes()] == [0, 0]
     # switching routing back on with that cache is refused, not silently wrong
     model.config.force_route = None
@@ -117,14 +118,7 @@ def test_long_generation_through_buffer_moves_equals_recompute(tiny_l2a, monkeyp
     ids, mask = _left_padded_batch(pad=6)
     steps = 20
     cache = L2ACache(model.config, max_length=max_length)
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=steps,
-        do_sample=False,
-        return_dict_in_generate=True,
-        **{CACHE_KWARG: cache},
-    )
+    out = _generate(model, ids, mask, steps, **{CACHE_KWARG: cache})
     expected, fractions = _greedy_by_recompute(model, ids, mask, steps)
     assert ((fractions > 0) & (fractions < 1)).any()
     torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
@@ -180,14 +174,7 @@ def test_foreign_cache_refused(tiny_l2a):
 def test_cache_implementation_static_sizes_the_global_cache_once(tiny_l2a):
     model = tiny_l2a("qwen2", window=3)
     ids, mask = _left_padded_batch()
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=NEW,
-        do_sample=False,
-        return_dict_in_generate=True,
-        cache_implementation="static",
-    )
+    out = _generate(model, ids, mask, NEW, cache_implementation="static")
     expected, _ = _greedy_by_recompute(model, ids, mask, NEW)
     torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
     per_token = 2 * 2 * 16 * 4  # batch 2, Hkv 2, D 16, float32 bytes
