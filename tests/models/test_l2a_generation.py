@@ -127,6 +127,21 @@ def test_long_generation_through_buffer_moves_equals_recompute(tiny_l2a, monkeyp
         assert out.past_key_values.layer_nbytes()[0]["global"] == 2 * max_length * per_token
 
 
+@pytest.mark.parametrize("variant", ["local_only", "pruned"])
+def test_static_generation_without_global_caches_equals_recompute(tiny_l2a, variant):
+    from l2a.models import prune_global_layers
+
+    model = tiny_l2a("qwen2", window=4, force_route="none" if variant == "local_only" else None)
+    if variant == "pruned":
+        prune_global_layers(model, [0])
+    ids, mask = _left_padded_batch()
+    out = _generate(model, ids, mask, NEW, cache_implementation="static")
+    expected, _ = _greedy_by_recompute(model, ids, mask, NEW)
+    torch.testing.assert_close(out.sequences, expected, atol=0, rtol=0)
+    globals_ = [b["global"] for b in out.past_key_values.layer_nbytes()]
+    assert globals_[0] == 0 and (globals_[1] > 0) == (variant == "pruned")
+
+
 def test_static_cache_too_short_is_refused(tiny_l2a):
     model = tiny_l2a("qwen3", window=5)
     with pytest.raises(ValueError, match="max_length=10"):

@@ -99,3 +99,20 @@ def test_public_ops_use_the_decode_kernels_for_few_tokens(monkeypatch):
     # a gradient needs the training kernels: the decode kernels are forward only
     conditional_attention(q.requires_grad_(), k, v, active, backend="triton").sum().backward()
     assert len(calls) == 2 and q.grad is not None
+
+
+def test_decode_kernel_with_key_offset_equals_reference():
+    """key_offset (AHA's far part: keys j <= t - offset), head-wise routing, left padding."""
+    gen = torch.Generator().manual_seed(5)
+    b, n, nk, hq, hkv, d, offset = 2, 3, 120, 4, 2, 64, 40
+    q = torch.randn(b, n, hq, d, generator=gen).to(DEVICE)
+    k = torch.randn(b, nk, hkv, d, generator=gen).to(DEVICE)
+    v = torch.randn(b, nk, hkv, d, generator=gen).to(DEVICE)
+    active = (torch.rand(b, n, hq, generator=gen) < 0.6).to(DEVICE)
+    ks = torch.tensor([0, 90], device=DEVICE)  # row 1: some queries see no far key at all
+    out, lse = decode.decode_attention_fwd(q, k, v, active, d**-0.5, offset, 0, ks)
+    ref, ref_lse = conditional_attention_reference(
+        q.double(), k.double(), v.double(), active, d**-0.5, offset, None, ks
+    )
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
