@@ -207,6 +207,11 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["dense", "l2a", "local_only"])
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument(
+        "--offload-idle",
+        action="store_true",
+        help="keep only the model being timed on the GPU (for batch x prompt that do not fit next to both)",
+    )
+    parser.add_argument(
         "--max-batch-tokens", type=int, default=0, help="skip batch x prompt above this (recorded as not run)"
     )
     parser.add_argument("--routed", type=float, default=0.1, help="target fraction of routed tokens")
@@ -255,6 +260,9 @@ def main() -> None:
             for variant in args.variants:
                 model.config.force_route = "none" if variant == "local_only" else None
                 m = base if variant == "dense" else model
+                if args.offload_idle:
+                    (model if m is base else base).to("cpu")
+                    m.to(DEVICE)
                 row = dict(batch=b, prompt=n, variant=variant)
                 try:
                     row.update(run_one("dense" if variant == "dense" else "l2a", m, ids, args))
