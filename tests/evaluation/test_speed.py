@@ -77,23 +77,29 @@ def base_model():
 
 
 def _expected_l2a_bytes(n: int, global_layers: int) -> int:
-    # l2a.models.cache layout: the local cache keeps the last W - 1 tokens of every layer,
-    # the global cache every token of the layers with a global branch
-    return (LAYERS * min(WINDOW - 1, n) + global_layers * n) * _per_token()
+    # from the method: every layer's local attention needs the last W - 1 keys/values for the next query,
+    # a layer that can route needs every token's; bytes = layers x tokens x Hkv x D x 2 (K and V) x 4 (fp32)
+    local = LAYERS * min(WINDOW - 1, n) * HKV * D * 2 * 4
+    return local + global_layers * n * HKV * D * 2 * 4
 
 
-@pytest.mark.parametrize("force_route", [None, "all"], ids=["l2a", "all_global"])
-def test_l2a_kv_cache_bytes_follow_the_cache_layout(base_model, force_route):
+@pytest.mark.parametrize(
+    "force_route,global_layers",
+    [(None, LAYERS), ("all", LAYERS), ("none", 0)],
+    ids=["l2a", "all_global", "local_only"],
+)
+def test_l2a_kv_cache_bytes_from_first_principles(base_model, force_route, global_layers):
     from l2a.models import convert_model
 
     model = convert_model(base_model, sliding_window=WINDOW, force_route=force_route).eval()
     report = measure_speed(model, [4, 16, 40], decode_tokens=2, repeats=1, warmup=0)
     sizes = [p.kv_cache_bytes for p in report.points]
-    assert sizes == [_expected_l2a_bytes(n, LAYERS) for n in (4, 16, 40)]
-    # past the window only the global caches grow
-    assert sizes[2] - sizes[1] == LAYERS * 24 * _per_token()
+    assert sizes == [_expected_l2a_bytes(n, global_layers) for n in (4, 16, 40)]
     dense = measure_speed(base_model, [40], decode_tokens=0, repeats=1, warmup=0).points[0].kv_cache_bytes
-    assert sizes[2] > dense  # L2A keeps a local cache besides the full-length global one
+    if global_layers:
+        assert sizes[2] > dense  # L2A keeps a local cache besides the full-length global one
+    else:
+        assert sizes[2] == LAYERS * (WINDOW - 1) * HKV * D * 2 * 4 < dense
 
 
 def test_pruned_l2a_model_has_a_smaller_kv_cache(base_model):

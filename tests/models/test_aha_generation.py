@@ -171,3 +171,12 @@ def test_l2a_cache_refused_by_aha_model(make_base):
     model = _tiny_aha(make_base)
     with pytest.raises(TypeError, match="AHACache"):
         model(torch.randint(1, 300, (1, 5)), past_key_values=l2a.models.L2ACache(model.config))
+
+
+def test_static_cache_refused_by_aha_model(make_base):
+    model = _tiny_aha(make_base)
+    ids, mask = _left_padded_batch()
+    with pytest.raises(ValueError, match="dynamic AHACache"):
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static", pad_token_id=0
+        )

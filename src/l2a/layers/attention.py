@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import Router
+from l2a.ops import attention_with_kvcache
 
 
 class AttentionProjections(nn.Module):
@@ -86,6 +87,19 @@ class LocalAttention(AttentionProjections):
         cos, sin = position_embeddings
         q = self.project_q(h, cos, sin)
         k, v = self.project_kv(h, cos, sin)
+        if layer_cache is not None and layer_cache.static_step(h.shape[1]):
+            k_ring, v_ring, filled = layer_cache.step_local(k, v)
+            out = attention_with_kvcache(
+                q,
+                k_ring,
+                v_ring,
+                filled,
+                window=self.config.sliding_window,
+                ring=True,
+                key_start=key_start,
+                backend=self.config.attention_backend,
+            )
+            return self.o_proj(out.flatten(-2))
         if layer_cache is not None:
             k, v, first_position = layer_cache.update_local(k, v)
             if key_start is not None:
@@ -106,8 +120,17 @@ class GlobalAttention(AttentionProjections):
     """Full causal attention for routed queries; keys and values are all tokens.
 
     The output is multiplied by the router's gate: token-wise gates (B, N) scale the projected output,
-    head-wise gates (B, N, Hq) scale each head before `o_proj`.
+    head-wise gates (B, N, Hq) scale each head before `o_proj`. A token with no routed head adds exactly 0
+    (no `o_proj` bias) and passes no gradient to its gate.
+
+    q_proj, q_norm, RoPE and o_proj run on the routed tokens only when more than `COMPACT_MIN_TOKENS`
+    tokens come in (prefill, training). Sizing that gather reads the routed count on the host: one sync per
+    layer and forward, never in a decode step (few tokens: every row is projected, the attention kernel
+    skips the unrouted ones) and never under `torch.compile` (the same masked form, so the graph has no
+    data-dependent shape).
     """
+
+    COMPACT_MIN_TOKENS = 16
 
     def forward(
         self,
@@ -122,20 +145,53 @@ class GlobalAttention(AttentionProjections):
     ) -> torch.Tensor:
         """h (B, N, hidden); active bool and gate float, (B, N) or (B, N, Hq) -> (B, N, hidden).
 
-        With a cache the keys/values of every token are appended to the global cache, and the attention
-        is skipped altogether when no query is active (a host sync, paid only at inference).
+        With a cache the keys/values of every token are appended to the global cache first.
         """
         cos, sin = position_embeddings
         k, v = self.project_kv(h, cos, sin)
+        routed = active if active.dim() == 2 else active.any(-1)
+        b, n = routed.shape
+        if layer_cache is not None and layer_cache.static_step(n):
+            k_all, v_all, filled = layer_cache.step_global(k, v)
+            q = self.project_q(h, cos, sin)
+            out = attention_with_kvcache(
+                q,
+                k_all,
+                v_all,
+                filled,
+                active=active,
+                key_start=key_start,
+                backend=self.config.attention_backend,
+            )
+            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
         if layer_cache is not None:
             k, v = layer_cache.update_global(k, v)
-            if not bool(active.any()):
-                return torch.zeros_like(h)
-        q = self.project_q(h, cos, sin)
-        out = conditional_attention(
+        if n <= self.COMPACT_MIN_TOKENS or torch.compiler.is_compiling():
+            q = self.project_q(h, cos, sin)
+            out = self._attend(q, k, v, active, cu_seqlens, key_start)
+            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
+        rows = routed.flatten().nonzero().squeeze(1)  # the one host sync (see the class docstring)
+        flat = b * n
+        q_rows = self.project_q(
+            h.flatten(0, 1)[rows][None], cos.flatten(0, 1)[rows][None], sin.flatten(0, 1)[rows][None]
+        )[0]
+        q = (
+            q_rows.new_zeros(flat, *q_rows.shape[1:])
+            .index_copy(0, rows, q_rows)
+            .view(b, n, *q_rows.shape[1:])
+        )
+        out = self._attend(q, k, v, active, cu_seqlens, key_start).flatten(0, 1)[rows]
+        y_rows = self._gated_output(out, gate.flatten(0, 1)[rows])
+        return y_rows.new_zeros(flat, y_rows.shape[-1]).index_copy(0, rows, y_rows).view(b, n, -1)
+
+    def _attend(self, q, k, v, active, cu_seqlens, key_start) -> torch.Tensor:
+        return conditional_attention(
             q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.config.attention_backend
         )
-        if gate.dim() == 3:
+
+    def _gated_output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """out (..., Hq, D), gate (...) or (..., Hq) -> o_proj of the gated heads (..., hidden)."""
+        if gate.dim() == out.dim() - 1:
             return self.o_proj((out * gate.unsqueeze(-1)).flatten(-2))
         return self.o_proj(out.flatten(-2)) * gate.unsqueeze(-1)
 
@@ -208,8 +264,17 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             g = self.global_layernorm(hidden_states)
             decision = self.router(g, self.config.force_route)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
-            # force_route="none" multiplies the branch by a constant 0: skip it (a cache still records K/V).
-            skip = self.config.force_route == "none" and not global_leakage and layer_cache is None
+            # force_route="none" multiplies the branch by a constant 0: skip it. A cache made under
+            # force_route="none" keeps no global K/V (L2ACache), so the layer can never route with it.
+            skip = self.config.force_route == "none" and not global_leakage
+            if layer_cache is not None and not layer_cache.has_global:
+                if not skip:
+                    raise ValueError(
+                        f"layer {self.layer_idx}: the cache holds no global keys/values (it was made with "
+                        "force_route='none'); make a new cache after changing force_route"
+                    )
+            elif skip and layer_cache is not None:
+                skip = False  # the cache keeps global K/V for later routed steps
             if not skip:
                 hidden_states = hidden_states + self.global_attn(
                     g,

@@ -32,8 +32,9 @@ class AHACache(L2ACache):
 
     def __init__(self, config):
         super().__init__(config)  # L2ACache's own bookkeeping, then AHA's layers in place of its
+        routes = config.force_route != "none"  # as L2ACache: no full stream when no head can route
         self.layers = [
-            AHALayerCache(config.sliding_window, i in config.global_layers)
+            AHALayerCache(config.sliding_window, routes and i in config.global_layers)
             for i in range(config.num_hidden_layers)
         ]
 

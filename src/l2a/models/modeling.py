@@ -186,7 +186,9 @@ class L2AModel(L2APreTrainedModel):
             position_ids: (B, N); by default from the attention mask (as HF generate does), from `cu_seqlens`
                 (restarting per document) or P..P+N-1.
             past_key_values: an `L2ACache` (created when `use_cache` and none is given); newer transformers
-                releases pass it as `cache`, which is accepted too.
+                releases pass it as `cache`, which is accepted too. With a static cache (`max_length`), the
+                forwards after the prompt are static steps: the padding is the prompt's and the attention
+                mask is not read.
             cu_seqlens: int (num_docs + 1) cumulative document lengths of a packed batch (B = 1, no cache).
             global_leakage: global attention computed densely for all tokens (still multiplied by the
                 decision), so the router gets a gradient for tokens it switched off.
@@ -226,7 +228,9 @@ class L2AModel(L2APreTrainedModel):
             )
         if past_key_values is not None and self.gradient_checkpointing and self.training:
             raise ValueError("a KV cache cannot be used with gradient checkpointing in training")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # a static cache's decode step: positions and padding come from the cache, on the device
+        static_step = past_key_values is not None and past_key_values.static_step(n)
+        past = 0 if static_step or past_key_values is None else past_key_values.get_seq_length()
 
         if cu_seqlens is not None:
             if past_key_values is not None:
@@ -238,7 +242,10 @@ class L2AModel(L2APreTrainedModel):
             cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
 
         key_start = valid = None
-        if attention_mask is not None:
+        if static_step:  # the padding was fixed by the prompt; an attention mask adds nothing here
+            key_start, step_positions = past_key_values.step_positions(n)
+            position_ids = step_positions if position_ids is None else position_ids
+        elif attention_mask is not None:
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, past + n):
                 raise ValueError(
                     f"attention_mask must be a 2-D (batch, past + new tokens) = ({batch}, {past + n}) "
@@ -250,6 +257,8 @@ class L2AModel(L2APreTrainedModel):
             valid = mask[:, past:].bool()
             if position_ids is None:
                 position_ids = (mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
+        if past_key_values is not None and not static_step:
+            past_key_values.record_padding(key_start, batch, device)
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = _document_positions(cu_seqlens, n)
@@ -429,9 +438,17 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             raise TypeError(f"past_key_values must be an L2ACache, got {type(cache).__name__}")
         if cache is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if generation_config.cache_implementation not in (None, "dynamic"):
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
             raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
-                "L2A models; they use their own L2ACache (leave cache_implementation unset)"
+                f"cache_implementation={implementation!r} is not supported by L2A models; they use their "
+                "own L2ACache ('dynamic', or 'static': global caches sized once for the generation)"
             )
-        model_kwargs[CACHE_KWARG] = new_cache(self.config)
+        if self.config.method == "aha":
+            if implementation == "static":
+                raise ValueError("AHA models use the dynamic AHACache (leave cache_implementation unset)")
+            model_kwargs[CACHE_KWARG] = new_cache(self.config)
+            return
+        # HF passes (generation_mode, batch_size, max_cache_length) after model_kwargs
+        max_length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+        model_kwargs[CACHE_KWARG] = L2ACache(self.config, max_length if implementation == "static" else None)

@@ -6,5 +6,11 @@ Importing this package does not import Triton; the Triton backend loads on first
 
 from l2a.ops.aha import all_or_here_attention
 from l2a.ops.attention import conditional_attention, sliding_window_attention
+from l2a.ops.kvcache import attention_with_kvcache
 
-__all__ = ["all_or_here_attention", "conditional_attention", "sliding_window_attention"]
+__all__ = [
+    "all_or_here_attention",
+    "attention_with_kvcache",
+    "conditional_attention",
+    "sliding_window_attention",
+]

@@ -58,6 +58,17 @@ def _use_triton(backend: str, q: torch.Tensor) -> bool:
     return True
 
 
+def _decode_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """The decode module when few query tokens meet many keys and no gradient is needed (else None)."""
+    from l2a.ops.triton import decode
+
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    n, hq, hkv = q.shape[1], q.shape[2], k.shape[2]
+    if cu_seqlens is None and decode.use_decode(n, k.shape[1], hq, hkv, needs_grad):
+        return decode
+    return None
+
+
 def conditional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -84,7 +95,8 @@ def conditional_attention(
         key_start: int (B,) first valid key per batch row (left padding); earlier keys are masked.
         return_lse: also return the log-sum-exp of the scores, float32 (B, Hq, N).
         backend: "auto" (Triton on CUDA for head_dim 32/64/128 and fp16/bf16/fp32, else PyTorch, with a
-            warning on CUDA), "triton" or "torch".
+            warning on CUDA), "triton" or "torch". With Triton, few query tokens against many keys and no
+            gradient (decoding) run the split-key decode kernels (`l2a.ops.triton.decode`).
 
     Returns:
         out (B, N, Hq, D) in q's dtype (the autocast dtype under autocast); inactive rows and rows
@@ -100,7 +112,10 @@ def conditional_attention(
     if _use_triton(backend, q):
         from l2a.ops.triton import conditional_attention_triton
 
-        out, lse = conditional_attention_triton(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+        if (decode := _decode_kernels(q, k, v, cu_seqlens)) is not None:
+            out, lse = decode.decode_attention_op(q, k, v, active, scale, key_offset, 0, key_start)
+        else:
+            out, lse = conditional_attention_triton(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
     else:
         out, lse = conditional_attention_reference(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
     return (out, lse) if return_lse else out
@@ -137,7 +152,10 @@ def sliding_window_attention(
     if _use_triton(backend, q):
         from l2a.ops.triton import sliding_window_attention_triton
 
-        out, lse = sliding_window_attention_triton(q, k, v, window, scale, cu_seqlens, key_start)
+        if (decode := _decode_kernels(q, k, v, cu_seqlens)) is not None:
+            out, lse = decode.decode_attention_op(q, k, v, None, scale, 0, window, key_start)
+        else:
+            out, lse = sliding_window_attention_triton(q, k, v, window, scale, cu_seqlens, key_start)
     else:
         out, lse = sliding_window_attention_reference(q, k, v, window, scale, cu_seqlens, key_start)
     return (out, lse) if return_lse else out
