@@ -46,13 +46,24 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_features, hidden_size))
 
     def forward(
-        self, hidden_states: torch.Tensor, force: Literal["all", "none"] | None = None
+        self,
+        hidden_states: torch.Tensor,
+        force: Literal["all", "none", "random"] | None = None,
+        random_fraction: float | None = None,
     ) -> RoutingDecision:
         """hidden_states (B, N, hidden) -> RoutingDecision of shape (B, N) or (B, N, out_features).
 
-        `force` ("all" / "none") overrides the hard decision; the gate is then the constant decision
-        (no straight-through gradient), while `soft` still comes from the router.
+        `force` ("all" / "none" / "random") overrides the hard decision; the gate is then the constant
+        decision (no straight-through gradient), while `soft` still comes from the router. "random" routes
+        each token (and head) independently with probability `random_fraction`, drawn from torch's global
+        generator on the device (seed it for reproducible draws); `random_fraction` is required with
+        "random" and refused otherwise.
         """
+        if (force == "random") != (random_fraction is not None):
+            raise ValueError(
+                f"random_fraction is required with force='random' and only with it, got force={force!r}, "
+                f"random_fraction={random_fraction!r}"
+            )
         logits = nn.functional.linear(hidden_states, self.weight).float()
         if self.out_features == 1:
             logits = logits.squeeze(-1)
@@ -63,8 +74,10 @@ class Router(nn.Module):
             hard = torch.ones_like(soft, dtype=torch.bool)
         elif force == "none":
             hard = torch.zeros_like(soft, dtype=torch.bool)
+        elif force == "random":
+            hard = torch.rand(soft.shape, device=soft.device) < random_fraction
         else:
-            raise ValueError(f"force must be None, 'all' or 'none', got {force!r}")
+            raise ValueError(f"force must be None, 'all', 'none' or 'random', got {force!r}")
         # the compute dtype: under autocast the autocast dtype (an fp32 norm output must not turn the global
         # branch's output, and with it the residual stream, to fp32)
         device_type = hidden_states.device.type

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 from transformers import PreTrainedConfig
 
-ForceRoute = Literal["all", "none"]
+ForceRoute = Literal["all", "none", "random"]
 AttentionBackend = Literal["auto", "triton", "torch"]
 BaseModelType = Literal["qwen2", "qwen3", "llama"]
 Method = Literal["l2a", "aha"]
@@ -41,8 +41,11 @@ class L2AConfig(PreTrainedConfig):
         router_threshold: a token is routed to global attention when `soft >= threshold`.
         global_layers: indices of the layers that keep a global branch (default: all layers);
             the others are local-only (the result of pruning).
-        force_route: None (learned routing), "all" (every token uses global attention) or
-            "none" (global attention off: a pure sliding-window model).
+        force_route: None (learned routing), "all" (every token uses global attention),
+            "none" (global attention off: a pure sliding-window model) or "random" (each token routed
+            independently with probability `random_route_fraction`: the random-routing baseline).
+        random_route_fraction: probability that a token is routed under `force_route="random"` (required
+            then, and only then).
         router_regularizer_weight: lambda in `loss = lm_loss + lambda * router_regularizer`;
             a forward's `router_regularizer_weight=` argument overrides it.
         attention_backend: backend of the `l2a.ops` calls ("auto": Triton on CUDA, PyTorch elsewhere).
@@ -90,6 +93,7 @@ class L2AConfig(PreTrainedConfig):
     router_threshold: float = 0.5
     global_layers: list[int] | None = None
     force_route: ForceRoute | None = None
+    random_route_fraction: float | None = None
     router_regularizer_weight: float = 0.0
     attention_backend: AttentionBackend = "auto"
     method: Method = "l2a"
@@ -154,7 +158,16 @@ class L2AConfig(PreTrainedConfig):
         if not 0.0 < self.router_threshold < 1.0:
             raise ValueError(f"router_threshold must lie in (0, 1), got {self.router_threshold!r}")
         if self.force_route is not None and self.force_route not in get_args(ForceRoute):
-            raise ValueError(f"force_route must be None, 'all' or 'none', got {self.force_route!r}")
+            raise ValueError(
+                f"force_route must be None, 'all' or 'none' (or 'random'), got {self.force_route!r}"
+            )
+        if (self.force_route == "random") != (self.random_route_fraction is not None):
+            raise ValueError(
+                "random_route_fraction is set exactly when force_route='random', got "
+                f"force_route={self.force_route!r}, random_route_fraction={self.random_route_fraction!r}"
+            )
+        if self.random_route_fraction is not None and not 0.0 <= self.random_route_fraction <= 1.0:
+            raise ValueError(f"random_route_fraction must lie in [0, 1], got {self.random_route_fraction!r}")
         if self.attention_backend not in get_args(AttentionBackend):
             raise ValueError(
                 f"attention_backend must be one of {get_args(AttentionBackend)}, "

@@ -158,12 +158,19 @@ class RouterConfig(_Validated):
         `regularizer_ramp_steps` (None: the whole run).
     leakage_probability: probability p that a step computes dense global attention for all tokens
         (`global_leakage=True`); drawn from a generator seeded by (seed, step), identical on every rank.
+    router_only_steps: the first that many steps update only the router parameters (the other trainable
+        parameters get no gradient), so routing settles before attention adapts; 0 = off.
+    collapse: what a log step does when routing has collapsed (`l2a.training.metrics.routing_collapse`:
+        no token routed in any layer, or every token routed in every layer once λ is at its final value):
+        "ignore", "warn" (a warning, and `routing_collapse` in the log record) or "stop" (RuntimeError).
     """
 
     regularizer_weight: float = 1e-8
     regularizer_schedule: Literal["constant", "linear", "cosine"] = "linear"
     regularizer_ramp_steps: int | None = None
     leakage_probability: float = 0.1
+    router_only_steps: int = 0
+    collapse: Literal["ignore", "warn", "stop"] = "warn"
 
     def _validate(self) -> None:
         _check(
@@ -177,6 +184,10 @@ class RouterConfig(_Validated):
         _check(
             0.0 <= self.leakage_probability <= 1.0,
             f"router.leakage_probability must be in [0, 1], got {self.leakage_probability}",
+        )
+        _check(
+            self.router_only_steps >= 0,
+            f"router.router_only_steps must be >= 0, got {self.router_only_steps}",
         )
 
 
@@ -324,6 +335,10 @@ class TrainConfig(_Validated):
         _check(
             self.optim.warmup_steps <= self.steps,
             f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}",
+        )
+        _check(
+            self.router.router_only_steps <= self.steps,
+            f"router.router_only_steps={self.router.router_only_steps} exceeds steps={self.steps}",
         )
 
     def to_dict(self) -> dict[str, Any]:

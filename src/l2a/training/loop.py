@@ -28,6 +28,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,14 @@ from l2a.training import checkpoint as ckpt
 from l2a.training.config import TrainConfig
 from l2a.training.context_parallel import apply_context_parallel
 from l2a.training.loss import fused_lm_loss
-from l2a.training.metrics import LogWriter, StepStats, attention_pairs, flops_coefficients, peak_flops
+from l2a.training.metrics import (
+    LogWriter,
+    StepStats,
+    attention_pairs,
+    flops_coefficients,
+    peak_flops,
+    routing_collapse,
+)
 from l2a.training.parallel import (
     DistInfo,
     all_reduce_sum,
@@ -53,7 +61,7 @@ from l2a.training.parallel import (
     unwrap,
     wrap_model,
 )
-from l2a.training.params import set_trainable
+from l2a.training.params import classify_parameter, set_trainable
 from l2a.training.schedules import leakage_draw, lr_factor, regularizer_weight
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask")
@@ -232,6 +240,16 @@ def _optimizer(model: nn.Module, config: TrainConfig, fsdp: bool) -> torch.optim
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
 
 
+def _held_back_during_router_only(model: nn.Module, steps: int) -> list[nn.Parameter]:
+    """Trainable non-router parameters, which get no update during the first `steps` (router-only) steps."""
+    if steps == 0:
+        return []
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not any(classify_parameter(name) == "router" for name, _ in named):
+        raise ValueError("router.router_only_steps > 0 needs trainable router parameters (an L2A model)")
+    return [p for name, p in named if classify_parameter(name) != "router"]
+
+
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -335,6 +353,7 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
         optimizer, lambda s: lr_factor(s, config.optim, config.steps)
     )
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    held_back = _held_back_during_router_only(wrapped, config.router.router_only_steps)
 
     if data is None:
         from l2a.training.data import build_batches
@@ -406,6 +425,17 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             record["mfu"] = stats.flops / elapsed / (peak * info.world_size)
         if routed:
             record["global_layers"] = list(getattr(base.config, "global_layers", []))
+        if routed and "sparsity_per_layer" in record and getattr(base.config, "force_route", None) is None:
+            weight = config.router.regularizer_weight
+            collapse = routing_collapse(record["sparsity_per_layer"], weight > 0 and lam >= weight)
+            if collapse is not None and config.router.collapse != "ignore":
+                record["routing_collapse"] = collapse
+                message = (
+                    f"routing collapsed at step {step}: {collapse} (router.collapse={config.router.collapse})"
+                )
+                if config.router.collapse == "stop":
+                    raise RuntimeError(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
         stats.reset()
         interval_start = now
         if info.is_main:
@@ -474,6 +504,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                     fraction, reg = cp.reduce_statistics(fraction, reg)
                 stats.add_micro(lm * num_items, valid[i], reg, fraction, head_fraction)
                 tokens += mb["input_ids"].numel() * info.world_size
+            if step < config.router.router_only_steps:
+                for param in held_back:
+                    param.grad = None  # AdamW skips parameters without a gradient: no update, no decay
             max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             if hasattr(grad_norm, "full_tensor"):

@@ -62,6 +62,23 @@ def attention_pairs(batch: dict[str, torch.Tensor]) -> int:
     return rows * ids.shape[-1] ** 2
 
 
+def routing_collapse(sparsity_per_layer: list[float], regularizer_at_full: bool) -> str | None:
+    """The kind of routing collapse shown by one log record's per-layer sparsity, or None.
+
+    "no_token_routed": no token used global attention in any layer (long-range reads are gone);
+    "every_token_routed": every token used it in every layer although λ has reached its final value
+    (`regularizer_at_full`; the regulariser has no effect). At the start every token is routed
+    (zero-initialised routers), which is not a collapse.
+    """
+    if not sparsity_per_layer:
+        return None
+    if all(s >= 1.0 for s in sparsity_per_layer):
+        return "no_token_routed"
+    if regularizer_at_full and all(s <= 0.0 for s in sparsity_per_layer):
+        return "every_token_routed"
+    return None
+
+
 class StepStats:
     """Device-side sums over the micro-steps since the last log; `reduce()` is the only host sync."""
 
