@@ -1,0 +1,660 @@
+"""The small-scale reproduction of the paper's main result (issue 13), as resumable stages.
+
+``run_reproduction(config, out_dir)`` runs, in order (each stage is skipped when its record
+``OUT/stages/<stage>.json`` exists, so a run can be split over several processes or machines):
+
+1. ``pretrain``: a Qwen3 model over the byte tokenizer, pretrained densely at L on the embedded corpus
+   mixed with the task mix, until its teacher-forced score at L reaches the target or the step bound;
+   saved to ``OUT/base`` in bf16 (with its dense scores and perplexity at L).
+2. one stage per arm (``clp``, ``l2a``, ``swa``, ``random``): the base extended to factor · L with the same
+   rows and steps for every arm, then evaluated at every length (tasks, perplexity by position, routing);
+   the L2A stage also prunes its sparsest layers and measures the KV cache. Each writes
+   ``OUT/<arm>/result.json`` (small) and, with ``save_models``, the trained model.
+3. ``report``: ``OUT/results.json``, ``OUT/report.md``, PNG plots and the targets' pass/fail
+   (`l2a.experiments.reproduction_report`).
+
+Arms: CLP = the dense model continued (RoPE θ raised); L2A = converted, learned routing with the λ ramp,
+leakage steps and optional router-only warm-up; SWA = converted with ``force_route="none"``; random =
+converted with ``force_route="random"`` at the L2A arm's measured routed fraction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from l2a.data import byte_tokenizer, stdlib_corpus
+from l2a.data.packing import IGNORE_INDEX
+from l2a.data.tasks import TaskSample
+from l2a.evaluation.perplexity import perplexity_by_position
+from l2a.evaluation.routing import routing_analysis
+from l2a.evaluation.speed import kv_cache_bytes
+from l2a.evaluation.tasks import build_task, sample_seed
+from l2a.evaluation.teacher_forced import score_teacher_forced
+from l2a.experiments.config import ARMS, ReproductionConfig
+
+STAGES: tuple[str, ...] = ("pretrain", *ARMS, "report")
+"""Every stage, in run order."""
+
+
+# --------------------------------------------------------------------------------------------- run dir
+class RunDirectory:
+    """The run directory: ``config.yaml`` (the experiment's keys, checked on every run) and stage records.
+
+    A stage is done when ``stages/<stage>.json`` exists; the record is written last, atomically, so an
+    interrupted stage is redone (its training resumes from its own checkpoints when it has any).
+    """
+
+    def __init__(self, root: str | Path, config: ReproductionConfig):
+        self.root = Path(root)
+        self.config = config
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "stages").mkdir(exist_ok=True)
+        saved = self.root / "config.yaml"
+        if saved.exists():
+            previous = yaml.safe_load(saved.read_text()) or {}
+            if previous.get("fingerprint") != config.fingerprint():
+                raise ValueError(
+                    f"{self.root} holds a run of a different experiment config (fingerprint "
+                    f"{previous.get('fingerprint')} vs {config.fingerprint()}); use another --out"
+                )
+        else:
+            body = {"fingerprint": config.fingerprint(), "config": config.to_dict()}
+            saved.write_text(yaml.safe_dump(body, sort_keys=False))
+
+    def record_path(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    def done(self, stage: str) -> bool:
+        return self.record_path(stage).exists()
+
+    def record(self, stage: str) -> dict[str, Any]:
+        path = self.record_path(stage)
+        if not path.exists():
+            raise FileNotFoundError(f"stage {stage!r} has not run yet in {self.root} (no {path})")
+        return json.loads(path.read_text())
+
+    def finish(self, stage: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        record = {
+            "stage": stage,
+            "fingerprint": self.config.fingerprint(),
+            "seconds": seconds,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "result": result,
+        }
+        tmp = self.record_path(stage).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.rename(self.record_path(stage))
+        return record
+
+
+# -------------------------------------------------------------------------------------------- samples
+def _draw_one(spec: tuple[str, dict[str, Any], int, int]) -> TaskSample:
+    name, args, length, seed = spec
+    return build_task(name, args).sample(byte_tokenizer(), length, random.Random(seed))
+
+
+def draw_samples(specs: Sequence[tuple[str, dict[str, Any], int, int]], workers: int) -> list[TaskSample]:
+    """Task samples for (task, task args, prompt length, seed) specs, in order; deterministic given the
+    specs, drawn in `workers` processes (spawned: safe after CUDA initialisation) when > 1."""
+    if workers <= 1 or len(specs) < 2 * workers:
+        return [_draw_one(spec) for spec in specs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_draw_one, specs, chunksize=max(1, len(specs) // (4 * workers))))
+
+
+def _training_pool(
+    config: ReproductionConfig, stage: str, min_length: int, max_length: int
+) -> list[TaskSample]:
+    """`task_pool` samples per training task with prompt lengths drawn from [min_length, max_length]."""
+    data = config.data
+    rng = random.Random(f"{config.seed}/pool/{stage}")
+    specs = []
+    for name in data.tasks:
+        for _ in range(data.task_pool):
+            specs.append(
+                (name, data.task_args.get(name, {}), rng.randint(min_length, max_length), rng.getrandbits(63))
+            )
+    return draw_samples(specs, config.workers)
+
+
+def eval_samples(
+    config: ReproductionConfig, length: int, count: int, purpose: str
+) -> dict[str, list[TaskSample]]:
+    """``count`` held-out samples per evaluation task at nominal length ``length``: prompts of
+    ``length - data.answer_reserve`` tokens, so that prompt + answer fit in ``length`` (seeds apart from
+    the training pools; ``purpose`` separates e.g. the pretraining check from the evaluation)."""
+    length -= config.data.answer_reserve
+    specs, names = [], []
+    for name in config.eval_tasks:
+        for i in range(count):
+            seed = sample_seed(config.seed + 7919, f"{purpose}/{name}", length, i)
+            specs.append((name, config.data.task_args.get(name, {}), length, seed))
+            names.append(name)
+    drawn: dict[str, list[TaskSample]] = {name: [] for name in config.eval_tasks}
+    for name, sample in zip(names, draw_samples(specs, config.workers)):
+        drawn[name].append(sample)
+    return drawn
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class Corpus:
+    """Token ids of the training documents and the texts of the held-out documents."""
+
+    train_ids: torch.Tensor
+    heldout_texts: list[str]
+
+
+def load_corpus(config: ReproductionConfig, tokenizer: Any) -> Corpus:
+    """The first `corpus_chars` characters of shuffled standard-library documents for training, the
+    following documents (`heldout_chars`) held out for perplexity."""
+    train, heldout, size = [], [], 0
+    for doc in stdlib_corpus(shuffle_seed=config.seed):
+        if size < config.data.corpus_chars:
+            train.append(doc)
+        else:
+            heldout.append(doc)
+        size += len(doc)
+        if size >= config.data.corpus_chars + config.data.heldout_chars:
+            break
+    ids = tokenizer("\n".join(train), add_special_tokens=False)["input_ids"]
+    return Corpus(torch.tensor(ids, dtype=torch.long), heldout)
+
+
+class TrainingRows:
+    """Endless, resumable micro-batches (input_ids, labels: (B, N)) of task rows and corpus rows.
+
+    Batch i depends only on (seed, i): every arm of the extension sees the same rows, and the state is
+    just the batch index. ``stop()`` ends the stream at the next batch (the pretraining stop criterion).
+    """
+
+    def __init__(
+        self,
+        pool: list[TaskSample],
+        corpus: torch.Tensor,
+        *,
+        seq_len: int,
+        batch_size: int,
+        task_ratio: float,
+        text_loss_tokens: int | None,
+        pad_token_id: int,
+        seed: str,
+    ):
+        self.pool, self.corpus = pool, corpus
+        self.seq_len, self.batch_size, self.task_ratio = seq_len, batch_size, task_ratio
+        self.text_loss_tokens = text_loss_tokens or seq_len
+        self.pad_token_id, self.seed = pad_token_id, seed
+        self.index = 0
+        self.stopped = False
+        if len(corpus) <= seq_len:
+            raise ValueError(f"the training corpus has {len(corpus)} tokens, fewer than a row of {seq_len}")
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(f"{self.seed}/{index}")
+        n = self.seq_len
+        ids = torch.full((self.batch_size, n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((self.batch_size, n), IGNORE_INDEX, dtype=torch.long)
+        for b in range(self.batch_size):
+            if rng.random() < self.task_ratio:
+                sample = self.pool[rng.randrange(len(self.pool))]
+                row = (sample.input_ids + sample.answer_ids)[:n]
+                ids[b, : len(row)] = torch.tensor(row)
+                start = len(sample.input_ids)
+                labels[b, start : len(row)] = ids[b, start : len(row)]
+            else:
+                start = rng.randrange(len(self.corpus) - n)
+                ids[b] = self.corpus[start : start + n]
+                labels[b, -self.text_loss_tokens :] = ids[b, -self.text_loss_tokens :]
+        return {"input_ids": ids, "labels": labels}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while not self.stopped:
+            batch = self.batch(self.index)
+            self.index += 1
+            yield batch
+
+
+# --------------------------------------------------------------------------------------------- models
+def build_base_model(config: ReproductionConfig, tokenizer: Any) -> torch.nn.Module:
+    """A freshly initialised `Qwen3ForCausalLM` of `config.model` over the byte tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    m = config.model
+    base_config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        head_dim=m.hidden_size // m.num_heads,
+        max_position_embeddings=config.data.seq_len,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    base_config._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(base_config)
+
+
+def _load_base(root: Path, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).to(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (as training); fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _save_bf16(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Save a bf16 copy (half the bytes: a 30M-parameter model is 60 MB) with the tokenizer."""
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def score_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    samples: dict[str, list[TaskSample]],
+    config: ReproductionConfig,
+) -> dict[str, dict[str, Any]]:
+    """Per task: mean teacher-forced ``score`` (0–100), ``beyond_window_score`` (samples whose earliest
+    needle lies more than the window before the prompt's end; None when none does), and the mean
+    per-layer ``routed_fraction`` (None for a model without routers)."""
+    device = next(model.parameters()).device
+    window = config.extend.window
+    out = {}
+    for name, batch in samples.items():
+        with _autocast(device):
+            scored = score_teacher_forced(
+                model,
+                tokenizer,
+                batch,
+                batch_size=config.eval.batch_size,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        far = [s.score for s in scored if s.needle_distance is not None and s.needle_distance > window]
+        fractions = [s.routed_fraction for s in scored if s.routed_fraction is not None]
+        out[name] = {
+            "score": sum(s.score for s in scored) / len(scored),
+            "beyond_window_score": sum(far) / len(far) if far else None,
+            "beyond_window_samples": len(far),
+            "samples": len(scored),
+            "routed_fraction": torch.tensor(fractions).mean(0).tolist() if fractions else None,
+        }
+    return out
+
+
+def _sparsity(arm: str, routed: list[float] | None) -> float:
+    if routed is None:
+        return 0.0 if arm in ("clp", "base") else 1.0
+    return 1.0 - sum(routed) / len(routed) if routed else 1.0
+
+
+def evaluate_arm(
+    arm: str, model: torch.nn.Module, tokenizer: Any, config: ReproductionConfig, corpus: Corpus, log: Any
+) -> dict[str, Any]:
+    """Task rows at every evaluation length and perplexity by position at the largest one."""
+    rows = []
+    for length in config.eval_lengths:
+        log(f"[{arm}] evaluating {len(config.eval_tasks)} task(s) x {config.eval.samples} at length {length}")
+        for task, result in score_tasks(
+            model, tokenizer, eval_samples(config, length, config.eval.samples, "eval"), config
+        ).items():
+            rows.append(
+                {
+                    "arm": arm,
+                    "length": length,
+                    "task": task,
+                    "score": result["score"],
+                    "sparsity": _sparsity(arm, result["routed_fraction"]),
+                    "beyond_window_score": result["beyond_window_score"],
+                    "beyond_window_samples": result["beyond_window_samples"],
+                    "samples": result["samples"],
+                    "routed_fraction": result["routed_fraction"],
+                }
+            )
+    longest = max(config.eval_lengths)
+    with _autocast(next(model.parameters()).device):
+        ppl = perplexity_by_position(
+            model, tokenizer, corpus.heldout_texts, longest, max_sequences=config.eval.perplexity_windows
+        )
+    return {"rows": rows, "perplexity": {"arm": arm, **ppl.to_dict()}}
+
+
+def _kv_bytes(model: torch.nn.Module, sample: TaskSample) -> int:
+    """Bytes of the KV cache after a prefill of one prompt (measured on the cache the model returns)."""
+    from l2a.models._compat import CACHE_FIELD
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([sample.input_ids], device=device)
+    with torch.no_grad(), _autocast(device):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return kv_cache_bytes(getattr(out, CACHE_FIELD))
+
+
+# --------------------------------------------------------------------------------------------- stages
+class Reproduction:
+    """The stages of one run (see the module docstring); `run(stages)` runs those not done yet."""
+
+    def __init__(self, config: ReproductionConfig, out_dir: str | Path):
+        from l2a.evaluation.runner import resolve_device
+
+        self.config = config
+        self.dir = RunDirectory(out_dir, config)
+        self.device = resolve_device(config.device)
+        self.tokenizer = byte_tokenizer()
+        self._corpus: Corpus | None = None
+
+    def log(self, message: str) -> None:
+        if self.config.progress:
+            print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            self._corpus = load_corpus(self.config, self.tokenizer)
+        return self._corpus
+
+    def _train_config(self, stage: str, **fields: Any) -> Any:
+        from l2a.training import TrainConfig
+
+        every = fields.pop("checkpoint_every")
+        return TrainConfig(
+            output_dir=str(self.dir.root / stage / "train"),
+            seed=self.config.seed,
+            device=str(self.device),
+            precision="auto",
+            logging={
+                "every": fields.pop("log_every", 10),
+                "progress_bar": self.config.progress,
+                "jsonl": True,
+            },
+            checkpoint={"every": every, "resume": "auto", "save_final": False, "keep_last": 1},
+            **fields,
+        )
+
+    def run(self, stages: Sequence[str] | None = None) -> dict[str, Any]:
+        """Run the given stages (default: all) in `STAGES` order, skipping those already done."""
+        wanted = list(STAGES) if stages is None else list(stages)
+        unknown = [s for s in wanted if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+        skipped = [s for s in wanted if s in ARMS and s not in self.config.extend.arms]
+        if skipped and stages is not None:
+            raise ValueError(f"stage(s) {skipped} are not among extend.arms {self.config.extend.arms}")
+        ran = {}
+        threads = torch.get_num_threads()
+        if self.config.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(self.config.threads)
+        try:
+            for stage in STAGES:
+                if stage not in wanted or (stage in ARMS and stage not in self.config.extend.arms):
+                    continue
+                if self.dir.done(stage) and stage != "report":
+                    self.log(f"stage {stage}: done already ({self.dir.record_path(stage)}), skipped")
+                    continue
+                start = time.perf_counter()
+                self.log(f"stage {stage}: start")
+                result = self.run_stage(stage)
+                ran[stage] = self.dir.finish(stage, result, time.perf_counter() - start)
+                self.log(f"stage {stage}: done in {time.perf_counter() - start:.0f} s")
+        finally:
+            torch.set_num_threads(threads)
+        return ran
+
+    def run_stage(self, stage: str) -> dict[str, Any]:
+        if stage == "pretrain":
+            return self.pretrain()
+        if stage == "report":
+            from l2a.experiments.reproduction_report import write_reproduction_report
+
+            return write_reproduction_report(self.dir.root, self.config, self.dir)
+        return self.extend(stage)
+
+    def pretrain(self) -> dict[str, Any]:
+        from l2a.training import train
+
+        cfg, tok = self.config, self.tokenizer
+        torch.manual_seed(cfg.seed)
+        length = cfg.data.seq_len
+        reserve = cfg.data.answer_reserve
+        pool = _training_pool(cfg, "pretrain", length - reserve, length - reserve)
+        check = eval_samples(cfg, length, cfg.pretrain.check_samples, "check")
+        rows = TrainingRows(
+            pool,
+            self.corpus.train_ids,
+            seq_len=length,
+            batch_size=cfg.pretrain.batch_size,
+            task_ratio=cfg.data.task_ratio,
+            text_loss_tokens=cfg.data.text_loss_tokens,
+            pad_token_id=tok.pad_token_id,
+            seed=f"{cfg.seed}/pretrain",
+        )
+        model = build_base_model(cfg, tok)
+        checks: list[dict[str, Any]] = []
+
+        def on_log(record: dict[str, Any]) -> None:
+            step = record["step"]
+            if step % cfg.pretrain.check_every and step != cfg.pretrain.max_steps:
+                return
+            scores = score_tasks(model, tok, check, cfg)
+            mean = sum(r["score"] for r in scores.values()) / len(scores)
+            checks.append({"step": step, "score": mean, "lm_loss": record["lm_loss"]})
+            self.log(
+                f"[pretrain] step {step}: dense score at L {mean:.1f} (target {cfg.pretrain.target_score})"
+            )
+            if mean >= cfg.pretrain.target_score:
+                rows.stop()
+
+        p = cfg.pretrain
+        result = train(
+            model,
+            tok,
+            self._train_config(
+                "pretrain",
+                steps=p.max_steps,
+                trainable=["*"],
+                optim={"lr": p.lr, "warmup_steps": p.warmup_steps},
+                router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
+                checkpoint_every=p.checkpoint_every,
+                log_every=math.gcd(p.check_every, 10),
+            ),
+            data=rows,
+            on_log=on_log,
+        )
+        _save_bf16(model, tok, self.dir.root / "base")
+        shutil.rmtree(self.dir.root / "pretrain" / "train" / "checkpoints", ignore_errors=True)
+        with _autocast(self.device):
+            ppl = perplexity_by_position(
+                model, tok, self.corpus.heldout_texts, length, max_sequences=cfg.eval.perplexity_windows
+            )
+        samples = eval_samples(cfg, length, cfg.eval.samples, "eval")
+        base_rows = [
+            {
+                "arm": "base",
+                "length": length,
+                "task": task,
+                "score": r["score"],
+                "sparsity": 0.0,
+                "beyond_window_score": r["beyond_window_score"],
+                "samples": r["samples"],
+            }
+            for task, r in score_tasks(model, tok, samples, cfg).items()
+        ]
+        return {
+            "steps": result.step,
+            "stopped_early": result.data_exhausted,
+            "checks": checks,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "rows": base_rows,
+            "perplexity": {"arm": "base", **ppl.to_dict()},
+            "last_log": result.history[-1] if result.history else None,
+        }
+
+    def _arm_model(self, arm: str) -> torch.nn.Module:
+        from l2a.models import convert_model
+
+        base = _load_base(self.dir.root, self.device)
+        if arm == "clp":
+            return base
+        model = convert_model(base, sliding_window=self.config.extend.window)
+        if arm == "swa":
+            model.config.force_route = "none"
+        elif arm == "random":
+            routed = self.dir.record("l2a")["result"]["routed_fraction_long"]
+            model.config.random_route_fraction = float(sum(routed) / len(routed))
+            model.config.force_route = "random"
+        return model
+
+    def extend(self, arm: str) -> dict[str, Any]:
+        from l2a.training import train
+
+        cfg, tok, e = self.config, self.tokenizer, self.config.extend
+        if not self.dir.done("pretrain"):
+            raise FileNotFoundError(
+                f"stage {arm!r} needs the pretrain stage: run it first (--stage pretrain)"
+            )
+        if arm == "random" and not self.dir.done("l2a"):
+            raise FileNotFoundError(
+                "stage 'random' needs the l2a stage (its measured sparsity): run it first"
+            )
+        long = cfg.long_length
+        reserve = cfg.data.answer_reserve
+        pool = _training_pool(
+            cfg, "extend", int(e.task_min_factor * cfg.data.seq_len) - reserve, long - reserve
+        )
+        rows = TrainingRows(
+            pool,
+            self.corpus.train_ids,
+            seq_len=long,
+            batch_size=e.batch_size,
+            task_ratio=cfg.data.task_ratio,
+            text_loss_tokens=e.text_loss_tokens,
+            pad_token_id=tok.pad_token_id,
+            seed=f"{cfg.seed}/extend",
+        )
+        torch.manual_seed(cfg.seed)
+        model = self._arm_model(arm)
+        learned = arm == "l2a"
+        result = train(
+            model,
+            tok,
+            self._train_config(
+                arm,
+                steps=e.steps,
+                trainable=[*e.trainable, *(["router"] if learned else [])],
+                rope_theta=e.rope_theta,
+                max_position_embeddings=max(cfg.eval_lengths),
+                optim={"lr": e.lr, "warmup_steps": e.warmup_steps},
+                router={
+                    "regularizer_weight": e.regularizer_weight if learned else 0.0,
+                    "regularizer_schedule": "linear",
+                    "regularizer_ramp_steps": max(1, int(e.ramp_fraction * e.steps)),
+                    "leakage_probability": e.leakage_probability if learned else 0.0,
+                    "router_only_steps": e.router_only_steps if learned else 0,
+                },
+                checkpoint_every=e.checkpoint_every,
+            ),
+            data=rows,
+        )
+        shutil.rmtree(self.dir.root / arm / "train" / "checkpoints", ignore_errors=True)
+        torch.manual_seed(cfg.seed + 1)  # the random arm's evaluation draws
+        out = evaluate_arm(arm, model, tok, cfg, self.corpus, self.log)
+        out["steps"] = result.step
+        out["last_log"] = result.history[-1] if result.history else None
+        out["collapse_steps"] = [r["step"] for r in result.history if "routing_collapse" in r]
+        long_rows = [r for r in out["rows"] if r["length"] == long and r["routed_fraction"] is not None]
+        if long_rows:
+            out["routed_fraction_long"] = (
+                torch.tensor([r["routed_fraction"] for r in long_rows]).mean(0).tolist()
+            )
+        probe = eval_samples(cfg, long, 1, "kv")[cfg.eval_tasks[0]][0]
+        out["kv_bytes"] = _kv_bytes(model, probe)
+        if arm in ("l2a", "random") and cfg.eval.routing_samples:
+            samples = eval_samples(cfg, long, cfg.eval.routing_samples, "routing")
+            report = routing_analysis(model, tok, [s for batch in samples.values() for s in batch])
+            out["routing"] = report.to_dict()
+        if learned:
+            out["pruning"] = self.prune(model, out, probe)
+        if cfg.save_models:
+            _save_bf16(model, tok, self.dir.root / arm / "model")
+        (self.dir.root / arm).mkdir(parents=True, exist_ok=True)
+        (self.dir.root / arm / "result.json").write_text(json.dumps(out, indent=1) + "\n")
+        return out
+
+    def prune(
+        self, model: torch.nn.Module, evaluated: dict[str, Any], probe: TaskSample
+    ) -> list[dict[str, Any]]:
+        """Prune the sparsest global layers (per `prune.fractions`) of a copy of the L2A model and evaluate
+        it at every length; rows ``{"arm": "l2a_pruned", "pruned_layers", "kv_bytes", ...}``."""
+        from l2a.models.pruning import prune_global_layers
+
+        cfg = self.config
+        layers = list(model.config.global_layers)
+        routed = evaluated["routed_fraction_long"]
+        order = [layer for _, layer in sorted(zip(routed, layers))]
+        results = []
+        for fraction in cfg.prune.fractions:
+            count = max(1, round(fraction * len(layers)))
+            pruned_model = copy.deepcopy(model)
+            pruned = prune_global_layers(pruned_model, order[:count])
+            label = f"l2a_pruned_{count}"
+            evaluation = evaluate_arm(label, pruned_model, self.tokenizer, cfg, self.corpus, self.log)
+            for row in evaluation["rows"]:
+                row["arm"] = "l2a_pruned"
+                row["pruned_layers"] = pruned
+                row["prune_fraction"] = fraction
+            results.append(
+                {
+                    "arm": "l2a_pruned",
+                    "pruned_layers": pruned,
+                    "prune_fraction": fraction,
+                    "kv_bytes": _kv_bytes(pruned_model, probe),
+                    "kv_bytes_unpruned": evaluated["kv_bytes"],
+                    "kv_length": len(probe.input_ids),
+                    "rows": evaluation["rows"],
+                    "perplexity": evaluation["perplexity"],
+                }
+            )
+            del pruned_model
+        return results
+
+
+def run_reproduction(
+    config: ReproductionConfig, out_dir: str | Path, stages: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Run the experiment's stages not yet done in ``out_dir`` (all by default); returns the records of the
+    stages that ran now."""
+    return Reproduction(config, out_dir).run(stages)
