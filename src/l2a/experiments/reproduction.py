@@ -630,12 +630,17 @@ class Reproduction:
             count = max(1, round(fraction * len(layers)))
             pruned_model = copy.deepcopy(model)
             pruned = prune_global_layers(pruned_model, order[:count])
-            label = f"l2a_pruned_{count}"
-            evaluation = evaluate_arm(label, pruned_model, self.tokenizer, cfg, self.corpus, self.log)
+            evaluation = evaluate_arm(
+                f"l2a_pruned_{count}", pruned_model, self.tokenizer, cfg, self.corpus, self.log
+            )
             for row in evaluation["rows"]:
+                # pruned layers skip global attention for every token: they count with sparsity 1
+                kept = row["routed_fraction"] or []
+                row["sparsity"] = (sum(1.0 - f for f in kept) + len(pruned)) / len(layers)
                 row["arm"] = "l2a_pruned"
                 row["pruned_layers"] = pruned
                 row["prune_fraction"] = fraction
+            evaluation["perplexity"] |= {"arm": "l2a_pruned", "pruned_layers": pruned}
             results.append(
                 {
                     "arm": "l2a_pruned",

@@ -42,7 +42,9 @@ def collect_rows(run: Any, config: ReproductionConfig) -> tuple[list[dict[str, A
     return rows, pruning
 
 
-def mean_score(rows: list[dict[str, Any]], arm: str, length: int, key: str = "score", **match: Any) -> float | None:
+def mean_score(
+    rows: list[dict[str, Any]], arm: str, length: int, key: str = "score", **match: Any
+) -> float | None:
     """Mean over tasks of ``key`` for one arm and length (rows matching ``match`` too)."""
     chosen = [
         r[key]
@@ -55,7 +57,8 @@ def mean_score(rows: list[dict[str, Any]], arm: str, length: int, key: str = "sc
 def check_targets(
     rows: list[dict[str, Any]], pruning: list[dict[str, Any]], config: ReproductionConfig
 ) -> list[dict[str, Any]]:
-    """The targets of issue 13 at factor · L: each ``{"target", "passed": True/False/None, "detail"}``."""
+    """The targets of issue 13 at factor · L: each ``{"target", "passed", "detail"}``; ``passed`` is None
+    when the target cannot be judged yet (an arm pending) or at all (the reference scores 0)."""
     t, long = config.targets, config.long_length
     clp, l2a = mean_score(rows, "clp", long), mean_score(rows, "l2a", long)
     l2a_sparsity = mean_score(rows, "l2a", long, key="sparsity")
@@ -66,6 +69,8 @@ def check_targets(
 
     if clp is None or l2a is None:
         add("l2a_within_gap_of_clp", None, "pending: the clp and l2a arms must both have run")
+    elif clp <= 0.0:
+        add("l2a_within_gap_of_clp", None, "not measurable: clp scores 0 at the extension length")
     else:
         floor = clp * (1 - t.l2a_relative_gap)
         add(
@@ -88,9 +93,13 @@ def check_targets(
             f"{arm} {far:.1f} vs clp {clp_far:.1f} on beyond-window samples (needs <= clp - "
             f"{t.baseline_gap_points:g})",
         )
-    half = [p for p in pruning if p["prune_fraction"] == max((q["prune_fraction"] for q in pruning), default=0)]
+    half = [
+        p for p in pruning if p["prune_fraction"] == max((q["prune_fraction"] for q in pruning), default=0)
+    ]
     if not half or l2a is None:
         add("pruning_costs_at_most", None, "pending: the l2a arm must have run with prune.fractions")
+    elif l2a <= 0.0:
+        add("pruning_costs_at_most", None, "not measurable: l2a scores 0 at the extension length")
     else:
         p = half[0]
         cost = l2a - p["score"]
@@ -98,7 +107,8 @@ def check_targets(
         add(
             "pruning_costs_at_most",
             cost <= t.prune_max_cost_points,
-            f"pruning layers {p['pruned_layers']} costs {cost:.1f} points (needs <= {t.prune_max_cost_points:g}); "
+            f"pruning layers {p['pruned_layers']} costs {cost:.1f} points "
+            f"(needs <= {t.prune_max_cost_points:g}); "
             f"KV cache {p['kv_bytes_unpruned']} -> {p['kv_bytes']} bytes at {p['kv_length']} tokens "
             f"({saved:.0%} saved)",
         )
@@ -175,7 +185,9 @@ def _table(rows: list[dict[str, Any]], arms: list[str], lengths: list[int], task
             for n in lengths:
                 chosen = [r["score"] for r in rows if r["arm"] == arm and r["length"] == n]
                 if task != "mean":
-                    chosen = [r["score"] for r in rows if r["arm"] == arm and r["length"] == n and r["task"] == task]
+                    chosen = [
+                        r["score"] for r in rows if r["arm"] == arm and r["length"] == n and r["task"] == task
+                    ]
                 value = _mean(chosen)
                 cells.append("–" if value is None else f"{value:.1f}")
             if any(c != "–" for c in cells):
@@ -205,7 +217,7 @@ def write_reproduction_report(root: Path, config: ReproductionConfig, run: Any) 
     pending = [arm for arm in config.extend.arms if not run.done(arm)]
     stages = {s: run.record(s) for s in ("pretrain", *ARMS) if run.done(s)}
     perplexity = []
-    for name, record in stages.items():
+    for record in stages.values():
         result = record["result"]
         perplexity.append(result["perplexity"])
         perplexity += [p["perplexity"] for p in result.get("pruning", [])]
@@ -229,7 +241,11 @@ def write_reproduction_report(root: Path, config: ReproductionConfig, run: Any) 
         _plot_sparsity(root / "sparsity.png", stages["l2a"]["result"])
 
     lengths, tasks = config.eval_lengths, config.eval_tasks
-    arms = ["base", *[a for a in config.extend.arms if a not in pending], *(["l2a_pruned"] if pruning else [])]
+    arms = [
+        "base",
+        *[a for a in config.extend.arms if a not in pending],
+        *(["l2a_pruned"] if pruning else []),
+    ]
     lines = [f"# Reproduction report: {config.name}", ""]
     env = summary["environment"]
     lines.append(
@@ -257,16 +273,20 @@ def write_reproduction_report(root: Path, config: ReproductionConfig, run: Any) 
         lines += ["", "## Pruning", "", "| pruned layers | score at 4L | KV bytes | KV bytes unpruned |"]
         lines.append("|---|---|---|---|")
         for p in pruning:
-            lines.append(f"| {p['pruned_layers']} | {p['score']:.1f} | {p['kv_bytes']} | {p['kv_bytes_unpruned']} |")
+            lines.append(
+                f"| {p['pruned_layers']} | {p['score']:.1f} | {p['kv_bytes']} | {p['kv_bytes_unpruned']} |"
+            )
     lines += ["", "## Perplexity by position (held-out text, NLL per bucket)", ""]
     for entry in perplexity:
         lines.append(
             f"- {entry['arm']} (N={entry['seq_len']}): "
-            + ", ".join(f"[{a},{b}) {v:.3f}" for a, b, v in zip(entry["edges"], entry["edges"][1:], entry["nll"]))
+            + ", ".join(
+                f"[{a},{b}) {v:.3f}" for a, b, v in zip(entry["edges"], entry["edges"][1:], entry["nll"])
+            )
         )
     lines += ["", "## Targets (issue 13)", ""]
     for t in targets:
-        state = {True: "PASS", False: "FAIL", None: "PENDING"}[t["passed"]]
+        state = {True: "PASS", False: "FAIL", None: "N/A"}[t["passed"]]
         lines.append(f"- **{state}** {t['target']}: {t['detail']}")
         print(f"target {t['target']}: {state} — {t['detail']}")
     lines += ["", "![scores](scores.png)"]
