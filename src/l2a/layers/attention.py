@@ -262,7 +262,8 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         soft = hard = None
         if self.has_global:
             g = self.global_layernorm(hidden_states)
-            decision = self.router(g, self.config.force_route, self.config.random_route_fraction)
+            random_fraction = getattr(self.config, "random_route_fraction", None)
+            decision = self.router(g, self.config.force_route, random_fraction)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
             # force_route="none" multiplies the branch by a constant 0: skip it. A cache made under
             # force_route="none" keeps no global K/V (L2ACache), so the layer can never route with it.

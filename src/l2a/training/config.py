@@ -162,7 +162,8 @@ class RouterConfig(_Validated):
         parameters get no gradient), so routing settles before attention adapts; 0 = off.
     collapse: what a log step does when routing has collapsed (`l2a.training.metrics.routing_collapse`:
         no token routed in any layer, or every token routed in every layer once λ is at its final value):
-        "ignore", "warn" (a warning, and `routing_collapse` in the log record) or "stop" (RuntimeError).
+        "ignore", "warn" (a warning once per kind, and `routing_collapse` in every log record that shows
+        it) or "stop" (RuntimeError).
     """
 
     regularizer_weight: float = 1e-8

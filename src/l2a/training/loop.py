@@ -407,6 +407,8 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             tokenizer=tokenizer,
         )
 
+    warned: set[str] = set()
+
     def log(step: int, lam: float, lr: float) -> None:
         nonlocal interval_start
         reduced = stats.reduce(info)  # the only host sync: once per log step
@@ -435,7 +437,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
                 )
                 if config.router.collapse == "stop":
                     raise RuntimeError(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                if collapse not in warned:  # once per kind; later records still carry the flag
+                    warned.add(collapse)
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
         stats.reset()
         interval_start = now
         if info.is_main:

@@ -1,0 +1,134 @@
+"""The reproduction pipeline (issue 13) end to end at CPU-tiny scale, its stage skipping and resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from l2a.cli import main
+from l2a.data import byte_tokenizer
+from l2a.experiments import ARMS, load_reproduction_config, run_reproduction
+from l2a.experiments.reproduction import Reproduction, TrainingRows, _training_pool
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "reproduction-cpu-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config run in two invocations: pretrain alone, then everything else (pretrain skipped)."""
+    out = tmp_path_factory.mktemp("repro")
+    config = load_reproduction_config(CONFIG)
+    first = run_reproduction(config, out, ["pretrain"])
+    base_weights = (out / "base" / "model.safetensors").stat().st_mtime_ns
+
+    def must_not_run(self):
+        raise AssertionError("the pretrain stage ran again although it was done")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Reproduction, "pretrain", must_not_run)
+        second = run_reproduction(config, out)
+    return out, config, first, second, base_weights
+
+
+def test_stages_run_once_and_resume(tiny_run):
+    out, _, first, second, base_weights = tiny_run
+    assert list(first) == ["pretrain"]
+    assert list(second) == [*ARMS, "report"]
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == base_weights
+    for stage in ["pretrain", *ARMS, "report"]:
+        assert (out / "stages" / f"{stage}.json").is_file()
+
+
+def test_results_rows_are_complete_and_valid(tiny_run):
+    out, config, *_ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    expected = {(arm, n, task) for arm in ARMS for n in config.eval_lengths for task in config.eval_tasks}
+    scored = {(r["arm"], r["length"], r["task"]) for r in rows if r["arm"] in ARMS}
+    assert scored == expected
+    for row in rows:
+        if "score" in row and row["score"] is not None:
+            assert 0.0 <= row["score"] <= 100.0
+        if "sparsity" in row:
+            assert 0.0 <= row["sparsity"] <= 1.0
+    by_arm = {arm: [r["sparsity"] for r in rows if r["arm"] == arm and "task" in r] for arm in ARMS}
+    assert set(by_arm["clp"]) == {0.0} and set(by_arm["swa"]) == {1.0}
+    # the random arm routes at the L2A arm's measured rate (4-sample draws: loose tolerance)
+    l2a = json.loads((out / "l2a" / "result.json").read_text())
+    routed = sum(l2a["routed_fraction_long"]) / len(l2a["routed_fraction_long"])
+    random_sparsity = sum(by_arm["random"]) / len(by_arm["random"])
+    assert abs((1 - random_sparsity) - routed) < 0.1
+    pruned = [r for r in rows if r["arm"] == "l2a_pruned" and "kv_bytes" in r]
+    assert pruned and all(0 < p["kv_bytes"] < p["kv_bytes_unpruned"] for p in pruned)
+    assert all(len(p["pruned_layers"]) == 1 for p in pruned)  # half of the tiny model's 2 layers
+    assert {t["target"] for t in results["targets"]} >= {"l2a_within_gap_of_clp", "pruning_costs_at_most"}
+    for name in ("report.md", "scores.png", "sparsity.png"):
+        assert (out / name).stat().st_size > 0
+    assert "## Targets" in (out / "report.md").read_text()
+
+
+def test_dense_base_learned_the_text(tiny_run):
+    """Fails when nothing is learned: an untrained byte model's held-out loss is ~ln 259 = 5.56 nats."""
+    out, *_ = tiny_run
+    base = json.loads((out / "stages" / "pretrain.json").read_text())["result"]
+    assert base["perplexity"]["overall_nll"] < math.log(259) - 1.0
+
+
+def test_other_config_on_the_same_run_dir_is_refused(tiny_run):
+    out, *_ = tiny_run
+    changed = load_reproduction_config(CONFIG, ["extend.steps=5"])
+    with pytest.raises(ValueError, match="different experiment config"):
+        run_reproduction(changed, out)
+    # runtime keys (device, progress, workers, ...) may change
+    run_reproduction(load_reproduction_config(CONFIG, ["progress=true", "workers=2"]), out, ["report"])
+
+
+def test_training_rows_resume_at_the_same_batch():
+    config = load_reproduction_config(CONFIG)
+    tokenizer = byte_tokenizer()
+    pool = _training_pool(config, "test", 40, 56)
+    corpus = tokenizer("abcdefgh" * 100, add_special_tokens=False)["input_ids"]
+    import torch
+
+    def rows():
+        return TrainingRows(
+            pool,
+            torch.tensor(corpus),
+            seq_len=64,
+            batch_size=4,
+            task_ratio=0.5,
+            text_loss_tokens=None,
+            pad_token_id=tokenizer.pad_token_id,
+            seed="s",
+        )
+
+    stream = rows()
+    it = iter(stream)
+    batches = [next(it) for _ in range(3)]
+    resumed = rows()
+    resumed.load_state_dict({"index": 2})
+    again = next(iter(resumed))
+    assert torch.equal(again["input_ids"], batches[2]["input_ids"])
+    assert torch.equal(again["labels"], batches[2]["labels"])
+    assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    labelled = (batches[0]["labels"] != -100).sum()
+    assert 0 < labelled < batches[0]["labels"].numel()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["extend.nope=1"], "unknown config key"),
+        (["extend.arms=[random]"], "random arm needs the l2a arm"),
+        (["extend.window=64"], "extend.window=64 must be below data.seq_len=64"),
+    ],
+    ids=["unknown-key", "random-without-l2a", "window-too-large"],
+)
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys, overrides, message):
+    args = ["reproduce", str(CONFIG), "--out", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("l2a reproduce: error: ") and message in err and "Traceback" not in err

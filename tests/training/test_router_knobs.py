@@ -1,0 +1,93 @@
+"""Recipe knobs of `l2a train`: router-only warm-up steps and routing-collapse detection."""
+
+import pytest
+import torch
+
+from l2a.training import TrainConfig, train
+from l2a.training.metrics import routing_collapse
+
+
+def _config(tmp_path, **router):
+    return TrainConfig(
+        output_dir=str(tmp_path),
+        steps=4,
+        optim={"lr": 1e-2, "warmup_steps": 0},
+        router={"regularizer_weight": 1e-2, "leakage_probability": 0.0, **router},
+        logging={"every": 1, "progress_bar": False, "jsonl": False},
+        checkpoint={"save_final": False},
+        precision="fp32",
+        device="cpu",
+    )
+
+
+def _snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_router_only_steps_update_only_the_router(make_l2a, make_batches, tmp_path):
+    model = make_l2a()
+    start = _snapshot(model)
+    train(model, None, _config(tmp_path, router_only_steps=2), data=make_batches(2))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert moved and all("router" in n for n in moved)
+    # after the warm-up every trainable group moves
+    after = _snapshot(model)
+    train(model, None, _config(tmp_path / "b", router_only_steps=2), data=make_batches(4))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, after[n])}
+    assert any("local_attn" in n for n in moved) and any("router" in n for n in moved)
+
+
+def test_router_only_steps_need_a_router(make_batches, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    config = _config(tmp_path, router_only_steps=1)
+    config.trainable = ["*"]
+    with pytest.raises(ValueError, match="router_only_steps > 0 needs trainable router parameters"):
+        train(Qwen3ForCausalLM(cfg), None, config, data=make_batches(4, packed=False))
+
+
+def test_router_only_steps_validated():
+    with pytest.raises(ValueError, match="router.router_only_steps=5 exceeds steps=4"):
+        TrainConfig(steps=4, router={"router_only_steps": 5})
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "at_full", "expected"),
+    [
+        ([1.0, 1.0], False, "no_token_routed"),
+        ([1.0, 0.9], True, None),
+        ([0.0, 0.0], False, None),  # the start: zero-initialised routers route everything
+        ([0.0, 0.0], True, "every_token_routed"),
+        ([0.0, 0.5], True, None),
+        ([], True, None),
+    ],
+    ids=["none-routed", "one-layer-alive", "start", "all-routed-at-full-lambda", "mixed", "no-layers"],
+)
+def test_routing_collapse_kinds(sparsity, at_full, expected):
+    assert routing_collapse(sparsity, at_full) == expected
+
+
+def test_collapse_warns_or_stops(make_l2a, make_batches, tmp_path):
+    model = make_l2a()
+    with torch.no_grad():  # routers that route nothing: every token below the threshold
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.zero_()
+        for layer in model.model.layers:
+            layer.router.threshold = 0.99
+    with pytest.warns(RuntimeWarning, match="routing collapsed at step 1: no_token_routed"):
+        result = train(model, None, _config(tmp_path, collapse="warn"), data=make_batches(4))
+    assert result.history[0]["routing_collapse"] == "no_token_routed"
+    with pytest.raises(RuntimeError, match="no_token_routed"):
+        train(model, None, _config(tmp_path / "stop", collapse="stop"), data=make_batches(4))
+    quiet = train(model, None, _config(tmp_path / "quiet", collapse="ignore"), data=make_batches(4))
+    assert "routing_collapse" not in quiet.history[0]
