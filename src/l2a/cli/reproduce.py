@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config key, dotted for sections: --set extend.steps=100 --set device=cuda",
     )
+    parser.add_argument(
+        "--estimate",
+        type=float,
+        metavar="TFLOPS",
+        help="print each stage's FLOP estimate and its time at TFLOPS effective TFLOP/s, run nothing",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -43,9 +49,23 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         config = load_reproduction_config(args.config, args.overrides)
+        if args.estimate is not None:
+            return _print_estimate(config, args.estimate)
         run_reproduction(config, args.out, args.stages)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"l2a reproduce: error: {err}", file=sys.stderr)
         return 2
     print(f"results: {args.out}/results.json, report: {args.out}/report.md")
+    return 0
+
+
+def _print_estimate(config, tflops: float) -> int:
+    from l2a.experiments.config import stage_flops
+
+    if tflops <= 0:
+        raise ValueError(f"--estimate takes effective TFLOP/s > 0, got {tflops}")
+    flops = stage_flops(config)
+    print(f"{config.name}: {flops.pop('parameters') / 1e6:.1f}M parameters (estimate at {tflops:g} TFLOP/s)")
+    for stage, value in flops.items():
+        print(f"{stage:10s} {value:.2e} FLOPs  ~{value / (tflops * 1e12):.0f} s")
     return 0

@@ -278,3 +278,39 @@ def load_reproduction_config(path: str | Path, overrides: list[str] | None = Non
     values = _read_file(Path(path))
     apply_overrides(values, list(overrides or []))
     return _build(ReproductionConfig, values, prefix="")
+
+
+def stage_flops(config: ReproductionConfig) -> dict[str, float]:
+    """Estimated FLOPs of each stage from the model and data sizes (an estimate, not a measurement).
+
+    Training: 6 · P · tokens + 6 · layers · Hq · D · n per token of an n-token row (dense causal
+    attention, `l2a.training.metrics.flops_coefficients`); evaluation: a third of that (forward only).
+    P counts the non-embedding parameters; converted arms count their attention projections twice
+    (local and global branch) and their attention as dense (the upper bound: leakage steps and early
+    steps route every token). Pretraining checks, sample generation and Python overhead are not counted.
+    """
+    m, L = config.model, config.data.seq_len
+    head_dim = m.hidden_size // m.num_heads
+    attention = 2 * m.hidden_size * head_dim * (m.num_heads + m.num_kv_heads)
+    params = m.num_layers * (attention + 3 * m.hidden_size * m.intermediate_size)
+    per_pair = 6.0 * m.num_layers * m.num_heads * head_dim
+
+    def train_flops(p: float, steps: int, rows: int, n: int) -> float:
+        tokens = steps * rows * n
+        return 6.0 * p * tokens + per_pair * n * tokens
+
+    def eval_flops(p: float) -> float:
+        tasks = len(config.eval_tasks) * config.eval.samples
+        total = sum(train_flops(p, tasks, 1, n) for n in config.eval_lengths)
+        return total / 3.0 + train_flops(p, config.eval.perplexity_windows, 1, max(config.eval_lengths)) / 3
+
+    converted = params + m.num_layers * attention
+    e = config.extend
+    out = {"pretrain": train_flops(params, config.pretrain.max_steps, config.pretrain.batch_size, L)}
+    out["pretrain"] += train_flops(params, len(config.data.tasks) * config.eval.samples, 1, L) / 3
+    for arm in e.arms:
+        p = params if arm == "clp" else converted
+        evals = 1 + (len(config.prune.fractions) if arm == "l2a" else 0)
+        out[arm] = train_flops(p, e.steps, e.batch_size, config.long_length) + evals * eval_flops(p)
+    out["parameters"] = float(params + 259 * m.hidden_size)
+    return out

@@ -414,6 +414,7 @@ class Reproduction:
         skipped = [s for s in wanted if s in ARMS and s not in self.config.extend.arms]
         if skipped and stages is not None:
             raise ValueError(f"stage(s) {skipped} are not among extend.arms {self.config.extend.arms}")
+        self.preflight()
         ran = {}
         threads = torch.get_num_threads()
         if self.config.threads is not None and self.device.type == "cpu":
@@ -433,6 +434,21 @@ class Reproduction:
         finally:
             torch.set_num_threads(threads)
         return ran
+
+    def preflight(self) -> None:
+        """Draw one sample of every task at every length the run uses, so that a task that does not fit a
+        length fails in seconds (ValueError naming the task), before any training."""
+        cfg = self.config
+        lengths = {cfg.data.seq_len, cfg.long_length, int(cfg.extend.task_min_factor * cfg.data.seq_len)}
+        names = dict.fromkeys([*cfg.data.tasks, *cfg.eval_tasks])
+        for name in names:
+            for length in sorted({*lengths, *cfg.eval_lengths}):
+                try:
+                    _draw_one((name, cfg.data.task_args.get(name, {}), length - cfg.data.answer_reserve, 0))
+                except (ValueError, RuntimeError) as error:
+                    raise ValueError(
+                        f"task {name!r} cannot make a sample at length {length}: {error}"
+                    ) from None
 
     def run_stage(self, stage: str) -> dict[str, Any]:
         if stage == "pretrain":
