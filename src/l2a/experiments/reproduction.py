@@ -378,8 +378,8 @@ class Reproduction:
         self._corpus: Corpus | None = None
 
     def log(self, message: str) -> None:
-        if self.config.progress:
-            print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+        """A plain progress line (always; `config.progress` switches the tqdm bars of training only)."""
+        print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     @property
     def corpus(self) -> Corpus:
