@@ -39,3 +39,24 @@ def test_force_none_never_calls_global_attention(monkeypatch):
     with pytest.raises(AssertionError, match="global attention ran"):
         model.config.force_route = None
         model(input_ids=x, use_cache=False)
+
+
+def test_model_with_random_routing_routes_the_requested_fraction():
+    model = _model().eval()
+    model.config.force_route, model.config.random_route_fraction = "random", 0.25
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 300, (4, 512)), use_cache=False)
+    assert out.router_fraction.shape == (2,)
+    assert torch.all((out.router_fraction - 0.25).abs() < 0.03)
+    # a different fraction gives a different model output (the global branch really is gated)
+    model.config.random_route_fraction = 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        full = model(input_ids=torch.randint(0, 300, (4, 512)), use_cache=False)
+    model.config.force_route, model.config.random_route_fraction = "all", None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        forced_all = model(input_ids=torch.randint(0, 300, (4, 512)), use_cache=False)
+    torch.testing.assert_close(full.logits, forced_all.logits)
+    assert not torch.allclose(full.logits, out.logits)
