@@ -307,7 +307,7 @@ def stage_flops(config: ReproductionConfig) -> dict[str, float]:
     converted = params + m.num_layers * attention
     e = config.extend
     out = {"pretrain": train_flops(params, config.pretrain.max_steps, config.pretrain.batch_size, L)}
-    out["pretrain"] += train_flops(params, len(config.data.tasks) * config.eval.samples, 1, L) / 3
+    out["pretrain"] += train_flops(params, len(config.eval_tasks) * config.eval.samples, 1, L) / 3
     for arm in e.arms:
         p = params if arm == "clp" else converted
         evals = 1 + (len(config.prune.fractions) if arm == "l2a" else 0)

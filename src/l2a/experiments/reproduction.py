@@ -510,6 +510,7 @@ class Reproduction:
             data=rows,
             on_log=on_log,
         )
+        model.eval()
         _save_bf16(model, tok, self.dir.root / "base")
         shutil.rmtree(self.dir.root / "pretrain" / "train" / "checkpoints", ignore_errors=True)
         with _autocast(self.device):
@@ -606,6 +607,7 @@ class Reproduction:
             data=rows,
         )
         shutil.rmtree(self.dir.root / arm / "train" / "checkpoints", ignore_errors=True)
+        model.eval()
         torch.manual_seed(cfg.seed + 1)  # the random arm's evaluation draws
         out = evaluate_arm(arm, model, tok, cfg, self.corpus, self.log)
         out["steps"] = result.step

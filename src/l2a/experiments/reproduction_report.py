@@ -276,6 +276,20 @@ def write_reproduction_report(root: Path, config: ReproductionConfig, run: Any) 
             lines.append(
                 f"| {p['pruned_layers']} | {p['score']:.1f} | {p['kv_bytes']} | {p['kv_bytes_unpruned']} |"
             )
+    if "l2a" in stages:
+        l2a = stages["l2a"]["result"]
+        routing = l2a.get("routing") or {}
+        layers = routing.get("layers") or list(range(len(l2a["routed_fraction_long"])))
+        lines += ["", f"## L2A routing per layer at {config.long_length} tokens", ""]
+        lines += [
+            "| layer | sparsity | routed: needle tokens | routed: haystack tokens |",
+            "|---|---|---|---|",
+        ]
+        for i, layer in enumerate(layers):
+            needle = (routing.get("needle_fraction") or [None] * len(layers))[i]
+            hay = (routing.get("haystack_fraction") or [None] * len(layers))[i]
+            cells = ["–" if v is None else f"{v:.3f}" for v in (needle, hay)]
+            lines.append(f"| {layer} | {1 - l2a['routed_fraction_long'][i]:.3f} | {cells[0]} | {cells[1]} |")
     lines += ["", "## Perplexity by position (held-out text, NLL per bucket)", ""]
     for entry in perplexity:
         lines.append(
