@@ -8,8 +8,9 @@ import pytest
 
 from l2a.cli import main
 from l2a.data import byte_tokenizer
-from l2a.experiments import ARMS, load_reproduction_config, run_reproduction
-from l2a.experiments.reproduction import Reproduction, TrainingRows, _training_pool
+from l2a.experiments.config import load_reproduction_config
+from l2a.experiments.reproduction import Reproduction, TrainingRows, _training_pool, run_reproduction
+from l2a.experiments.stages import ARMS
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "reproduction-cpu-tiny.yaml"
 

@@ -8,7 +8,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from l2a.experiments.reproduction import STAGES
+    from l2a.experiments.stages import STAGES
 
     parser = subparsers.add_parser(
         "reproduce",
@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from l2a.experiments import load_reproduction_config, run_reproduction
+    from l2a.experiments.config import load_reproduction_config
+    from l2a.experiments.reproduction import run_reproduction
 
     try:
         config = load_reproduction_config(args.config, args.overrides)

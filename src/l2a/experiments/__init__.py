@@ -1,10 +1,7 @@
 """Experiments built from the library (above training and evaluation, below the CLI).
 
 - `l2a.experiments.reproduction`: the small-scale reproduction of the paper's main result (issue 13),
-  resumable stages driven by a config (`l2a reproduce CONFIG --out DIR`).
+  resumable stages driven by a config (`l2a.experiments.config`; `l2a reproduce CONFIG --out DIR`).
+
+Nothing is imported here, so that `l2a --help` stays light (`l2a.experiments.stages` has the stage names).
 """
-
-from l2a.experiments.config import ARMS, ReproductionConfig, load_reproduction_config
-from l2a.experiments.reproduction import STAGES, run_reproduction
-
-__all__ = ["ARMS", "STAGES", "ReproductionConfig", "load_reproduction_config", "run_reproduction"]

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from l2a.data.tasks import TASKS
+from l2a.experiments.stages import ARMS
 from l2a.training.config import _build, _check, _read_file, _Validated, apply_overrides
 
 Arm = Literal["clp", "l2a", "swa", "random"]
-ARMS: tuple[str, ...] = ("clp", "l2a", "swa", "random")
-"""The long-context extension arms, in the order they run (random needs L2A's measured sparsity)."""
-
 RUNTIME_KEYS = ("device", "threads", "progress", "workers", "save_models")
 """Keys that may change between invocations on the same run directory (they do not change results)."""
 

@@ -45,10 +45,8 @@ from l2a.evaluation.routing import routing_analysis
 from l2a.evaluation.speed import kv_cache_bytes
 from l2a.evaluation.tasks import build_task, sample_seed
 from l2a.evaluation.teacher_forced import score_teacher_forced
-from l2a.experiments.config import ARMS, ReproductionConfig
-
-STAGES: tuple[str, ...] = ("pretrain", *ARMS, "report")
-"""Every stage, in run order."""
+from l2a.experiments.config import ReproductionConfig
+from l2a.experiments.stages import ARMS, STAGES
 
 
 # --------------------------------------------------------------------------------------------- run dir

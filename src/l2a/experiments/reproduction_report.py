@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from l2a.experiments.config import ARMS, ReproductionConfig
+from l2a.experiments.config import ReproductionConfig
+from l2a.experiments.stages import ARMS
 
 
 def _mean(values: list[float]) -> float | None:
