@@ -170,6 +170,11 @@ def load_corpus(config: ReproductionConfig, tokenizer: Any) -> Corpus:
         size += len(doc)
         if size >= config.data.corpus_chars + config.data.heldout_chars:
             break
+    if not heldout:
+        raise ValueError(
+            f"the embedded corpus has no documents left for held-out perplexity after "
+            f"data.corpus_chars={config.data.corpus_chars}; lower it"
+        )
     ids = tokenizer("\n".join(train), add_special_tokens=False)["input_ids"]
     return Corpus(torch.tensor(ids, dtype=torch.long), heldout)
 
