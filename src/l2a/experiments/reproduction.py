@@ -399,6 +399,9 @@ class Reproduction:
             seed=self.config.seed,
             device=str(self.device),
             precision="auto",
+            # the model's own loss: full logits over 259 byte tokens are small, and the pretraining check
+            # calls the model from `on_log`, inside the loop (a fused loss swaps a plain model's forward)
+            loss_impl="plain",
             logging={
                 "every": fields.pop("log_every", 10),
                 "progress_bar": self.config.progress,
