@@ -49,7 +49,7 @@ def test_flattened_batch_equals_separate_documents(flash_kwargs, tiny_l2a):
     labels = batch.pop("labels")
     with torch.no_grad():
         logits = model(**batch).logits
-        loss = model(**batch, labels=labels).loss  # the default (fused) loss
+        loss = model(**batch, labels=labels).loss  # the default loss_impl
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     reference_loss = _next_token_cross_entropy(expected, docs)
     torch.testing.assert_close(loss.double(), reference_loss, atol=1e-5, rtol=0)
