@@ -4,8 +4,11 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 # CPU build of torch (on disk on the project machines; a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
+# The oldest supported transformers release (pyproject.toml's lower bound), for `make test-compat`.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TRANSFORMERS ?= transformers==5.17.0
 
-.PHONY: install test demo lint format clean
+.PHONY: install test test-compat demo lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,18 @@ install: $(VENV)/.installed
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
 
+$(COMPAT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"
+	$(COMPAT_VENV)/bin/python -m pip install -q -e . "$(COMPAT_TRANSFORMERS)" "pytest>=8"
+	touch $@
+
+# Compatibility smoke on the oldest supported transformers, in its own venv: convert -> forward -> cached
+# generate -> training step -> save/load, trust_remote_code loading, HF conventions.
+test-compat: $(COMPAT_VENV)/.installed
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q tests/models/test_compat_smoke.py \
+		tests/models/test_remote_code.py tests/models/test_l2a_hf_conventions.py
+
 demo: install
 	$(VENV)/bin/l2a demo --out runs/demo --force
 
@@ -31,4 +46,4 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) runs .pytest_cache

@@ -133,8 +133,8 @@ class FixedRouting(torch.nn.Module):
         self.router = router
         self.register_buffer("routed", routed, persistent=False)
 
-    def forward(self, hidden_states: torch.Tensor, force=None) -> RoutingDecision:
-        decision = self.router(hidden_states, force)
+    def forward(self, hidden_states: torch.Tensor, force=None, random_fraction=None) -> RoutingDecision:
+        decision = self.router(hidden_states, force, random_fraction)
         hard = self.routed[:, : hidden_states.shape[1]].expand_as(decision.hard)
         gate = hard.to(hidden_states.dtype) + (decision.soft - decision.soft.detach()).to(hidden_states.dtype)
         return RoutingDecision(soft=decision.soft, hard=hard, gate=gate)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -111,3 +114,25 @@ def randomize_routers():
 def tiny_l2a():
     """tiny_l2a(arch="qwen3", window=6, *, random_router=True, base=None, **convert_kwargs) -> L2A model."""
     return _tiny_l2a
+
+
+def _fresh_process_env(tmp_path: Path) -> dict[str, str]:
+    """Environment of a new Python process: l2a importable (not imported), no network, private HF caches."""
+    env = dict(os.environ)
+    src = str(Path(l2a.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+    )
+    return env
+
+
+@pytest.fixture
+def fresh_process_env():
+    """fresh_process_env(tmp_path) -> environment of a new Python process: l2a importable (not imported),
+    offline, HF caches under tmp_path."""
+    return _fresh_process_env

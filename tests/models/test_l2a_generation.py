@@ -8,7 +8,7 @@ import torch
 import l2a.layers.attention as attention_module
 import l2a.models.cache as cache_module
 from l2a.models import L2ACache
-from l2a.models._compat import CACHE_KWARG
+from l2a.models._compat import CACHE_KWARG, cache_kwargs
 
 PROMPT, NEW = 13, 8
 
@@ -67,7 +67,7 @@ def test_chunked_prefill_equals_single_forward(tiny_l2a):
         logits = []
         for start, stop in ((0, 6), (6, 7), (7, PROMPT)):
             out = model(
-                ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True
+                ids[:, start:stop], attention_mask=mask[:, :stop], **cache_kwargs(cache), use_cache=True
             )
             logits.append(out.logits)
     torch.testing.assert_close(torch.cat(logits, dim=1)[1, 3:], full.logits[1, 3:], atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 import l2a
+from l2a.models._compat import cache_kwargs, enable_activation_checkpointing
 from l2a.models.modeling import _router_statistics
 
 
@@ -177,7 +178,7 @@ def test_gradient_checkpointing_same_gradients(use_reentrant, tiny_l2a):
     model(ids, labels=ids, router_regularizer_weight=0.01).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(model, use_reentrant=use_reentrant)
     model(ids, labels=ids, router_regularizer_weight=0.01).loss.backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys()
@@ -199,7 +200,7 @@ def test_bad_inputs_are_refused(tiny_l2a):
     with pytest.raises(ValueError, match="output_attentions"):
         model(ids, output_attentions=True)
     with pytest.raises(TypeError, match="L2ACache"):
-        model(ids, past_key_values=DynamicCache(), use_cache=True)
+        model(ids, **cache_kwargs(DynamicCache()), use_cache=True)
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(ids, cu_seqlens=torch.tensor([0, 6]), attention_mask=torch.ones(1, 6))
 

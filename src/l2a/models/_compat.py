@@ -42,3 +42,13 @@ def pick_cache(past_key_values: Any, cache: Any) -> Any:
     if past_key_values is not None and cache is not None:
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+def enable_activation_checkpointing(model: Any, **checkpoint_kwargs: Any) -> None:
+    """Activation (gradient) checkpointing of every decoder layer of an HF model, by the installed release's
+    name: `activation_checkpointing_enable` (newer releases, which deprecate the old name) or
+    `gradient_checkpointing_enable`. checkpoint_kwargs go to `torch.utils.checkpoint` (e.g. use_reentrant)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)

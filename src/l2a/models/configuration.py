@@ -9,7 +9,9 @@ The base architecture's flavour (Qwen2/Qwen2.5, Qwen3, Llama) is kept through ex
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Literal, get_args
 
 from transformers import PreTrainedConfig
@@ -19,6 +21,27 @@ AttentionBackend = Literal["auto", "triton", "torch"]
 BaseModelType = Literal["qwen2", "qwen3", "llama"]
 Method = Literal["l2a", "aha"]
 RouterPenalty = Literal["squared", "l1"]
+
+#: File written next to every saved L2A config: a copy of `l2a/models/remote_code.py`, which re-exports the
+#: classes of the installed `l2a` package (the library itself is not copied).
+REMOTE_CODE_FILE = "modeling_l2a.py"
+#: `auto_map` of saved configs: lets `Auto*.from_pretrained(path, trust_remote_code=True)` load L2A
+#: checkpoints in a process that never imported `l2a`.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "modeling_l2a.L2AConfig",
+    "AutoModel": "modeling_l2a.L2AModel",
+    "AutoModelForCausalLM": "modeling_l2a.L2AForCausalLM",
+}
+
+
+def write_remote_code(save_directory: str | os.PathLike) -> Path:
+    """Write the remote-code shim (`REMOTE_CODE_FILE`) into `save_directory`; returns its path."""
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / REMOTE_CODE_FILE
+    source = Path(__file__).with_name("remote_code.py").read_text(encoding="utf-8")
+    target.write_text(source, encoding="utf-8")
+    return target
 
 
 class L2AConfig(PreTrainedConfig):
@@ -99,6 +122,22 @@ class L2AConfig(PreTrainedConfig):
     method: Method = "l2a"
     router_penalty: RouterPenalty | None = None
     routed_heads: list[list[int]] | None = None
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Nothing to register: `save_pretrained` always writes `REMOTE_CODE_AUTO_MAP` and the shim.
+
+        transformers calls this when it loads a checkpoint through `trust_remote_code`; its own registration
+        would make later saves copy l2a's source files into the checkpoint instead of the shim.
+        """
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Save `config.json` with an `auto_map` pointing at the remote-code shim, which is written beside it
+        (`model.save_pretrained` saves its config through here)."""
+        self.auto_map = dict(REMOTE_CODE_AUTO_MAP)
+        if not os.path.isfile(save_directory):  # transformers' own error for a file path comes below
+            write_remote_code(save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from l2a.layers import L2ADecoderLayer, RMSNorm, Router
@@ -20,6 +21,11 @@ from l2a.models.configuration import L2AConfig
 from l2a.models.outputs import L2ACausalLMOutputWithPast, L2AModelOutputWithPast
 from l2a.ops.linear_cross_entropy import LossImpl, linear_cross_entropy, resolve_loss_impl
 from l2a.ops.linear_cross_entropy import shift_labels as shift_labels_of
+
+#: Attribute set on an `L2ACache` whose prompt had right padding: it cannot be continued.
+_RIGHT_PADDED = "l2a_right_padded"
+#: HF's flash-attention packing keywords (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`).
+_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class L2ARotaryEmbedding(nn.Module):
@@ -83,6 +89,73 @@ class L2APreTrainedModel(PreTrainedModel):
         if isinstance(module, Router):
             init.zeros_(module.weight)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel") -> None:
+        """Nothing to register: saved configs always carry the `auto_map` of the remote-code shim (see
+        `L2AConfig.save_pretrained`); transformers calls this when loading through `trust_remote_code`."""
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
+        """transformers' `attn_implementation=` hook. L2A attention always runs through `l2a.ops`, with the
+        kernels picked by `config.attention_backend`: HF's "eager" (the model's own attention code)."""
+        if attn_implementation in (None, "eager"):
+            return "eager"
+        raise ValueError(
+            f"L2A models do not take attn_implementation={attn_implementation!r}: their attention kernels "
+            "are chosen by the config field `attention_backend` ('auto', 'triton' or 'torch'), e.g. "
+            "`from_pretrained(path, attention_backend='triton')`; leave attn_implementation unset or 'eager'."
+        )
+
+
+def _cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document boundaries of a packed row from its position ids (1, N): a document starts wherever the
+    position is not the previous one + 1 (HF's rule, as `DataCollatorWithFlattening` packs).
+
+    Returns int32 (N + 1,): the starts, then N repeated (trailing empty documents), so that the length does
+    not depend on the data and no host sync is needed.
+    """
+    pos = position_ids[0]
+    n = pos.shape[0]
+    starts = torch.ones(n, dtype=torch.bool, device=pos.device)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    slot = torch.where(starts, torch.cumsum(starts, 0) - 1, n + 1)  # non-starts go to a spill slot
+    cu_seqlens = torch.full((n + 2,), n, dtype=torch.int32, device=pos.device)
+    cu_seqlens.scatter_(0, slot, torch.arange(n, dtype=torch.int32, device=pos.device))
+    return cu_seqlens[: n + 1]
+
+
+def _flash_cu_seqlens(cu_seq_lens_q: torch.Tensor | None, cu_seq_lens_k: torch.Tensor | None) -> torch.Tensor:
+    """HF's flash-attention packing keywords (self-attention: the same boundaries for queries and keys)."""
+    if cu_seq_lens_q is None or cu_seq_lens_k is None:
+        raise ValueError("pass both cu_seq_lens_q and cu_seq_lens_k (packed documents), or cu_seqlens")
+    if cu_seq_lens_q is not cu_seq_lens_k and not torch.equal(cu_seq_lens_q, cu_seq_lens_k.to(cu_seq_lens_q)):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be equal: L2A layers run self-attention")
+    return cu_seq_lens_q
+
+
+def _check_padding_mask(mask: torch.Tensor) -> bool:
+    """mask (B, N) of 0/1 on an empty cache -> whether some row ends with padding (right padding).
+
+    Raises when a row has a hole (its 1s are not contiguous): only left and right padding are supported.
+    One host sync; under torch.compile a device-side assert takes its place (and right padding is not
+    reported).
+    """
+    n = mask.shape[-1]
+    ones = mask.sum(-1)
+    first = mask.argmax(-1)
+    last = n - 1 - mask.flip(-1).argmax(-1)
+    contiguous = ((ones == 0) | (last - first + 1 == ones)).all()
+    message = (
+        "attention_mask has a hole (a 0 between 1s in a row): only left padding (generation) and right "
+        "padding are supported; pack documents with cu_seqlens or position_ids instead"
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(contiguous, message)
+        return False
+    contiguous, right_padded = torch.stack([contiguous, (mask[:, -1] == 0).any()]).tolist()
+    if not contiguous:
+        raise ValueError(message)
+    return right_padded
+
 
 def _document_positions(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     """Position of each token inside its packed document: (1, N)."""
@@ -141,6 +214,18 @@ def _head_fractions(
     return torch.stack(rows).detach()
 
 
+def _refuse_assisted_generation(generation_config: GenerationConfig, generation_mode: object) -> None:
+    """Assisted / speculative decoding (an assistant model, prompt lookup, early exit) rolls the cache back
+    with `crop()`, which `L2ACache` cannot do; refuse before the first token instead of failing mid-way."""
+    assistant = getattr(generation_config, "is_assistant", False)
+    if generation_mode == GenerationMode.ASSISTED_GENERATION or assistant:
+        raise ValueError(
+            "assisted / speculative decoding (assistant_model, prompt_lookup_num_tokens, "
+            "assistant_early_exit, or an L2A model as the assistant) is not supported: L2ACache cannot "
+            "roll back (crop) rejected tokens"
+        )
+
+
 class L2AModel(L2APreTrainedModel):
     """Embeddings, L2A decoder layers and the final norm."""
 
@@ -176,29 +261,53 @@ class L2AModel(L2APreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         global_leakage: bool = False,
         cache: L2ACache | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
     ) -> L2AModelOutputWithPast | tuple:
         """Run the decoder stack.
 
         Args:
-            input_ids: (B, N), or inputs_embeds (B, N, hidden).
+            input_ids: (B, N), or inputs_embeds (B, N, hidden); N >= 1.
             attention_mask: 2-D (B, P + N), 1 for real tokens, 0 for padding; left padding (generation) or
-                right padding. Other masks (4-D, holes inside a row) are not supported.
+                right padding (not continued with a cache). A row with a hole (0 between 1s) is refused;
+                it is checked (one host sync) while the cache is empty, not in cached decoding steps,
+                whose new columns must be 1 (as `generate()` passes them).
             position_ids: (B, N); by default from the attention mask (as HF generate does), from `cu_seqlens`
-                (restarting per document) or P..P+N-1.
+                (restarting per document) or P..P+N-1. With B = 1, no attention mask and no cache, a packed
+                row is recognised by its position ids alone (HF's `DataCollatorWithFlattening`): a new
+                document starts wherever a position is not the previous one + 1.
             past_key_values: an `L2ACache` (created when `use_cache` and none is given); newer transformers
                 releases pass it as `cache`, which is accepted too. With a static cache (`max_length`), the
                 forwards after the prompt are static steps: the padding is the prompt's and the attention
                 mask is not read.
             cu_seqlens: int (num_docs + 1) cumulative document lengths of a packed batch (B = 1, no cache).
+                HF's flash-attention keywords `cu_seq_lens_q` / `cu_seq_lens_k` (equal) are accepted for it;
+                `max_length_q` / `max_length_k`, which come with them, are not needed by the l2a kernels.
             global_leakage: global attention computed densely for all tokens (still multiplied by the
                 decision), so the router gets a gradient for tokens it switched off.
+            output_attentions: refused (also when set in the config): the l2a ops return no weights.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be 2-D (batch, seqlen), got shape {tuple(input_ids.shape)}"
+                + ("; for one sequence pass input_ids[None]" if input_ids.dim() == 1 else "")
+            )
+        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+            raise ValueError(
+                f"inputs_embeds must be 3-D (batch, seqlen, hidden), got shape {tuple(inputs_embeds.shape)}"
+            )
         past_key_values = pick_cache(past_key_values, cache)
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
         if output_attentions:
             raise ValueError(
-                "output_attentions is not supported: the l2a attention ops do not return weights"
+                "output_attentions is not supported (argument or config): the l2a attention ops do not "
+                "return attention weights"
             )
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -207,7 +316,26 @@ class L2AModel(L2APreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, n = inputs_embeds.shape[:2]
+        if n == 0:
+            raise ValueError("the input has no tokens (seqlen 0); pass at least one token per row")
         device = inputs_embeds.device
+
+        if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass cu_seqlens or cu_seq_lens_q/cu_seq_lens_k, not both")
+            cu_seqlens = _flash_cu_seqlens(cu_seq_lens_q, cu_seq_lens_k)
+        elif (max_length_q, max_length_k) != (None, None):
+            raise ValueError("max_length_q / max_length_k come with cu_seq_lens_q / cu_seq_lens_k")
+        if (
+            cu_seqlens is None
+            and position_ids is not None
+            and batch == 1
+            and attention_mask is None
+            and past_key_values is None
+            and not use_cache
+        ):
+            position_ids = position_ids.to(device).reshape(1, n)
+            cu_seqlens = _cu_seqlens_from_positions(position_ids)
 
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and cu_seqlens is None
@@ -231,6 +359,11 @@ class L2AModel(L2APreTrainedModel):
         # a static cache's decode step: positions and padding come from the cache, on the device
         static_step = past_key_values is not None and past_key_values.static_step(n)
         past = 0 if static_step or past_key_values is None else past_key_values.get_seq_length()
+        if past and getattr(past_key_values, _RIGHT_PADDED, False):
+            raise ValueError(
+                "the cache holds a right-padded batch (a row ended with padding), which cannot be continued: "
+                "pad on the left for generation (tokenizer.padding_side = 'left')"
+            )
 
         if cu_seqlens is not None:
             if past_key_values is not None:
@@ -252,6 +385,10 @@ class L2AModel(L2APreTrainedModel):
                     f"padding mask, got shape {tuple(attention_mask.shape)}"
                 )
             mask = attention_mask.to(device=device, dtype=torch.long)
+            if past == 0:
+                right_padded = _check_padding_mask(mask)
+                if past_key_values is not None:
+                    setattr(past_key_values, _RIGHT_PADDED, right_padded)
             # number of leading pad tokens = first valid position of each row
             key_start = (mask.cumsum(-1) == 0).sum(-1)
             valid = mask[:, past:].bool()
@@ -346,6 +483,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
         cache: L2ACache | None = None,
         shift_labels: torch.LongTensor | None = None,
         loss_impl: LossImpl = "auto",
+        **kwargs,
     ) -> L2ACausalLMOutputWithPast | tuple:
         """Arguments as `L2AModel.forward`, plus:
 
@@ -360,7 +498,13 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             logits); "liger" / "chunked" fuse the LM head into the loss and return logits=None; "auto" is, in
             training mode, "liger" on CUDA when Liger-Kernel is installed, else "chunked"
             (`l2a.ops.linear_cross_entropy`), and "plain" in eval mode.
+        kwargs: HF's flash-attention packing keywords `cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`,
+            `max_length_k` (see `L2AModel.forward`); any other keyword is a TypeError.
         """
+        unknown = sorted(set(kwargs) - set(_PACKING_KWARGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unknown}")
+        packing_kwargs = {name: kwargs[name] for name in _PACKING_KWARGS if name in kwargs}
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
@@ -374,6 +518,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
             return_dict=True,
             cu_seqlens=cu_seqlens,
             global_leakage=global_leakage,
+            **packing_kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if labels is not None and shift_labels is not None:
@@ -433,6 +578,7 @@ class L2AForCausalLM(L2APreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() hook: give generation an `L2ACache` (HF would build a `DynamicCache`)."""
+        _refuse_assisted_generation(generation_config, args[0] if args else kwargs.get("generation_mode"))
         cache = model_kwargs.get(CACHE_KWARG)
         if cache is not None and not isinstance(cache, L2ACache):
             raise TypeError(f"past_key_values must be an L2ACache, got {type(cache).__name__}")

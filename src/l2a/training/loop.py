@@ -314,11 +314,9 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
         # Non-reentrant checkpointing: inputs of the first layer come from a frozen embedding (no grad).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        from l2a.models._compat import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model, use_reentrant=False)
 
     resume_dir = _resolve_resume(config, ckpt_root)
     if config.checkpoint.resume is None and ckpt.list_checkpoints(ckpt_root):
