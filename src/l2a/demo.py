@@ -492,10 +492,10 @@ def run_demo(
         )
         checks: list[dict[str, float]] = []
 
-        def check_retrieval(record: dict[str, Any]) -> None:
+        def check_retrieval(record: dict[str, Any], dense: torch.nn.Module = model) -> None:
             if record["step"] < config.pretrain_check_every * (len(checks) + 1):
                 return
-            hits, _ = retrieval_hits(model, validation, config.batch_size)
+            hits, _ = retrieval_hits(dense, validation, config.batch_size)
             checks.append({"step": record["step"], "accuracy": sum(hits) / len(hits)})
             _say(f"pretraining step {record['step']}: dense retrieval {checks[-1]['accuracy']:.1%}", progress)
 
