@@ -92,10 +92,10 @@ class DemoConfig:
     text_loss_tokens: int = 16
     task_pool: int = 1024
     eval_samples: int = 96
-    pretrain_steps: int = 1800
+    pretrain_steps: int = 2800
     pretrain_lr: float = 3e-3
     pretrain_check_every: int = 100
-    pretrain_target: float = 0.95
+    pretrain_target: float = 0.9
     validation_samples: int = 32
     routed_steps: int = 150
     routed_lr: float = 1e-3
