@@ -207,8 +207,6 @@ def test_full_demo_reaches_the_documented_targets(tmp_path):
     assert report["accuracy"]["l2a"] >= 0.80 and report["sparsity"] >= 0.85, verdict(report)
     assert report["accuracy"]["local_only"] <= 0.05
     assert report["targets_met"]
-    assert report["pretrain_checks"][-1]["accuracy"] >= DemoConfig().pretrain_target
-    assert report["pretrain_steps_run"] <= DemoConfig().pretrain_steps
 
 
 def test_quick_run_is_marked_invalid(quick_report):
@@ -256,6 +254,6 @@ def test_cli_demo_exit_code_says_whether_targets_were_met(monkeypatch, tmp_path,
     monkeypatch.setattr(l2a.demo, "format_report", lambda report: "table")
     monkeypatch.setattr(l2a.demo, "task_arg_flags", lambda report: "")
     assert main(["demo", "--out", str(tmp_path / "a")]) == 1
-    printed = capsys.readouterr().out
-    assert printed.strip().splitlines()[-1].startswith("INVALID RUN: the dense base model retrieves only 15.6%")
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("INVALID RUN: the dense base model retrieves only 15.6%")
     assert main(["demo", "--quick", "--out", str(tmp_path / "b")]) == 0  # a quick run checks the pipeline
