@@ -63,7 +63,7 @@ def test_regulariser_in_the_loop_switches_routing_off(make_l2a, tmp_path, lam):
 
     for router in routers:
         router.register_forward_pre_hook(capture)
-    # the loop's LM loss may be fused with the head (no logits): rebuild the logits from the final hidden states
+    # the loop may fuse the LM loss with the head (no logits): rebuild logits from the final hidden states
     head = model.lm_head.weight.detach().double()  # frozen here (trainable=["router"])
     model.model.register_forward_hook(
         lambda module, args, out: logits.append(out.last_hidden_state.detach().double() @ head.T)
