@@ -214,6 +214,9 @@ def test_quick_run_is_marked_invalid(quick_report):
     out, report = quick_report
     assert report["base_accuracy"] < TARGETS["base_accuracy"][1]
     assert report["valid"] is False and report["targets_met"] is False
+    # the pretraining check ran (every 10 steps here) and never reached its target
+    assert [c["step"] for c in report["pretrain_checks"]] == [10, 20, 30]
+    assert report["pretrain_steps_run"] == 30
     text = format_report(report)
     assert text.startswith("INVALID RUN: the dense base model retrieves only")
     assert json.loads((out / "report.json").read_text())["valid"] is False

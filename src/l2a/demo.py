@@ -129,7 +129,14 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """A reduced run (tens of seconds) for tests: same pipeline, far fewer steps and samples."""
-        return cls(pretrain_steps=30, routed_steps=20, task_pool=64, eval_samples=16, corpus_chars=100_000)
+        return cls(
+            pretrain_steps=30,
+            pretrain_check_every=10,
+            routed_steps=20,
+            task_pool=64,
+            eval_samples=16,
+            corpus_chars=100_000,
+        )
 
     def with_overrides(self, overrides: Iterable[str]) -> DemoConfig:
         """A copy with ``KEY=VALUE`` strings applied in order (``l2a demo --set``), validated again.
@@ -483,6 +490,9 @@ def run_demo(
             "precision": precision,
             "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
             "checkpoint": {"save_final": False},
+            # logits in training too: the pretraining check runs the dense model mid-run, and the recipe's
+            # numbers were measured with HF's own loss
+            "loss_impl": "plain",
         }
         for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
             (out / phase / "log.jsonl").unlink(missing_ok=True)
