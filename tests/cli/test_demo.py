@@ -27,7 +27,7 @@ def fake_demo(monkeypatch):
             (out / name / "config.json").write_text("{}")
         (out / "routing.png").write_bytes(b"png")
         (out / "report.json").write_text(json.dumps({"seed": seed}))
-        return {"model_dir": str(out / "model"), "base_dir": str(out / "base")}
+        return {"model_dir": str(out / "model"), "base_dir": str(out / "base"), "targets_met": True}
 
     monkeypatch.setattr(l2a.demo, "run_demo", fake_run_demo)
     monkeypatch.setattr(l2a.demo, "format_report", lambda report: "table")

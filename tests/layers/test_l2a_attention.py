@@ -112,18 +112,35 @@ def test_local_branch_equals_windowed_dense(window):
     torch.testing.assert_close(attn(h, (cos, sin)), expected)
 
 
-def test_decoder_layer_composition():
-    layer = _randomize(L2ADecoderLayer(_config(), 0)).eval()
+def _rms_norm(x, weight, eps=1e-6):
+    return weight * x / (x.square().mean(-1, keepdim=True) + eps).sqrt()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-ste"])
+def test_decoder_layer_against_hand_written_block(training):
+    """The block of method.md written out from the layer's weights: RMSNorms, SDPA with explicit masks,
+    the router's thresholded sigmoid and the gated MLP; nothing of the layer's own forward is reused."""
+    layer = _randomize(L2ADecoderLayer(_config(), 0)).train(training)
     x = torch.randn(B, N, HIDDEN, dtype=torch.float64)
     pe = _rope(N)
     out, soft, hard = layer(x, pe)
-    s = x + layer.local_attn(layer.input_layernorm(x), pe)
-    g = layer.global_layernorm(s)
-    decision = layer.router(g)
-    s = s + layer.global_attn(g, pe, decision.hard, decision.gate)
-    expected = s + layer.mlp(layer.post_attention_layernorm(s))
-    torch.testing.assert_close(out, expected)
-    assert torch.equal(hard, decision.hard) and 0 < hard.sum() < hard.numel()
+
+    eps = 1e-6
+    local, glob = layer.local_attn, layer.global_attn
+    n1 = _rms_norm(x, layer.input_layernorm.weight, eps)
+    s = x + local.o_proj(_dense_reference(local, n1, *pe, window=4).flatten(-2))
+    g = _rms_norm(s, layer.global_layernorm.weight, eps)
+    logits = g @ layer.router.weight[0]  # (B, N)
+    expected_soft = torch.sigmoid(logits / 0.1)
+    routed = logits >= 0  # sigmoid(logit / τ) >= 0.5
+    s = s + routed[..., None] * glob.o_proj(_dense_reference(glob, g, *pe).flatten(-2))
+    m = layer.mlp
+    n2 = _rms_norm(s, layer.post_attention_layernorm.weight, eps)
+    expected = s + m.down_proj(F.silu(m.gate_proj(n2)) * m.up_proj(n2))
+    # the layer's norms and router compute in float32 (as HF's): float32 tolerances
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft.double(), expected_soft, rtol=1e-5, atol=1e-6)
+    assert torch.equal(hard, routed) and 0 < hard.sum() < hard.numel()
 
 
 def test_local_only_layer_and_drop_global_branch():

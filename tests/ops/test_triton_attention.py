@@ -85,6 +85,14 @@ CONDITIONAL_CASES = [
     Case(35, 4, 1, d=128, sparsity=0.5, dtype=torch.bfloat16),
     Case(30, 4, 2, sparsity=0.5, dtype=torch.float16),
     Case(28, 4, 2, b=2, nk=45, sparsity=0.4, key_offset=3, key_start=(0, 20), dtype=torch.bfloat16),
+    # head dim 32 (the demo's and small models')
+    Case(44, 4, 2, d=32, sparsity=0.5),
+    Case(39, 4, 1, d=32, sparsity=0.4, headwise=True, dtype=torch.bfloat16),
+    # head-wise routing with packed documents and with left padding (key_start)
+    Case(47, 4, 2, sparsity=0.5, headwise=True, docs=(0, 13, 30, 47)),
+    Case(30, 4, 1, b=2, sparsity=0.5, headwise=True, key_start=(3, 17)),
+    Case(40, 4, 2, d=32, sparsity=0.4, headwise=True, docs=(0, 11, 26, 40), key_start=(6,)),
+    Case(42, 4, 1, d=32, sparsity=0.3, headwise=True, key_offset=4, docs=(0, 19, 42), key_start=(2,)),
 ]
 
 WINDOW_CASES = [
@@ -94,6 +102,8 @@ WINDOW_CASES = [
     Case(40, 4, 2, window=5, docs=(0, 9, 26, 40)),
     Case(26, 4, 1, b=2, nk=37, window=9, key_start=(2, 15)),
     Case(30, 2, 1, window=100),
+    Case(46, 4, 2, d=32, window=7),
+    Case(38, 4, 1, d=32, window=6, docs=(0, 15, 38), key_start=(4,), dtype=torch.bfloat16),
 ]
 
 

@@ -171,3 +171,33 @@ def test_mfu_flop_count(make_l2a):
     per_token, per_pair = flops_coefficients(model)
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if n != "model.embed_tokens.weight")
     assert per_token == 6 * non_embedding and per_pair == 6 * 2 * 4 * 16
+
+
+def _spy_leakage(model) -> tuple[list, list]:
+    """Records each forward's `global_leakage` keyword and whether layer 0's global branch got every query."""
+    passed, dense = [], []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: passed.append(kwargs.get("global_leakage")), with_kwargs=True
+    )
+    branch = model.model.layers[0].global_attn
+    branch.register_forward_pre_hook(lambda module, args: dense.append(bool(args[2].all())))
+    return passed, dense
+
+
+def test_leakage_steps_reach_forward(make_l2a, make_batches, tmp_path):
+    """`global_leakage=True` reaches the model (and its global branch runs every query) on the scheduled
+    steps only, for every micro-batch of such a step."""
+    from l2a.training.schedules import leakage_draw
+
+    model = make_l2a()
+    passed, dense = _spy_leakage(model)
+    steps, accum, seed, p = 12, 2, 3, 0.4
+    config = _config(tmp_path, steps=steps, grad_accum_steps=accum, seed=seed)
+    config.router.leakage_probability = p
+    history = train(model, None, config, data=make_batches(steps * accum, packed=False)).history
+    scheduled = [leakage_draw(seed, step, p) for step in range(steps)]
+    assert any(scheduled) and not all(scheduled), "the schedule must mix leakage and routed steps"
+    expected = [leak for leak in scheduled for _ in range(accum)]
+    assert passed == expected
+    assert dense == expected, "a leakage step must run global attention for every query, others not"
+    assert sum(record["leakage_steps"] for record in history) == sum(scheduled)

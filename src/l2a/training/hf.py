@@ -12,8 +12,7 @@ For users of the HF Trainer, accelerate or DeepSpeed (through the Trainer's own 
         args=TrainingArguments(output_dir="runs/hf", max_steps=1000, learning_rate=5e-5, ...),
         train_dataset=dataset,  # rows with input_ids, labels (and optionally position_ids, cu_seqlens)
         router=RouterConfig(regularizer_weight=1e-8, regularizer_ramp_steps=500, leakage_probability=0.1),
-        trainable=["attention", "norms", "router"],  # freezes the rest before the optimizer is built
-    )
+    )  # trains attention, norms and routers (as `l2a train`); trainable=["*"] trains everything
     trainer.train()
 
 `compute_loss` adds `λ(global_step) · router_regularizer` to the model's LM loss and passes
@@ -25,15 +24,21 @@ loss kwargs). Logs gain `lm_loss`, `router_regularizer`, `router_lambda`, `spars
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from l2a.training.config import RouterConfig
+from l2a.training.config import RouterConfig, TrainConfig
 from l2a.training.params import set_trainable
 from l2a.training.schedules import leakage_draw, regularizer_weight
+
+
+def _default_trainable() -> list[str]:
+    """`TrainConfig.trainable`'s default: what `l2a train` trains unless told otherwise."""
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == "trainable").default_factory()
 
 
 class L2ALossMixin:
@@ -41,8 +46,9 @@ class L2ALossMixin:
 
     Args (besides the Trainer's):
         router: λ schedule and leakage probability (`RouterConfig`; default: its defaults).
-        trainable: groups / glob patterns passed to `set_trainable` before the optimizer is built;
-            None keeps the model's current `requires_grad` flags.
+        trainable: groups / glob patterns passed to `set_trainable` before the optimizer is built; None
+            (default) selects `l2a train`'s default groups (`TrainConfig.trainable`: attention, norms and
+            router; MLPs and embeddings frozen). ``["*"]`` trains every parameter.
     """
 
     def __init__(
@@ -59,8 +65,7 @@ class L2ALossMixin:
             raise TypeError(
                 f"{type(model).__name__} has no router (no `global_leakage` argument); use Trainer"
             )
-        if trainable is not None:
-            set_trainable(model, trainable)
+        set_trainable(model, trainable if trainable is not None else _default_trainable())
         super().__init__(*args, **kwargs)
         # The regulariser is a per-micro-batch mean: let the Trainer average micro-batches itself.
         self.model_accepts_loss_kwargs = False
