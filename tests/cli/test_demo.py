@@ -82,3 +82,23 @@ def test_cuda_without_a_gpu(fake_demo, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not fake_demo
+
+
+@pytest.mark.parametrize(
+    "passed, quick, status",
+    [(True, False, 0), (False, False, 1), (False, True, 0)],
+    ids=["passed", "missed-target", "missed-quick"],
+)
+def test_aha_demo_exit_status_follows_its_verdict(monkeypatch, tmp_path, passed, quick, status):
+    """As the L2A demo: a missed target is exit status 1, except for the --quick smoke run."""
+    import l2a.demo_aha
+
+    def fake_run_aha_demo(out_dir, **kwargs):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return {"model_dir": "m", "base_dir": "b", "long_tail": None, "verdict": {"passed": passed}}
+
+    monkeypatch.setattr(l2a.demo_aha, "run_aha_demo", fake_run_aha_demo)
+    monkeypatch.setattr(l2a.demo_aha, "format_aha_report", lambda report: "table")
+    monkeypatch.setattr(l2a.demo, "task_arg_flags", lambda report: "")
+    args = ["demo", "--method", "aha", "--out", str(tmp_path / "aha")] + (["--quick"] if quick else [])
+    assert main(args) == status
