@@ -27,9 +27,7 @@ def kv_cache_bytes(cache: Any) -> int:
     value tensors of an HF ``Cache`` (``cache.layers[i].keys/values``) or of a legacy tuple of tuples.
     """
     if cache is None:
-        raise ValueError(
-            "the model returned no cache (no cache in the output); was use_cache=True honoured?"
-        )
+        raise ValueError("the model returned no KV cache; was use_cache=True honoured?")
     if callable(getattr(cache, "nbytes", None)):
         return int(cache.nbytes())
     if hasattr(cache, "layers"):
