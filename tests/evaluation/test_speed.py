@@ -54,7 +54,7 @@ def test_kv_cache_bytes_of_hf_cache_and_tuples():
     cache.update(k, k.clone(), 0)
     assert kv_cache_bytes(cache) == 5 * _per_token()
     assert kv_cache_bytes(((k, k), (k, k))) == 4 * k.nbytes
-    with pytest.raises(ValueError, match="no cache"):
+    with pytest.raises(ValueError, match="no KV cache"):
         kv_cache_bytes(None)
 
 
