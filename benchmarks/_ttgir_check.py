@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from l2a.ops.triton import _flash
+from l2a.ops.triton import _flash, _flash_bwd, _flash_fwd
 
 INT_POINTERS = {"IDX", "LO", "HI", "CNT", "ROW_START", "ROW_END", "FULL_START", "FULL_END", "PHASE_START"}
 FLOAT_POINTERS = {"LSE", "DLSE", "DELTA", "LSEC", "DELTAC"}
@@ -47,11 +47,11 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     common = dict(R=7, HEAD_DIM=128, DOT_PRECISION="tf32")
     jobs = [
-        ("fwd", _flash._fwd_kernel, dict(common, BLOCK_M=128, BLOCK_N=64), 3),
-        ("dq", _flash._bwd_dq_kernel, dict(common, BLOCK_M=128, BLOCK_N=64, HAS_DLSE=False), 2),
+        ("fwd", _flash_fwd._fwd_kernel, dict(common, BLOCK_M=128, BLOCK_N=64), 3),
+        ("dq", _flash_bwd._bwd_dq_kernel, dict(common, BLOCK_M=128, BLOCK_N=64, HAS_DLSE=False), 2),
     ]
     jobs += [
-        (f"dkdv {loop}", _flash._bwd_dkdv_kernel, dict(common, BLOCK_M=64, BLOCK_N=128, LOOP=loop), 2)
+        (f"dkdv {loop}", _flash_bwd._bwd_dkdv_kernel, dict(common, BLOCK_M=64, BLOCK_N=128, LOOP=loop), 2)
         for loop in _flash.DKDV_LOOPS
     ]
     print(f"triton {triton.__version__}, sm_90, 8 warps")

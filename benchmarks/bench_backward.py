@@ -20,7 +20,7 @@ import torch
 import triton
 from bench_attention import lowest_total_slowdown  # run as `python benchmarks/bench_backward.py`
 
-from l2a.ops.triton import _flash, conditional, sliding_window
+from l2a.ops.triton import _flash, _flash_bwd, _flash_fwd, conditional, sliding_window
 
 DQ_CONFIGS = "128,64,8,2;128,64,8,3;64,128,8,3;64,64,4,3;128,128,8,2"
 DKDV_CONFIGS = "64,128,8,2;64,128,8,3;32,128,8,3;64,64,8,3;64,64,4,3"
@@ -40,7 +40,7 @@ def _inputs(n: int, task: str, window: int, device: torch.device):
     else:
         active = None
         rows = sliding_window._rows(q, k, window, None, None)
-    out, lse = _flash.forward(q, k, v, rows, active, scale)
+    out, lse = _flash_fwd.forward(q, k, v, rows, active, scale)
     return q, k, v, dout, out, lse, rows, active, scale
 
 
@@ -67,18 +67,18 @@ def time_task(n: int, task: str, args: argparse.Namespace, device: torch.device)
     results = []
     for cfg in args.dq.split(";"):
         os.environ["L2A_BWD_DQ"] = cfg
-        ms = _time(lambda: _flash.backward_dq(dout, None, q, k, v, out, lse, rows, scale, dq))
+        ms = _time(lambda: _flash_bwd.backward_dq(dout, None, q, k, v, out, lse, rows, scale, dq))
         results.append(dict(N=n, task=task, kernel="dq", cfg=cfg, ms=ms, bwd_flops=flops))
         print(json.dumps(results[-1]), flush=True)
     os.environ.pop("L2A_BWD_DQ")
-    compact = _flash.backward_dq(dout, None, q, k, v, out, lse, rows, scale, dq)
+    compact = _flash_bwd.backward_dq(dout, None, q, k, v, out, lse, rows, scale, dq)
     for loop in args.loops.split(","):
         os.environ["L2A_DKDV_LOOP"] = loop
         for phase in args.phases.split(","):
             os.environ["L2A_DKDV_PHASE"] = phase
             for cfg in args.dkdv.split(";"):
                 os.environ["L2A_BWD_DKDV"] = cfg
-                ms = _time(lambda: _flash.backward_dkdv(k, v, compact, rows, scale))
+                ms = _time(lambda: _flash_bwd.backward_dkdv(k, v, compact, rows, scale))
                 kernel = f"dkdv {loop} phase{phase}"
                 results.append(dict(N=n, task=task, kernel=kernel, cfg=cfg, ms=ms, bwd_flops=flops))
                 print(json.dumps(results[-1]), flush=True)

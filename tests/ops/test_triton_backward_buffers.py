@@ -7,7 +7,7 @@ import torch
 
 from l2a.ops import conditional_attention
 from l2a.ops.reference import conditional_attention_reference
-from l2a.ops.triton import _flash
+from l2a.ops.triton import _flash, _flash_bwd
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or _flash.interpreting()), reason="needs CUDA or TRITON_INTERPRET=1"
@@ -23,8 +23,8 @@ def test_compact_buffers_hold_the_routed_rows_only(head_wise, monkeypatch):
     shape = (2, n, hq) if head_wise else (2, n)
     active = (torch.rand(shape, generator=g) < 0.2).to(device)
     sizes = []
-    original = _flash._compact_buffers
-    monkeypatch.setattr(_flash, "_compact_buffers", lambda *a: sizes.append(a[-1]) or original(*a))
+    original = _flash_bwd._compact_buffers
+    monkeypatch.setattr(_flash_bwd, "_compact_buffers", lambda *a: sizes.append(a[-1]) or original(*a))
     out = conditional_attention(q, k, v, active, backend="triton")
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     lists = active if active.dim() == 2 else active.permute(0, 2, 1)

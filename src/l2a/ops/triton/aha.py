@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from l2a.ops.triton import _flash
+from l2a.ops.triton import _flash, _flash_bwd, _flash_fwd
 from l2a.ops.triton._autograd import _fake_grads, _fake_out_lse
 
 # pairs per program of the list builder
@@ -148,7 +148,7 @@ def all_or_here_attention_fwd(
     """out (B, N, Hq, D), lse float32 (B, Hq, N); see `l2a.ops.all_or_here_attention`."""
     rows = aha_rows(q, k, active, window, cu_seqlens, key_start)
     # active=None: every row is listed, so the outputs need no zero fill
-    return _flash.forward(q, k, v, rows, None, scale)
+    return _flash_fwd.forward(q, k, v, rows, None, scale)
 
 
 def all_or_here_attention_bwd(
@@ -167,7 +167,7 @@ def all_or_here_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D)."""
     rows = aha_rows(q, k, active, window, cu_seqlens, key_start)
-    return _flash.backward(dout, dlse, q, k, v, out, lse, rows, None, scale)
+    return _flash_bwd.backward(dout, dlse, q, k, v, out, lse, rows, None, scale)
 
 
 @torch.library.custom_op("l2a::all_or_here_attention", mutates_args=())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from l2a.ops.triton import _flash
+from l2a.ops.triton import _flash, _flash_bwd, _flash_fwd
 
 
 def _rows(
@@ -35,7 +35,7 @@ def conditional_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N, Hq, D), lse float32 (B, Hq, N); see `l2a.ops.conditional_attention`."""
     rows = _rows(q, k, active, key_offset, cu_seqlens, key_start)
-    return _flash.forward(q, k, v, rows, active, scale)
+    return _flash_fwd.forward(q, k, v, rows, active, scale)
 
 
 def conditional_attention_bwd(
@@ -58,4 +58,4 @@ def conditional_attention_bwd(
     backward only (the forward stays sync-free)."""
     rows = _rows(q, k, active, key_offset, cu_seqlens, key_start)
     max_count = int(rows.count.max())
-    return _flash.backward(dout, dlse, q, k, v, out, lse, rows, active, scale, max_count)
+    return _flash_bwd.backward(dout, dlse, q, k, v, out, lse, rows, active, scale, max_count)

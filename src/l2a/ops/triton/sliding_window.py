@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from l2a.ops.triton import _flash
+from l2a.ops.triton import _flash, _flash_bwd, _flash_fwd
 
 
 def _rows(
@@ -30,7 +30,7 @@ def sliding_window_attention_fwd(
     key_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N, Hq, D), lse float32 (B, Hq, N); see `l2a.ops.sliding_window_attention`."""
-    return _flash.forward(q, k, v, _rows(q, k, window, cu_seqlens, key_start), None, scale)
+    return _flash_fwd.forward(q, k, v, _rows(q, k, window, cu_seqlens, key_start), None, scale)
 
 
 def sliding_window_attention_bwd(
@@ -48,4 +48,4 @@ def sliding_window_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D)."""
     rows = _rows(q, k, window, cu_seqlens, key_start)
-    return _flash.backward(dout, dlse, q, k, v, out, lse, rows, None, scale)
+    return _flash_bwd.backward(dout, dlse, q, k, v, out, lse, rows, None, scale)
