@@ -13,6 +13,9 @@
 3. ``report``: ``OUT/results.json``, ``OUT/report.md``, PNG plots and the targets' pass/fail
    (`l2a.experiments.reproduction_report`).
 
+The data side (task samples, corpus, training rows) is in `l2a.experiments.reproduction_data`; the base
+model, scoring and an arm's evaluation in `l2a.experiments.reproduction_models`.
+
 Arms: CLP = the dense model continued (RoPE θ raised); L2A = converted, learned routing with the λ ramp,
 leakage steps and optional router-only warm-up; SWA = converted with ``force_route="none"``; random =
 converted with ``force_route="random"`` at the L2A arm's measured routed fraction.
@@ -20,32 +23,40 @@ converted with ``force_route="random"`` at the L2A arm's measured routed fractio
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from multiprocessing import get_context
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from l2a.data import byte_tokenizer, stdlib_corpus
-from l2a.data.packing import IGNORE_INDEX
+from l2a.data import byte_tokenizer
 from l2a.data.tasks import TaskSample
 from l2a.evaluation.perplexity import perplexity_by_position
 from l2a.evaluation.routing import routing_analysis
-from l2a.evaluation.speed import kv_cache_bytes
-from l2a.evaluation.tasks import build_task, sample_seed
-from l2a.evaluation.teacher_forced import score_teacher_forced
 from l2a.experiments.config import ReproductionConfig
+from l2a.experiments.reproduction_data import (
+    Corpus,
+    TrainingRows,
+    _draw_one,
+    _training_pool,
+    eval_samples,
+    load_corpus,
+)
+from l2a.experiments.reproduction_models import (
+    _autocast,
+    _kv_bytes,
+    _load_base,
+    _save_bf16,
+    build_base_model,
+    evaluate_arm,
+    score_tasks,
+)
 from l2a.experiments.stages import ARMS, STAGES
 
 
@@ -98,273 +109,6 @@ class RunDirectory:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.rename(self.record_path(stage))
         return record
-
-
-# -------------------------------------------------------------------------------------------- samples
-def _draw_one(spec: tuple[str, dict[str, Any], int, int]) -> TaskSample:
-    name, args, length, seed = spec
-    return build_task(name, args).sample(byte_tokenizer(), length, random.Random(seed))
-
-
-def draw_samples(specs: Sequence[tuple[str, dict[str, Any], int, int]], workers: int) -> list[TaskSample]:
-    """Task samples for (task, task args, prompt length, seed) specs, in order; deterministic given the
-    specs, drawn in `workers` processes (spawned: safe after CUDA initialisation) when > 1."""
-    if workers <= 1 or len(specs) < 2 * workers:
-        return [_draw_one(spec) for spec in specs]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_draw_one, specs, chunksize=max(1, len(specs) // (4 * workers))))
-
-
-def _training_pool(
-    config: ReproductionConfig, stage: str, min_length: int, max_length: int
-) -> list[TaskSample]:
-    """`task_pool` samples per training task with prompt lengths drawn from [min_length, max_length]."""
-    data = config.data
-    rng = random.Random(f"{config.seed}/pool/{stage}")
-    specs = []
-    for name in data.tasks:
-        for _ in range(data.task_pool):
-            specs.append(
-                (name, data.task_args.get(name, {}), rng.randint(min_length, max_length), rng.getrandbits(63))
-            )
-    return draw_samples(specs, config.workers)
-
-
-def eval_samples(
-    config: ReproductionConfig, length: int, count: int, purpose: str
-) -> dict[str, list[TaskSample]]:
-    """``count`` held-out samples per evaluation task at nominal length ``length``: prompts of
-    ``length - data.answer_reserve`` tokens, so that prompt + answer fit in ``length`` (seeds apart from
-    the training pools; ``purpose`` separates e.g. the pretraining check from the evaluation)."""
-    length -= config.data.answer_reserve
-    specs, names = [], []
-    for name in config.eval_tasks:
-        for i in range(count):
-            seed = sample_seed(config.seed + 7919, f"{purpose}/{name}", length, i)
-            specs.append((name, config.data.task_args.get(name, {}), length, seed))
-            names.append(name)
-    drawn: dict[str, list[TaskSample]] = {name: [] for name in config.eval_tasks}
-    for name, sample in zip(names, draw_samples(specs, config.workers)):
-        drawn[name].append(sample)
-    return drawn
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass
-class Corpus:
-    """Token ids of the training documents and the texts of the held-out documents."""
-
-    train_ids: torch.Tensor
-    heldout_texts: list[str]
-
-
-def load_corpus(config: ReproductionConfig, tokenizer: Any) -> Corpus:
-    """The first `corpus_chars` characters of shuffled standard-library documents for training, the
-    following documents (`heldout_chars`) held out for perplexity."""
-    train, heldout, size = [], [], 0
-    for doc in stdlib_corpus(shuffle_seed=config.seed):
-        if size < config.data.corpus_chars:
-            train.append(doc)
-        else:
-            heldout.append(doc)
-        size += len(doc)
-        if size >= config.data.corpus_chars + config.data.heldout_chars:
-            break
-    if not heldout:
-        raise ValueError(
-            f"the embedded corpus has no documents left for held-out perplexity after "
-            f"data.corpus_chars={config.data.corpus_chars}; lower it"
-        )
-    ids = tokenizer("\n".join(train), add_special_tokens=False)["input_ids"]
-    return Corpus(torch.tensor(ids, dtype=torch.long), heldout)
-
-
-class TrainingRows:
-    """Endless, resumable micro-batches (input_ids, labels: (B, N)) of task rows and corpus rows.
-
-    Batch i depends only on (seed, i): every arm of the extension sees the same rows, and the state is
-    just the batch index. ``stop()`` ends the stream at the next batch (the pretraining stop criterion).
-    """
-
-    def __init__(
-        self,
-        pool: list[TaskSample],
-        corpus: torch.Tensor,
-        *,
-        seq_len: int,
-        batch_size: int,
-        task_ratio: float,
-        text_loss_tokens: int | None,
-        pad_token_id: int,
-        seed: str,
-    ):
-        self.pool, self.corpus = pool, corpus
-        self.seq_len, self.batch_size, self.task_ratio = seq_len, batch_size, task_ratio
-        self.text_loss_tokens = text_loss_tokens or seq_len
-        self.pad_token_id, self.seed = pad_token_id, seed
-        self.index = 0
-        self.stopped = False
-        if len(corpus) <= seq_len:
-            raise ValueError(f"the training corpus has {len(corpus)} tokens, fewer than a row of {seq_len}")
-
-    def stop(self) -> None:
-        self.stopped = True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
-
-    def batch(self, index: int) -> dict[str, torch.Tensor]:
-        rng = random.Random(f"{self.seed}/{index}")
-        n = self.seq_len
-        ids = torch.full((self.batch_size, n), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((self.batch_size, n), IGNORE_INDEX, dtype=torch.long)
-        for b in range(self.batch_size):
-            if rng.random() < self.task_ratio:
-                sample = self.pool[rng.randrange(len(self.pool))]
-                row = (sample.input_ids + sample.answer_ids)[:n]
-                ids[b, : len(row)] = torch.tensor(row)
-                start = len(sample.input_ids)
-                labels[b, start : len(row)] = ids[b, start : len(row)]
-            else:
-                start = rng.randrange(len(self.corpus) - n)
-                ids[b] = self.corpus[start : start + n]
-                labels[b, -self.text_loss_tokens :] = ids[b, -self.text_loss_tokens :]
-        return {"input_ids": ids, "labels": labels}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while not self.stopped:
-            batch = self.batch(self.index)
-            self.index += 1
-            yield batch
-
-
-# --------------------------------------------------------------------------------------------- models
-def build_base_model(config: ReproductionConfig, tokenizer: Any) -> torch.nn.Module:
-    """A freshly initialised `Qwen3ForCausalLM` of `config.model` over the byte tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    m = config.model
-    base_config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        head_dim=m.hidden_size // m.num_heads,
-        max_position_embeddings=config.data.seq_len,
-        rope_theta=m.rope_theta,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    base_config._attn_implementation = "sdpa"
-    return Qwen3ForCausalLM(base_config)
-
-
-def _load_base(root: Path, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32).to(device)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (as training); fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _save_bf16(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Save a bf16 copy (half the bytes: a 30M-parameter model is 60 MB) with the tokenizer."""
-    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-# ----------------------------------------------------------------------------------------- evaluation
-def score_tasks(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    samples: dict[str, list[TaskSample]],
-    config: ReproductionConfig,
-) -> dict[str, dict[str, Any]]:
-    """Per task: mean teacher-forced ``score`` (0–100), ``beyond_window_score`` (samples whose earliest
-    needle lies more than the window before the prompt's end; None when none does), and the mean
-    per-layer ``routed_fraction`` (None for a model without routers)."""
-    device = next(model.parameters()).device
-    window = config.extend.window
-    out = {}
-    for name, batch in samples.items():
-        with _autocast(device):
-            scored = score_teacher_forced(
-                model,
-                tokenizer,
-                batch,
-                batch_size=config.eval.batch_size,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        far = [s.score for s in scored if s.needle_distance is not None and s.needle_distance > window]
-        fractions = [s.routed_fraction for s in scored if s.routed_fraction is not None]
-        out[name] = {
-            "score": sum(s.score for s in scored) / len(scored),
-            "beyond_window_score": sum(far) / len(far) if far else None,
-            "beyond_window_samples": len(far),
-            "samples": len(scored),
-            "routed_fraction": torch.tensor(fractions).mean(0).tolist() if fractions else None,
-        }
-    return out
-
-
-def _sparsity(arm: str, routed: list[float] | None) -> float:
-    if routed is None:
-        return 0.0 if arm in ("clp", "base") else 1.0
-    return 1.0 - sum(routed) / len(routed) if routed else 1.0
-
-
-def evaluate_arm(
-    arm: str, model: torch.nn.Module, tokenizer: Any, config: ReproductionConfig, corpus: Corpus, log: Any
-) -> dict[str, Any]:
-    """Task rows at every evaluation length and perplexity by position at the largest one."""
-    rows = []
-    for length in config.eval_lengths:
-        log(f"[{arm}] evaluating {len(config.eval_tasks)} task(s) x {config.eval.samples} at length {length}")
-        for task, result in score_tasks(
-            model, tokenizer, eval_samples(config, length, config.eval.samples, "eval"), config
-        ).items():
-            rows.append(
-                {
-                    "arm": arm,
-                    "length": length,
-                    "task": task,
-                    "score": result["score"],
-                    "sparsity": _sparsity(arm, result["routed_fraction"]),
-                    "beyond_window_score": result["beyond_window_score"],
-                    "beyond_window_samples": result["beyond_window_samples"],
-                    "samples": result["samples"],
-                    "routed_fraction": result["routed_fraction"],
-                }
-            )
-    longest = max(config.eval_lengths)
-    with _autocast(next(model.parameters()).device):
-        ppl = perplexity_by_position(
-            model, tokenizer, corpus.heldout_texts, longest, max_sequences=config.eval.perplexity_windows
-        )
-    return {"rows": rows, "perplexity": {"arm": arm, **ppl.to_dict()}}
-
-
-def _kv_bytes(model: torch.nn.Module, sample: TaskSample) -> int:
-    """Bytes of the KV cache after a prefill of one prompt (measured on the cache the model returns)."""
-    from l2a.models._compat import CACHE_FIELD
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([sample.input_ids], device=device)
-    with torch.no_grad(), _autocast(device):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return kv_cache_bytes(getattr(out, CACHE_FIELD))
 
 
 # --------------------------------------------------------------------------------------------- stages
