@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,9 +31,36 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
-from l2a.data import byte_tokenizer, stdlib_corpus
-from l2a.data.packing import IGNORE_INDEX
-from l2a.data.tasks import TaskSample, get_task
+from l2a.demo_common import (
+    TaskRow,
+    accuracy_by_distance,
+    batches,
+    build_base_model,
+    eval_rows,
+    kv_task_args,
+    prepare_data,
+    resolve_device,
+    retrieval_hits,
+    task_rows,
+)
+
+__all__ = [
+    "ROUTINGS",
+    "TARGETS",
+    "DemoConfig",
+    "TaskRow",
+    "build_base_model",
+    "check_targets",
+    "eval_rows",
+    "evaluate_routings",
+    "format_report",
+    "kv_task_args",
+    "resolve_device",
+    "retrieval_hits",
+    "run_demo",
+    "task_arg_flags",
+    "verdict",
+]
 
 ROUTINGS = {"l2a": None, "local_only": "none", "all_global": "all"}
 """Report key → `L2AConfig.force_route` of the evaluated routing."""
@@ -49,9 +75,6 @@ TARGETS: dict[str, tuple[Literal["min", "max"], float]] = {
 the dense base ≥ 80 % (below it the run is invalid: pretraining did not learn retrieval, so the table
 compares L2A with a model that cannot retrieve), of the learned routing ≥ 80 % with ≥ 85 % of tokens
 skipping global attention, and of local-only attention ≤ 5 % (chance is 1 %)."""
-
-_QUERY = re.compile(rb"\n[a-z]+:( \d+)")
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -186,181 +209,7 @@ def _convert(key: str, raw: str, tp: Any) -> Any:
     raise TypeError(f"{key}: unsupported field type {tp!r}")
 
 
-def kv_task_args(config: DemoConfig) -> dict[str, Any]:
-    """Keyword arguments of ``get_task("kv_retrieval", ...)`` that make the demo's task samples.
-
-    The queried needle lies more than `window` tokens before its query, even for the first of
-    `num_queries` queries: each later query adds one ``"\\nkey: value"`` record after it.
-    ``l2a eval --task-arg kv_retrieval.KEY=VALUE`` with these reproduces the training format.
-    """
-    record = config.key_chars + config.value_digits + 3
-    args: dict[str, Any] = {
-        "key_chars": config.key_chars,
-        "value_digits": config.value_digits,
-        "num_queries": config.num_queries,
-        "min_distance": config.window + record * config.num_queries,
-        "filler": config.filler,
-    }
-    if config.filler == "corpus":
-        args |= {"num_pairs": config.distractors, "corpus_chars": config.corpus_chars}
-    return args
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` → cuda when available, else cpu; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given (the demo
-    accepts no other device; resolution as `l2a eval`'s)."""
-    from l2a.evaluation.runner import resolve_device as resolve
-
-    if device != "auto" and not _DEVICE.fullmatch(device):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return resolve(device)
-
-
-@dataclass
-class _TaskRow:
-    """A task sample laid out as one training/evaluation row of `seq_len` tokens."""
-
-    input_ids: list[int]
-    # per query: positions of its answer tokens, " " + the value digits (what `l2a eval` generates)
-    answer_positions: list[list[int]]
-    distances: list[int]  # per query: tokens from the needle's last token to the query's first value token
-
-
-def _task_row(sample: TaskSample) -> _TaskRow:
-    ids = sample.input_ids + sample.answer_ids[:-1]  # drop eos: rows end with the last value digit
-    start = sample.meta["context_span"][1]
-    suffix = bytes(ids[start:])
-    answers = [list(range(start + m.start(1), start + m.end(1))) for m in _QUERY.finditer(suffix)]
-    prompt_len = len(sample.input_ids)
-    needle_ends = [prompt_len - d for d in sample.meta["query_distances"]]
-    if len(answers) != len(needle_ends):
-        raise RuntimeError(f"parsed {len(answers)} queries, the task reports {len(needle_ends)}")
-    distances = [pos[1] - end for pos, end in zip(answers, needle_ends)]  # pos[0] is the space
-    return _TaskRow(ids, answers, distances)
-
-
-def _task_rows(
-    config: DemoConfig, tokenizer: Any, count: int, rng: random.Random, desc: str, progress: bool
-) -> list[_TaskRow]:
-    from tqdm.auto import tqdm
-
-    task = get_task("kv_retrieval", **kv_task_args(config))
-    answer_len = config.value_digits + 1  # " " + digits (eos dropped)
-    rows = []
-    for _ in tqdm(range(count), desc=desc, dynamic_ncols=True, disable=not progress):
-        row = _task_row(task.sample(tokenizer, config.seq_len - answer_len, rng))
-        # prompts may come out a few tokens short (`length_tolerance`): pad on the right, never scored
-        missing = config.seq_len - len(row.input_ids)
-        if missing < 0:
-            raise RuntimeError(
-                f"task row has {len(row.input_ids)} tokens, more than seq_len={config.seq_len}"
-            )
-        row.input_ids += [tokenizer.pad_token_id] * missing
-        rows.append(row)
-    return rows
-
-
-def eval_rows(config: DemoConfig, tokenizer: Any, seed: int, progress: bool = False) -> list[_TaskRow]:
-    """The held-out evaluation rows of a run with ``seed`` (drawn apart from the training pool)."""
-    return _task_rows(
-        config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples", progress
-    )
-
-
-def _corpus_ids(config: DemoConfig, tokenizer: Any) -> torch.Tensor:
-    chunks, size = [], 0
-    for doc in stdlib_corpus(shuffle_seed=0):
-        chunks.append(doc)
-        size += len(doc)
-        if size >= config.corpus_chars:
-            break
-    ids = tokenizer("\n".join(chunks), add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _batches(
-    config: DemoConfig, corpus: torch.Tensor, pool: list[_TaskRow], rng: random.Random
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless training batches: input_ids and labels (B, N); task rows carry labels on answers only."""
-    n = config.seq_len
-    while True:
-        ids, labels = [], []
-        for _ in range(config.batch_size):
-            draw = rng.random()
-            if draw < config.task_ratio:
-                row = pool[rng.randrange(len(pool))]
-                x = torch.tensor(row.input_ids)
-                y = torch.full_like(x, IGNORE_INDEX)
-                for pos in row.answer_positions:
-                    y[pos] = x[pos]
-            else:
-                start = rng.randrange(len(corpus) - n)
-                x = corpus[start : start + n]
-                y = torch.full_like(x, IGNORE_INDEX)
-                y[-config.text_loss_tokens :] = x[-config.text_loss_tokens :]
-            ids.append(x)
-            labels.append(y)
-        yield {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
-
-
-def build_base_model(config: DemoConfig, tokenizer: Any) -> torch.nn.Module:
-    """A freshly initialised tiny `Qwen3ForCausalLM` over the byte tokenizer."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    base_config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=4 * config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.hidden_size // config.num_heads,
-        max_position_embeddings=2 * config.seq_len,
-        rope_theta=10_000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    base_config._attn_implementation = "sdpa"
-    return Qwen3ForCausalLM(base_config)
-
-
-@torch.no_grad()
-def retrieval_hits(
-    model: torch.nn.Module, rows: list[_TaskRow], batch_size: int
-) -> tuple[list[bool], list[float] | None]:
-    """Teacher-forced exact match of every query's answer (the space and all value digits predicted greedily).
-
-    Rows go to the model's device in batches of ``batch_size`` (input_ids (B, seq_len)); the model runs
-    as it is (no autocast: fp32 weights give fp32 logits).
-    Returns one hit per query (rows in order, queries in order) and, for an L2A model, the fraction of
-    tokens routed to global attention in each global layer over all tokens of the rows (else None).
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    hits: list[bool] = []
-    fractions = []
-    try:
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            ids = torch.tensor([row.input_ids for row in chunk])
-            out = model(input_ids=ids.to(device))
-            pred = out.logits.argmax(-1).cpu()  # (B, N): one transfer per batch, compared on the host
-            if getattr(out, "router_fraction", None) is not None:
-                fractions.append(out.router_fraction.float().cpu() * len(chunk))
-            for b, row in enumerate(chunk):
-                for pos in row.answer_positions:
-                    p = torch.tensor(pos)
-                    hits.append(bool((pred[b, p - 1] == ids[b, p]).all()))
-    finally:
-        model.train(was_training)
-    routed = (torch.stack(fractions).sum(0) / len(rows)).tolist() if fractions else None
-    return hits, routed
-
-
-def evaluate_routings(model: torch.nn.Module, rows: list[_TaskRow], batch_size: int) -> dict[str, Any]:
+def evaluate_routings(model: torch.nn.Module, rows: list[TaskRow], batch_size: int) -> dict[str, Any]:
     """`retrieval_hits` of an L2A model under each routing of `ROUTINGS` (`config.force_route`).
 
     Returns per routing: ``hits``, ``accuracy`` and ``routed_fraction`` (per global layer).
@@ -375,12 +224,6 @@ def evaluate_routings(model: torch.nn.Module, rows: list[_TaskRow], batch_size: 
     finally:
         model.config.force_route = saved
     return results
-
-
-def _distance_buckets(distances: list[int], count: int = 4) -> list[tuple[int, int]]:
-    lo, hi = min(distances), max(distances) + 1
-    step = math.ceil((hi - lo) / count)
-    return [(lo + i * step, min(hi, lo + (i + 1) * step)) for i in range(count) if lo + i * step < hi]
 
 
 def _plot(path: Path, report: dict[str, Any]) -> None:
@@ -476,12 +319,7 @@ def run_demo(
     if on_cpu:  # CUDA would also need CUBLAS_WORKSPACE_CONFIG; its runs are not bit-reproducible anyway
         torch.use_deterministic_algorithms(True)
     try:
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        tokenizer = byte_tokenizer()
-        corpus = _corpus_ids(config, tokenizer)
-        pool = _task_rows(config, tokenizer, config.task_pool, rng, "task samples", progress)
-        held_out = eval_rows(config, tokenizer, seed, progress)
+        rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
 
         common = {
             "trainable": ["*"],
@@ -497,7 +335,7 @@ def run_demo(
         for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
             (out / phase / "log.jsonl").unlink(missing_ok=True)
         model = build_base_model(config, tokenizer)
-        validation = _task_rows(
+        validation = task_rows(
             config, tokenizer, config.validation_samples, random.Random(seed + 2), "validation", progress
         )
         checks: list[dict[str, float]] = []
@@ -525,7 +363,7 @@ def run_demo(
                 router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
                 **common,
             ),
-            data=until_retrieval(_batches(config, corpus, pool, rng)),
+            data=until_retrieval(batches(config, corpus, pool, rng)),
             on_log=check_retrieval,
         )
         # saved before conversion, so `base` is the full-attention model whatever conversion does to it
@@ -552,7 +390,7 @@ def run_demo(
                 },
                 **common,
             ),
-            data=_batches(config, corpus, pool, rng),
+            data=batches(config, corpus, pool, rng),
         )
         l2a_model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -564,13 +402,9 @@ def run_demo(
         torch.use_deterministic_algorithms(previous_deterministic)
 
     distances = [d for row in held_out for d in row.distances]
-    buckets = []
-    for lo, hi in _distance_buckets(distances):
-        index = [i for i, d in enumerate(distances) if lo <= d < hi]
-        entry: dict[str, Any] = {"min": lo, "max": hi, "queries": len(index)}
-        for name, hits in [*((name, results[name]["hits"]) for name in ROUTINGS), ("base", base_hits)]:
-            entry[name] = sum(hits[i] for i in index) / max(1, len(index))
-        buckets.append(entry)
+    buckets = accuracy_by_distance(
+        distances, {**{n: results[n]["hits"] for n in ROUTINGS}, "base": base_hits}
+    )
     sparsity_per_layer = [1.0 - f for f in results["l2a"]["routed_fraction"]]
     report = {
         "sparsity": sum(sparsity_per_layer) / len(sparsity_per_layer),

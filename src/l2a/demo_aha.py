@@ -1,7 +1,7 @@
 """The embedded AHA demo (`l2a demo --method aha`): the L2A demo's tiny model and task, routed per head.
 
-`run_aha_demo` reuses the pieces of `l2a.demo` (tiny Qwen3 over the byte tokenizer, standard-library text
-mixed with beyond-window ``kv_retrieval``, full-attention pretraining) and then:
+`run_aha_demo` reuses the pieces of `l2a.demo` and `l2a.demo_common` (tiny Qwen3 over the byte tokenizer,
+standard-library text mixed with beyond-window ``kv_retrieval``, full-attention pretraining) and then:
 
 1. converts the model with `l2a.convert_model(..., method="aha")` (zero routers: every head on full
    attention);
@@ -32,16 +32,13 @@ from typing import Any
 
 import torch
 
-from l2a.data import byte_tokenizer
-from l2a.demo import (
-    DemoConfig,
-    _batches,
-    _corpus_ids,
-    _distance_buckets,
-    _task_rows,
+from l2a.demo import DemoConfig
+from l2a.demo_common import (
+    accuracy_by_distance,
+    batches,
     build_base_model,
-    eval_rows,
     kv_task_args,
+    prepare_data,
     resolve_device,
     retrieval_hits,
 )
@@ -338,12 +335,7 @@ def run_aha_demo(
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     try:
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        tokenizer = byte_tokenizer()
-        corpus = _corpus_ids(config, tokenizer)
-        pool = _task_rows(config, tokenizer, config.task_pool, rng, "task samples", progress)
-        held_out = eval_rows(config, tokenizer, seed, progress)
+        rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
         common = {
             "seed": seed,
             "device": str(torch_device),
@@ -367,7 +359,7 @@ def run_aha_demo(
                     router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
                     **common,
                 ),
-                data=_batches(config, corpus, pool, rng),
+                data=batches(config, corpus, pool, rng),
             ).history
         else:
             model = load_base(base, config, torch_device)
@@ -383,7 +375,7 @@ def run_aha_demo(
             aha,
             tokenizer,
             _routed_train_config(config, out / "routed", config.routed_steps, common),
-            data=_batches(config, corpus, pool, rng),
+            data=batches(config, corpus, pool, rng),
         )
         aha.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -395,7 +387,7 @@ def run_aha_demo(
                 dense,
                 config,
                 config.windows(),
-                lambda: _batches(config, corpus, pool, curve_rng),
+                lambda: batches(config, corpus, pool, curve_rng),
                 held_out,
                 out / "long_tail",
                 common,
@@ -405,13 +397,9 @@ def run_aha_demo(
             torch.set_num_threads(previous_threads)
 
     distances = [d for row in held_out for d in row.distances]
-    buckets = []
-    for lo, hi in _distance_buckets(distances):
-        index = [i for i, d in enumerate(distances) if lo <= d < hi]
-        entry: dict[str, Any] = {"min": lo, "max": hi, "queries": len(index)}
-        for name, hits in [*((name, results[name]["hits"]) for name in ROUTINGS), ("base", base_hits)]:
-            entry[name] = sum(hits[i] for i in index) / max(1, len(index))
-        buckets.append(entry)
+    buckets = accuracy_by_distance(
+        distances, {**{n: results[n]["hits"] for n in ROUTINGS}, "base": base_hits}
+    )
     accuracy = {name: results[name]["accuracy"] for name in ROUTINGS}
     base_accuracy = sum(base_hits) / len(base_hits)
     routed_fraction = results["aha"]["routed_fraction"]
