@@ -147,14 +147,18 @@ def test_attention_mask_with_a_hole_refused(tiny_l2a):
     model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]]))
 
 
-def test_right_padded_prompt_not_continued_with_the_cache(tiny_l2a):
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_right_padded_prompt_not_continued_with_the_cache(cache_implementation, tiny_l2a):
     model = tiny_l2a("qwen2", window=4)
     ids = torch.randint(1, 300, (2, 6))
     right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    kwargs = {"max_new_tokens": 2, "do_sample": False}
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
     with pytest.raises(ValueError, match="right-padded"):
-        model.generate(ids, attention_mask=right, max_new_tokens=2, do_sample=False)
+        model.generate(ids, attention_mask=right, **kwargs)
     left = right.flip(-1)
-    model.generate(ids, attention_mask=left, max_new_tokens=2, do_sample=False)
+    model.generate(ids, attention_mask=left, **kwargs)
 
 
 def test_output_attentions_refused_as_argument_and_from_config(tiny_l2a):

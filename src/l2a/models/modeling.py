@@ -359,7 +359,8 @@ class L2AModel(L2APreTrainedModel):
         # a static cache's decode step: positions and padding come from the cache, on the device
         static_step = past_key_values is not None and past_key_values.static_step(n)
         past = 0 if static_step or past_key_values is None else past_key_values.get_seq_length()
-        if past and getattr(past_key_values, _RIGHT_PADDED, False):
+        # a static step reports no past length, but continues the prompt all the same
+        if (past or static_step) and getattr(past_key_values, _RIGHT_PADDED, False):
             raise ValueError(
                 "the cache holds a right-padded batch (a row ended with padding), which cannot be continued: "
                 "pad on the left for generation (tokenizer.padding_side = 'left')"
