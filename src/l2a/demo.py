@@ -22,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -39,9 +38,9 @@ from l2a.demo_common import (
     eval_rows,
     kv_task_args,
     prepare_data,
+    pretrain_until_retrieval,
     resolve_device,
     retrieval_hits,
-    task_rows,
 )
 
 __all__ = [
@@ -322,49 +321,24 @@ def run_demo(
         rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
 
         common = {
-            "trainable": ["*"],
             "seed": seed,
             "device": str(torch_device),
             "precision": precision,
             "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
             "checkpoint": {"save_final": False},
-            # logits in training too: the pretraining check runs the dense model mid-run, and the recipe's
-            # numbers were measured with HF's own loss
-            "loss_impl": "plain",
         }
         for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
             (out / phase / "log.jsonl").unlink(missing_ok=True)
         model = build_base_model(config, tokenizer)
-        validation = task_rows(
-            config, tokenizer, config.validation_samples, random.Random(seed + 2), "validation", progress
-        )
-        checks: list[dict[str, float]] = []
-
-        def check_retrieval(record: dict[str, Any], dense: torch.nn.Module = model) -> None:
-            if record["step"] < config.pretrain_check_every * (len(checks) + 1):
-                return
-            hits, _ = retrieval_hits(dense, validation, config.batch_size)
-            checks.append({"step": record["step"], "accuracy": sum(hits) / len(hits)})
-            _say(f"pretraining step {record['step']}: dense retrieval {checks[-1]['accuracy']:.1%}", progress)
-
-        def until_retrieval(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-            for batch in batches:  # an exhausted stream ends `train` early
-                if checks and checks[-1]["accuracy"] >= config.pretrain_target:
-                    return
-                yield batch
-
-        pre = train(
+        pre, checks = pretrain_until_retrieval(
             model,
+            config,
             tokenizer,
-            TrainConfig(
-                output_dir=str(out / "pretrain"),
-                steps=config.pretrain_steps,
-                optim={"lr": config.pretrain_lr, "warmup_steps": min(30, config.pretrain_steps)},
-                router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
-                **common,
-            ),
-            data=until_retrieval(batches(config, corpus, pool, rng)),
-            on_log=check_retrieval,
+            batches(config, corpus, pool, rng),
+            seed,
+            str(out / "pretrain"),
+            common,
+            progress,
         )
         # saved before conversion, so `base` is the full-attention model whatever conversion does to it
         model.save_pretrained(base_dir)
@@ -374,7 +348,6 @@ def run_demo(
         l2a_model = convert_model(model, sliding_window=config.window)
         del model
         # the paper's default: attention, norms and router train; MLPs, embeddings not
-        del common["trainable"]
         routed = train(
             l2a_model,
             tokenizer,
@@ -388,6 +361,8 @@ def run_demo(
                     "regularizer_ramp_steps": max(1, int(config.ramp_fraction * config.routed_steps)),
                     "leakage_probability": config.leakage_probability,
                 },
+                # the recipe's numbers were measured with HF's own loss
+                loss_impl="plain",
                 **common,
             ),
             data=batches(config, corpus, pool, rng),
@@ -485,14 +460,6 @@ def _targets_text(targets: dict[str, dict[str, Any]]) -> str:
         kind = "min" if "min" in t else "max"
         parts.append(f"{name} {t['value']:.1%} ({'>=' if kind == 'min' else '<='} {t[kind]:.0%})")
     return ", ".join(parts)
-
-
-def _say(message: str, progress: bool) -> None:
-    """A progress line above the tqdm bars; nothing when progress is off."""
-    from tqdm.auto import tqdm
-
-    if progress:
-        tqdm.write(message)
 
 
 def task_arg_flags(report: dict[str, Any]) -> str:

@@ -231,3 +231,64 @@ def accuracy_by_distance(distances: list[int], hits: dict[str, list[bool]]) -> l
             entry[name] = sum(name_hits[i] for i in index) / max(1, len(index))
         buckets.append(entry)
     return buckets
+
+
+def pretrain_until_retrieval(
+    model: torch.nn.Module,
+    config: DemoConfig,
+    tokenizer: Any,
+    data: Iterator[dict[str, torch.Tensor]],
+    seed: int,
+    output_dir: str,
+    common: dict[str, Any],
+    progress: bool,
+) -> tuple[Any, list[dict[str, float]]]:
+    """Full-attention pretraining of the dense ``model`` on ``data`` (`batches`) for at most
+    `config.pretrain_steps` steps, all parameters trainable.
+
+    Every `config.pretrain_check_every` steps the model's retrieval is measured on
+    `config.validation_samples` rows of their own (drawn from ``seed + 2``, apart from the training pool
+    and the evaluation rows); training stops once it reaches `config.pretrain_target`. ``common`` holds
+    the `TrainConfig` fields the caller shares between its phases (seed, device, precision, logging,
+    checkpoint). Returns the trainer's result and the checks ``[{"step", "accuracy"}]``.
+    """
+    from tqdm.auto import tqdm
+
+    from l2a.training import TrainConfig, train
+
+    validation = task_rows(
+        config, tokenizer, config.validation_samples, random.Random(seed + 2), "validation", progress
+    )
+    checks: list[dict[str, float]] = []
+
+    def check_retrieval(record: dict[str, Any]) -> None:
+        if record["step"] < config.pretrain_check_every * (len(checks) + 1):
+            return
+        hits, _ = retrieval_hits(model, validation, config.batch_size)
+        checks.append({"step": record["step"], "accuracy": sum(hits) / len(hits)})
+        if progress:
+            tqdm.write(f"pretraining step {record['step']}: dense retrieval {checks[-1]['accuracy']:.1%}")
+
+    def until_retrieval() -> Iterator[dict[str, torch.Tensor]]:
+        for batch in data:  # an exhausted stream ends `train` early
+            if checks and checks[-1]["accuracy"] >= config.pretrain_target:
+                return
+            yield batch
+
+    result = train(
+        model,
+        tokenizer,
+        TrainConfig(
+            output_dir=output_dir,
+            steps=config.pretrain_steps,
+            trainable=["*"],
+            optim={"lr": config.pretrain_lr, "warmup_steps": min(30, config.pretrain_steps)},
+            router={"regularizer_weight": 0.0, "leakage_probability": 0.0},
+            # logits in training too: the retrieval check runs the model mid-run
+            loss_impl="plain",
+            **common,
+        ),
+        data=until_retrieval(),
+        on_log=check_retrieval,
+    )
+    return result, checks
