@@ -87,14 +87,14 @@ def task_rows(
     answer_len = config.value_digits + 1  # " " + digits (eos dropped)
     rows = []
     for _ in tqdm(range(count), desc=desc, dynamic_ncols=True, disable=not progress):
-        row = task_row(task.sample(tokenizer, config.seq_len - answer_len, rng))
-        # prompts may come out a few tokens short (`length_tolerance`): pad on the right, never scored
-        missing = config.seq_len - len(row.input_ids)
-        if missing < 0:
-            raise RuntimeError(
-                f"task row has {len(row.input_ids)} tokens, more than seq_len={config.seq_len}"
-            )
-        row.input_ids += [tokenizer.pad_token_id] * missing
+        length = config.seq_len - answer_len
+        row = task_row(task.sample(tokenizer, length, rng))
+        # prompts may come out a few tokens off (`length_tolerance`): a longer one is drawn again,
+        # asked that much shorter; a shorter one is padded on the right (never scored)
+        while len(row.input_ids) > config.seq_len:
+            length -= len(row.input_ids) - config.seq_len
+            row = task_row(task.sample(tokenizer, length, rng))
+        row.input_ids += [tokenizer.pad_token_id] * (config.seq_len - len(row.input_ids))
         rows.append(row)
     return rows
 
