@@ -99,3 +99,16 @@ def test_cli_refuses_a_base_inside_the_output(tmp_path, capsys):
     assert (tmp_path / "base").is_dir()
     assert main(["demo", "--base", str(tmp_path / "base")]) == 2
     assert "--base is an option of --method aha" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_aha_demo_meets_its_target(tmp_path):
+    """The default AHA demo (seed 0, 2 threads): valid, within 5 points of the dense base with >= 85 % of
+    the (token, head) pairs local (docs/aha.md, "Measured")."""
+    report = run_aha_demo(tmp_path, seed=0, threads=2, progress=False)
+    assert report["verdict"]["valid"], report["verdict"]["reasons"]
+    assert report["base_accuracy"] >= 0.80
+    assert report["accuracy"]["aha"] >= report["base_accuracy"] - 0.05, report["verdict"]["reasons"]
+    assert report["local_fraction"] >= 0.85
+    assert report["accuracy"]["local_only"] <= 0.05
+    assert report["verdict"]["passed"]
