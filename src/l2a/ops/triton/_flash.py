@@ -126,7 +126,8 @@ class Rows:
     shared by all heads) or Hq (one list per query head); `lists_per_group` (L) and `rows_per_token` (R)
     as in the module docstring. `span`: the longest key range of a row (the window), when bounded.
     `pairs`: the slots hold (token, head) pair indices t * G + g instead of tokens (then the last dimension
-    is N * G and R = 1).
+    is N * G and R = 1). `packed`: two lists per group whose counts add up to the slots of one (AHA's
+    routed and local pairs); their tiles share one program range (`_tile_rows`).
     """
 
     idx: torch.Tensor
@@ -137,10 +138,23 @@ class Rows:
     rows_per_token: int
     span: int | None = None
     pairs: bool = False
+    packed: bool = False
 
     @property
     def shared(self) -> bool:
         return self.idx.shape[1] == 1
+
+    def programs(self, hkv: int, block_m: int, slots: int | None = None) -> tuple[int, int]:
+        """(programs, n_lists_total) of a launch over the M-tiles of every list of Hkv groups, `slots`
+        (default: all) bounding each list's count."""
+        b, capacity = self.idx.shape[0], self.idx.shape[-1]
+        r = self.rows_per_token
+        if self.packed:
+            if slots is not None:
+                raise ValueError("packed lists take no slot bound: their counts add up to the capacity")
+            return (triton.cdiv(capacity * r, block_m) + 1) * b * hkv, b * hkv
+        n_lists_total = b * hkv * self.lists_per_group
+        return triton.cdiv((capacity if slots is None else slots) * r, block_m) * n_lists_total, n_lists_total
 
 
 def key_bounds(
@@ -232,19 +246,33 @@ def _tile_rows(
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PAIRS: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """Decode a program id into (batch, K/V head, list, M-tile) and load the tile's rows.
 
     Programs are ordered heavy-first: the last tiles of every list (latest positions, longest key
-    ranges) start first; m_tile < 0 marks a program past the end of its list.
+    ranges) start first; m_tile < 0 marks a program past the end of its list. PACKED (two lists per
+    group, n_lists_total = B Hkv): the tiles of a group's first list, then those of its second, share one
+    range of cdiv(rows of both, BLOCK_M) + 1 programs, so a short first list (AHA's routed pairs) leaves
+    no empty programs; its tiles, the heavy ones, start first.
     """
     blh = pid % n_lists_total
     m_rev = pid // n_lists_total
-    b = blh // (hkv_heads * n_lists)
-    hl = blh % (hkv_heads * n_lists)
-    hkv = hl // n_lists
-    li = hl % n_lists
-    count = tl.load(CNT + b * stride_cb + (hkv * n_lists + li) * stride_cl)
+    if PACKED:
+        b = blh // hkv_heads
+        hkv = blh % hkv_heads
+        cnt_off = b * stride_cb + 2 * hkv * stride_cl
+        count_first = tl.load(CNT + cnt_off)
+        tiles_first = tl.cdiv(count_first * R, BLOCK_M)
+        li = (m_rev >= tiles_first).to(tl.int32)
+        count = tl.where(li == 0, count_first, tl.load(CNT + cnt_off + stride_cl))
+        m_rev = m_rev - li * tiles_first
+    else:
+        b = blh // (hkv_heads * n_lists)
+        hl = blh % (hkv_heads * n_lists)
+        hkv = hl // n_lists
+        li = hl % n_lists
+        count = tl.load(CNT + b * stride_cb + (hkv * n_lists + li) * stride_cl)
     b = b.to(tl.int64)
     n_rows = count * R
     m_tile = tl.cdiv(n_rows, BLOCK_M) - 1 - m_rev
@@ -268,7 +296,7 @@ def _tile_rows(
     hi_first = tl.load(HI + list_off + first_slot)
     lo_last = tl.load(LO + list_off + last_slot)
     hi_last = tl.load(HI + list_off + last_slot)
-    return b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last
+    return b, hkv, li, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last
 
 
 @triton.jit

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from l2a.ops.triton._flash import (
     LOG2E,
+    Config,
     Rows,
     _contiguous_last,
     _dot_precision,
@@ -41,6 +44,7 @@ def _fwd_inner(
     MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FMA_SCALE: tl.constexpr,
 ):
     for kb in range(kb_begin, kb_end):
         kpos = kb * BLOCK_N + offs_n
@@ -50,18 +54,27 @@ def _fwd_inner(
             )
         else:
             k = tl.load(k_base + kpos[:, None] * stride_kn + offs_d[None, :])
-        qk = _mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        qk = _mma(q, tl.trans(k), None, DOT_PRECISION)
+        if not FMA_SCALE:
+            qk = qk * qk_scale
         if MASK:
             valid = (kpos[None, :] >= lo_r[:, None]) & (kpos[None, :] <= hi_r[:, None])
             qk = tl.where(valid, qk, float("-inf"))
+        if FMA_SCALE:
+            # qk_scale > 0: max(s) * scale = max(s * scale), and exp2's argument is one fused multiply-add
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        else:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASK:
             # rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_shift = m_new
         alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(qk - m_shift[:, None])
+        if FMA_SCALE:
+            p = tl.exp2(qk * qk_scale - m_shift[:, None])
+        else:
+            p = tl.exp2(qk - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MASK:
@@ -116,8 +129,13 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAIRS: tl.constexpr,
+    PACKED: tl.constexpr,
+    SHORT_BLOCKS: tl.constexpr,
+    FMA_SCALE: tl.constexpr,
 ):
-    b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
+    """One M-tile of compact rows. A tile that touches at most SHORT_BLOCKS key blocks (a window tile)
+    runs them as one masked loop: three short pipelined loops would each wait for their first loads."""
+    b, hkv, _, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
         tl.program_id(0),
         IDX,
         LO,
@@ -134,6 +152,7 @@ def _fwd_kernel(
         R,
         BLOCK_M,
         PAIRS,
+        PACKED,
     )
     if m_tile < 0:
         return
@@ -144,21 +163,25 @@ def _fwd_kernel(
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     kb_lo, u0, u1, kb_hi = _key_block_ranges(lo_first, hi_first, lo_last, hi_last, BLOCK_N)
+    if SHORT_BLOCKS > 0:
+        short = kb_hi - kb_lo <= SHORT_BLOCKS
+        u0 = tl.where(short, kb_hi, u0)
+        u1 = tl.where(short, kb_hi, u1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, kb_lo, u0, nk, qk_scale,
-        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION,
+        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION, FMA_SCALE,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, u0, u1, nk, qk_scale,
-        offs_n, offs_d, False, BLOCK_N, DOT_PRECISION,
+        offs_n, offs_d, False, BLOCK_N, DOT_PRECISION, FMA_SCALE,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo_r, hi_r, u1, kb_hi, nk, qk_scale,
-        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION,
+        offs_n, offs_d, True, BLOCK_N, DOT_PRECISION, FMA_SCALE,
     )  # fmt: skip
 
     empty = l_i == 0.0
@@ -171,22 +194,43 @@ def _fwd_kernel(
 
 
 def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Rows, active: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: Rows,
+    active: torch.Tensor | None,
+    scale: float,
+    short_blocks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, N, Hq, D), lse float32 (B, Hq, N) for the rows listed in `rows`."""
+    """out (B, N, Hq, D), lse float32 (B, Hq, N) for the rows listed in `rows`; short_blocks: see
+    `_fwd_kernel`."""
     q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
+    out, lse = _row_outputs(q, active)
+    launch_forward(q, k, v, rows, out, lse, scale, fwd_config(q.shape[-1]), short_blocks)
+    return out, lse
+
+
+def launch_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: Rows,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    cfg: Config,
+    short_blocks: int = 0,
+) -> None:
+    """Write out/lse of the rows listed in `rows` (q, k, v with contiguous last dims)."""
     b, n, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
-    out, lse = _row_outputs(q, active)
-    cfg = fwd_config(d)
-    r = rows.rows_per_token
-    n_lists_total = b * hkv * rows.lists_per_group
-    grid = (triton.cdiv(rows.idx.shape[-1] * r, cfg.block_m) * n_lists_total,)
-    _fwd_kernel[grid](
+    programs, n_lists_total = rows.programs(hkv, cfg.block_m)
+    fma = scale > 0 and os.environ.get("L2A_FWD_FMA", "0") == "1"
+    _fwd_kernel[(programs,)](
         q, k, v, out, lse, rows.idx, rows.lo, rows.hi, rows.count,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
         *_list_strides(rows), n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E,
-        R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        PAIRS=rows.pairs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        R=rows.rows_per_token, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, PACKED=rows.packed,
+        SHORT_BLOCKS=short_blocks, FMA_SCALE=fma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out, lse
