@@ -78,6 +78,16 @@ def gpu_bwd_dkdv_config(d: int) -> Config:
     return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 3))
 
 
+def gpu_aha_local_fwd_config(d: int) -> Config:
+    # AHA's window pairs, ~W + BLOCK_M / G keys a tile: at 32K on an H200 64,32,4,3 took 0.66 ms against
+    # 0.72-0.79 for 128,64,8,3 / 128,64,8,2 / 64,64,4,3 / 64,64,4,2 / 128,32,8,3 (docs/benchmarks.md)
+    return _env_config("AHA_FWD_LOCAL", Config(64, 32, 4, 3))
+
+
+def aha_local_fwd_config(d: int) -> Config:
+    return INTERPRETER_CONFIG if interpreting() else gpu_aha_local_fwd_config(d)
+
+
 def fwd_config(d: int) -> Config:
     """Launch config of the forward kernel (the interpreter runs small tiles, the GPU `gpu_fwd_config`)."""
     return INTERPRETER_CONFIG if interpreting() else gpu_fwd_config(d)
@@ -144,17 +154,21 @@ class Rows:
     def shared(self) -> bool:
         return self.idx.shape[1] == 1
 
-    def programs(self, hkv: int, block_m: int, slots: int | None = None) -> tuple[int, int]:
+    def programs(
+        self, hkv: int, block_m: int, slots: int | None = None, tiles_per_program: int = 1
+    ) -> tuple[int, int]:
         """(programs, n_lists_total) of a launch over the M-tiles of every list of Hkv groups, `slots`
-        (default: all) bounding each list's count."""
+        (default: all) bounding each list's count, each program taking `tiles_per_program` tiles."""
         b, capacity = self.idx.shape[0], self.idx.shape[-1]
         r = self.rows_per_token
         if self.packed:
             if slots is not None:
                 raise ValueError("packed lists take no slot bound: their counts add up to the capacity")
-            return (triton.cdiv(capacity * r, block_m) + 1) * b * hkv, b * hkv
-        n_lists_total = b * hkv * self.lists_per_group
-        return triton.cdiv((capacity if slots is None else slots) * r, block_m) * n_lists_total, n_lists_total
+            tiles, n_lists_total = triton.cdiv(capacity * r, block_m) + 1, b * hkv
+        else:
+            tiles = triton.cdiv((capacity if slots is None else slots) * r, block_m)
+            n_lists_total = b * hkv * self.lists_per_group
+        return triton.cdiv(tiles, tiles_per_program) * n_lists_total, n_lists_total
 
 
 def key_bounds(
@@ -276,10 +290,12 @@ def _tile_rows(
     b = b.to(tl.int64)
     n_rows = count * R
     m_tile = tl.cdiv(n_rows, BLOCK_M) - 1 - m_rev
-    # programs past the end (m_tile < 0) exit in the caller; clamping keeps their loads in bounds
+    # programs past the end (m_tile < 0) exit in the caller; clamping keeps their loads in bounds, and
+    # masking them off lets them exit without waiting for loads (AHA's routed launch has ~13 per tile)
+    live = m_tile >= 0
     m_start = tl.maximum(m_tile, 0) * BLOCK_M
     rows = m_start + tl.arange(0, BLOCK_M)
-    row_valid = rows < n_rows
+    row_valid = rows < tl.where(live, n_rows, 0)
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
     tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
@@ -292,10 +308,10 @@ def _tile_rows(
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R
     last_slot = tl.maximum(tl.minimum(m_start + BLOCK_M, n_rows) - 1, 0) // R
-    lo_first = tl.load(LO + list_off + first_slot)
-    hi_first = tl.load(HI + list_off + first_slot)
-    lo_last = tl.load(LO + list_off + last_slot)
-    hi_last = tl.load(HI + list_off + last_slot)
+    lo_first = tl.load(LO + list_off + first_slot, mask=live, other=0)
+    hi_first = tl.load(HI + list_off + first_slot, mask=live, other=-1)
+    lo_last = tl.load(LO + list_off + last_slot, mask=live, other=0)
+    hi_last = tl.load(HI + list_off + last_slot, mask=live, other=-1)
     return b, hkv, li, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last
 
 

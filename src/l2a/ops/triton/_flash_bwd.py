@@ -20,8 +20,6 @@ from l2a.ops.triton._flash import (
     _mma,
     _row_outputs,
     _tile_rows,
-    bwd_dkdv_config,
-    bwd_dq_config,
     dkdv_loop,
     dkdv_phase_order,
 )
@@ -519,7 +517,7 @@ def backward_dq(
     capacity = rows.idx.shape[-1]  # slots per list: N tokens, or N * G (token, head) pairs
     slots = capacity if max_count is None else max(1, min(max_count, capacity))
     compact = _compact_buffers(q, rows, hkv, slots)
-    cfg = bwd_dq_config(d)
+    cfg = _flash.bwd_dq_config(d)
     programs, n_lists_total = rows.programs(hkv, cfg.block_m, None if max_count is None else slots)
     grid = (programs,)
     _bwd_dq_kernel[grid](
@@ -541,7 +539,7 @@ def backward_dkdv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dk, dv (B, Nk, Hkv, D) from the compact rows written by `backward_dq`."""
     b, nk, hkv, d = k.shape
-    cfg = bwd_dkdv_config(d)
+    cfg = _flash.bwd_dkdv_config(d)
     n_kb = triton.cdiv(nk, cfg.block_n)
     starts = torch.arange(n_kb, device=k.device, dtype=torch.int32) * cfg.block_n
     lists = rows.idx.shape[1]

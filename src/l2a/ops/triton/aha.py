@@ -155,6 +155,27 @@ def _list_view(rows: _flash.Rows, part: int) -> _flash.Rows:
     )  # fmt: skip
 
 
+FWD_LAUNCHES = ("split", "packed")
+# routed tiles per program of the split forward's routed launch (`_flash_fwd._fwd_kernel`); the routed
+# lists' grid is sized for all N G pairs, so at 7 % routed one program in 1 / (8 * 0.07) ~ 2 finds a tile
+_ROUTED_TILES_PER_PROGRAM = 8
+# window tiles with at most this many key blocks run as one masked loop (`_flash_fwd._fwd_kernel`)
+_LOCAL_SHORT_BLOCKS = 12
+
+
+def fwd_launch() -> str:
+    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "split" (default) runs the routed lists (long key
+    ranges) and the local lists (W + BLOCK_M / G keys) as two kernels with their own tile configs
+    (`fwd_config`, `aha_local_fwd_config`); "packed" runs both in one launch with `fwd_config`, heavy tiles
+    first, the window tiles filling the tail. H200, 32K, 7 % routed: 1.81 against 1.85 ms (the window
+    tiles run below half the rate of the routed ones at 128 x 64 tiles, one program per SM); 128K: 21.0
+    against 20.0 ms (before the split's routed launch looped over tiles; docs/benchmarks.md)."""
+    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "split")
+    if launch not in FWD_LAUNCHES:
+        raise ValueError(f"L2A_AHA_FWD_LAUNCH must be one of {FWD_LAUNCHES}, got {launch!r}")
+    return launch
+
+
 def all_or_here_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,18 +187,22 @@ def all_or_here_attention_fwd(
     key_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N, Hq, D), lse float32 (B, Hq, N); see `l2a.ops.all_or_here_attention`."""
-    mode = os.environ.get("L2A_AHA_LAUNCH", "packed")
-    short = int(os.environ.get("L2A_AHA_SHORT", "0"))
-    rows = aha_rows(q, k, active, window, cu_seqlens, key_start, packed=mode == "packed")
-    # active=None: every row is listed, so the outputs need no zero fill
-    if mode != "two":
-        return _flash_fwd.forward(q, k, v, rows, None, scale, short)
+    launch = fwd_launch()
+    rows = aha_rows(q, k, active, window, cu_seqlens, key_start, packed=launch == "packed")
+    if launch == "packed":
+        # active=None: every row is listed, so the outputs need no zero fill
+        return _flash_fwd.forward(q, k, v, rows, None, scale)
     q, k, v = (_flash._contiguous_last(t) for t in (q, k, v))
     out, lse = _flash._row_outputs(q, None)
-    cfg = _flash.fwd_config(q.shape[-1])
-    _flash_fwd.launch_forward(q, k, v, _list_view(rows, 0), out, lse, scale, cfg)
-    local_cfg = cfg if _flash.interpreting() else _flash._env_config("AHA_FWD_LOCAL", cfg)
-    _flash_fwd.launch_forward(q, k, v, _list_view(rows, 1), out, lse, scale, local_cfg, short)
+    d = q.shape[-1]
+    routed, local = _list_view(rows, 0), _list_view(rows, 1)
+    _flash_fwd.launch_forward(
+        q, k, v, routed, out, lse, scale, _flash.fwd_config(d),
+        tiles_per_program=int(os.environ.get("L2A_AHA_ROUTED_TILES", _ROUTED_TILES_PER_PROGRAM)),
+    )  # fmt: skip
+    _flash_fwd.launch_forward(
+        q, k, v, local, out, lse, scale, _flash.aha_local_fwd_config(d), short_blocks=_LOCAL_SHORT_BLOCKS
+    )
     return out, lse
 
 
@@ -196,8 +221,7 @@ def all_or_here_attention_bwd(
     key_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (B, N, Hq, D), dk, dv (B, Nk, Hkv, D)."""
-    packed = os.environ.get("L2A_AHA_BWD_PACKED", "1") == "1"
-    rows = aha_rows(q, k, active, window, cu_seqlens, key_start, packed=packed)
+    rows = aha_rows(q, k, active, window, cu_seqlens, key_start)
     return _flash_bwd.backward(dout, dlse, q, k, v, out, lse, rows, None, scale)
 
 
