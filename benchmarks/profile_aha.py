@@ -29,9 +29,9 @@ from l2a.ops.triton.aha import _list_view, aha_rows
 
 # name -> environment settings of one variant of the op
 VARIANTS = {
-    "split (default)": "",
-    "split, one routed tile a program": "L2A_AHA_ROUTED_TILES=1",
-    "packed": "L2A_AHA_FWD_LAUNCH=packed",
+    "packed (default)": "",
+    "split": "L2A_AHA_FWD_LAUNCH=split",
+    "split, one routed tile a program": "L2A_AHA_FWD_LAUNCH=split L2A_AHA_ROUTED_TILES=1",
 }
 # local lists alone: (BLOCK_M, BLOCK_N, warps, stages, short blocks)
 LOCAL_CONFIGS = [
@@ -174,7 +174,9 @@ def main() -> None:
             if ms < best[1]:
                 best = ((bm, bn, warps, stages, short), ms)
         if best[0] is not None and "split, best local config" not in VARIANTS:
-            VARIANTS["split, best local config"] = "L2A_AHA_FWD_LOCAL=" + ",".join(map(str, best[0][:4]))
+            VARIANTS["split, best local config"] = "L2A_AHA_FWD_LAUNCH=split L2A_AHA_FWD_LOCAL=" + ",".join(
+                map(str, best[0][:4])
+            )
             names.append("split, best local config")
             log("split, best local config: " + VARIANTS["split, best local config"])
         for name in names:
@@ -182,7 +184,7 @@ def main() -> None:
                 continue
             with env(VARIANTS[name]):
                 fwd = bench(op)
-                fb = bench(_fwd_bwd(op, (q, k, v), dout)) if name in ("split (default)", "packed") else None
+                fb = bench(_fwd_bwd(op, (q, k, v), dout)) if name in ("packed (default)", "split") else None
             record(N=n, variant=name, fwd_ms=fwd, fwd_bwd_ms=fb)
         del q, k, v, dout, active, rows, out, lse
         torch.cuda.empty_cache()

@@ -5,7 +5,8 @@ Every (token, query head) pair reads one contiguous key range: [lo(t), p_t] wher
 attention, [max(lo(t), p_t - W + 1), p_t] where it stays local. Each K/V group gets two compact lists of
 (token, head) pairs (routed, local), both sorted with non-decreasing bounds, so the kernels of conditional
 and sliding-window attention run AHA in one pass: no log-sum-exp merge, no zero fill (every pair is
-written exactly once), and the far keys are read only by routed pairs. See `l2a/ops/README.md`, "AHA".
+written exactly once), and the far keys are read only by routed pairs. The forward runs both lists of
+a group from one program range, routed tiles first (`fwd_launch`). See `l2a/ops/README.md`, "AHA".
 """
 
 from __future__ import annotations
@@ -155,22 +156,22 @@ def _list_view(rows: _flash.Rows, part: int) -> _flash.Rows:
     )  # fmt: skip
 
 
-FWD_LAUNCHES = ("split", "packed")
-# routed tiles per program of the split forward's routed launch (`_flash_fwd._fwd_kernel`); the routed
-# lists' grid is sized for all N G pairs, so at 7 % routed one program in 1 / (8 * 0.07) ~ 2 finds a tile
+FWD_LAUNCHES = ("packed", "split")
+# routed tiles per program of the split forward's routed launch (`_flash_fwd._fwd_kernel`): its grid is
+# sized for all N G pairs, so at 7 % routed one program in 1 / (8 * 0.07) ~ 2 finds a tile
 _ROUTED_TILES_PER_PROGRAM = 8
 # window tiles with at most this many key blocks run as one masked loop (`_flash_fwd._fwd_kernel`)
 _LOCAL_SHORT_BLOCKS = 12
 
 
 def fwd_launch() -> str:
-    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "split" (default) runs the routed lists (long key
-    ranges) and the local lists (W + BLOCK_M / G keys) as two kernels with their own tile configs
-    (`fwd_config`, `aha_local_fwd_config`); "packed" runs both in one launch with `fwd_config`, heavy tiles
-    first, the window tiles filling the tail. H200, 32K, 7 % routed: 1.81 against 1.85 ms (the window
-    tiles run below half the rate of the routed ones at 128 x 64 tiles, one program per SM); 128K: 21.0
-    against 20.0 ms (before the split's routed launch looped over tiles; docs/benchmarks.md)."""
-    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "split")
+    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "packed" (default) runs both lists of every group in
+    one launch with `fwd_config`, the routed (heavy) tiles first and the window tiles filling the tail;
+    "split" runs the routed lists (programs looping over `L2A_AHA_ROUTED_TILES` tiles, default 8) and the
+    local lists (`aha_local_fwd_config`, one masked loop a tile) as two kernels with their own tile configs.
+    On an H200 at 32K / 128K, 7 % routed, the two were within run-to-run noise (packed 1.83 / 20.12 ms,
+    split 1.86 / 20.08 ms in one run; docs/benchmarks.md); split is the place to tune the window tiles."""
+    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "packed")
     if launch not in FWD_LAUNCHES:
         raise ValueError(f"L2A_AHA_FWD_LAUNCH must be one of {FWD_LAUNCHES}, got {launch!r}")
     return launch
