@@ -3,7 +3,7 @@
 Prints, for N in --ns: the device time per kernel of one forward and one forward+backward (torch.profiler);
 the pair lists, the routed lists alone and the local lists alone (one launch each, `do_bench` medians);
 the local lists under other tile configs; then the whole op under the launch variants given by
-environment settings (each first checked against the float64 reference, forward only, at small shapes).
+environment settings (each first checked against the float64 reference at small shapes, `bench_aha.py`).
 
     python benchmarks/profile_aha.py --ns 32768,131072 --out prof_out
 """
@@ -19,11 +19,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from bench_aha import CHECK_CASES, _inputs, check_correctness
-from bench_attention import _fwd_bwd, _rel, bench
+from bench_aha import _inputs, check_correctness
+from bench_attention import _fwd_bwd, bench
 
 from l2a.ops import all_or_here_attention
-from l2a.ops.reference import all_or_here_attention_reference
 from l2a.ops.triton import _flash, _flash_fwd
 from l2a.ops.triton.aha import _list_view, aha_rows
 
@@ -56,36 +55,6 @@ class env:
     def __exit__(self, *exc):
         for name in self.settings:
             os.environ.pop(name)
-
-
-def check_forward(device: torch.device) -> list[str]:
-    """The op's forward (bf16, D=128) against the float64 reference; returns the failures."""
-    failures = []
-    g = torch.Generator(device="cpu").manual_seed(3)
-    for c in CHECK_CASES:
-        n, nk, hq, hkv, d = c["n"], c["nk"], c["hq"], c["hkv"], 128
-        q = torch.randn(1, n, hq, d, generator=g).to(device, torch.bfloat16)
-        k = torch.randn(1, nk, hkv, d, generator=g).to(device, torch.bfloat16)
-        v = torch.randn(1, nk, hkv, d, generator=g).to(device, torch.bfloat16)
-        active = (torch.rand(1, n, hq, generator=g) < c["active"]).to(device)
-        kw = {}
-        if "docs" in c:
-            kw["cu_seqlens"] = torch.tensor(c["docs"], dtype=torch.int32, device=device)
-        if "key_start" in c:
-            kw["key_start"] = torch.tensor([c["key_start"]], device=device)
-        out, lse = all_or_here_attention(
-            q, k, v, active, c["window"], return_lse=True, backend="triton", **kw
-        )
-        ref, ref_lse = all_or_here_attention_reference(
-            q.double(), k.double(), v.double(), active, c["window"], 1 / math.sqrt(d),
-            kw.get("cu_seqlens"), kw.get("key_start"),
-        )  # fmt: skip
-        fin = torch.isfinite(ref_lse)
-        err = _rel(out, ref)
-        lse_err = (lse[fin].double() - ref_lse[fin]).abs().max().item() if fin.any() else 0.0
-        if not (err <= 2e-2 and lse_err <= 1e-3) or not torch.equal(torch.isinf(lse), torch.isinf(ref_lse)):
-            failures.append(f"{c}: out {err:.3g} lse {lse_err:.3g}")
-    return failures
 
 
 def kernel_times(fn, steps: int = 5) -> list[tuple[str, float]]:
@@ -138,7 +107,7 @@ def main() -> None:
     def checked(name: str) -> bool:
         if name not in ok:
             with env(VARIANTS[name]):
-                failures = check_forward(device)
+                failures = check_correctness(device, (128,))
             ok[name] = not failures
             log(f"check {name}: " + ("passed" if ok[name] else "FAILED " + "; ".join(failures)))
         return ok[name]
