@@ -292,7 +292,7 @@ def _tile_rows(
     n_rows = count * R
     m_tile = tl.cdiv(n_rows, BLOCK_M) - 1 - m_rev
     # programs past the end (m_tile < 0) exit in the caller; clamping keeps their loads in bounds, and
-    # masking them off lets them exit without waiting for loads (AHA's routed launch has ~13 per tile)
+    # masking their loads off lets them exit without waiting for memory (a short list in a long grid)
     live = m_tile >= 0
     m_start = tl.maximum(m_tile, 0) * BLOCK_M
     rows = m_start + tl.arange(0, BLOCK_M)
