@@ -184,9 +184,33 @@ def test_gpu_launch_configs_match_reference(case: Case, loop: str, monkeypatch: 
     """The GPU's tile sizes in the interpreter: tile-boundary logic that 16 x 16 tiles never reach."""
     monkeypatch.setenv("L2A_DKDV_LOOP", loop)
     monkeypatch.setattr(_flash, "fwd_config", _flash.gpu_fwd_config)
+    monkeypatch.setattr(_flash, "aha_local_fwd_config", _flash.gpu_aha_local_fwd_config)
     monkeypatch.setattr(_flash, "bwd_dq_config", _flash.gpu_bwd_dq_config)
     monkeypatch.setattr(_flash, "bwd_dkdv_config", _flash.gpu_bwd_dkdv_config)
     _check(case, seed=zlib.crc32(case.id.encode()) + 2)
+
+
+@pytest.mark.parametrize(
+    ("launch", "routed_tiles"),
+    [("split", 1), ("split", 3), ("packed", 1)],
+    ids=["split1", "split3", "packed"],
+)
+@pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[6]], ids=lambda c: c.id)
+def test_forward_launches_match_reference(
+    case: Case, launch: str, routed_tiles: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both forward launches (split: routed programs taking one or several tiles; packed)."""
+    assert launch in aha_triton.FWD_LAUNCHES
+    monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", launch)
+    monkeypatch.setenv("L2A_AHA_ROUTED_TILES", str(routed_tiles))
+    _check(case, seed=zlib.crc32(case.id.encode()) + 3)
+
+
+def test_unknown_forward_launch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", "three")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="L2A_AHA_FWD_LAUNCH must be one of"):
+        all_or_here_attention(q, k, v, torch.ones(1, 20, 4, dtype=torch.bool), 4, backend="triton")
 
 
 def _run_composed(case: Case, inp: dict, dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, ...]:

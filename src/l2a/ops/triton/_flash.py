@@ -78,6 +78,17 @@ def gpu_bwd_dkdv_config(d: int) -> Config:
     return _env_config("BWD_DKDV", Config(64, 64, 4, 2) if d <= 64 else Config(64, 128, 8, 3))
 
 
+def gpu_aha_local_fwd_config(d: int) -> Config:
+    # AHA's local lists in the "split" forward (W + BLOCK_M / G keys a tile): on an H200 at 32K, W = 256,
+    # 64,32,4,3 ran them in 0.66 ms against 0.72-0.79 for 128,64,8,3 / 128,64,8,2 / 64,64,4,3 / 64,64,4,2 /
+    # 128,32,8,3 (benchmarks/profile_aha.py, docs/benchmarks.md)
+    return _env_config("AHA_FWD_LOCAL", Config(64, 32, 4, 3))
+
+
+def aha_local_fwd_config(d: int) -> Config:
+    return INTERPRETER_CONFIG if interpreting() else gpu_aha_local_fwd_config(d)
+
+
 def fwd_config(d: int) -> Config:
     """Launch config of the forward kernel (the interpreter runs small tiles, the GPU `gpu_fwd_config`)."""
     return INTERPRETER_CONFIG if interpreting() else gpu_fwd_config(d)
@@ -126,7 +137,8 @@ class Rows:
     shared by all heads) or Hq (one list per query head); `lists_per_group` (L) and `rows_per_token` (R)
     as in the module docstring. `span`: the longest key range of a row (the window), when bounded.
     `pairs`: the slots hold (token, head) pair indices t * G + g instead of tokens (then the last dimension
-    is N * G and R = 1).
+    is N * G and R = 1). `packed`: two lists per group whose counts add up to the slots of one (AHA's
+    routed and local pairs); their tiles share one program range (`_tile_rows`).
     """
 
     idx: torch.Tensor
@@ -137,10 +149,27 @@ class Rows:
     rows_per_token: int
     span: int | None = None
     pairs: bool = False
+    packed: bool = False
 
     @property
     def shared(self) -> bool:
         return self.idx.shape[1] == 1
+
+    def programs(
+        self, hkv: int, block_m: int, slots: int | None = None, tiles_per_program: int = 1
+    ) -> tuple[int, int]:
+        """(programs, n_lists_total) of a launch over the M-tiles of every list of Hkv groups, `slots`
+        (default: all) bounding each list's count, each program taking `tiles_per_program` tiles."""
+        b, capacity = self.idx.shape[0], self.idx.shape[-1]
+        r = self.rows_per_token
+        if self.packed:
+            if slots is not None:
+                raise ValueError("packed lists take no slot bound: their counts add up to the capacity")
+            tiles, n_lists_total = triton.cdiv(capacity * r, block_m) + 1, b * hkv
+        else:
+            tiles = triton.cdiv((capacity if slots is None else slots) * r, block_m)
+            n_lists_total = b * hkv * self.lists_per_group
+        return triton.cdiv(tiles, tiles_per_program) * n_lists_total, n_lists_total
 
 
 def key_bounds(
@@ -232,26 +261,42 @@ def _tile_rows(
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PAIRS: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """Decode a program id into (batch, K/V head, list, M-tile) and load the tile's rows.
 
     Programs are ordered heavy-first: the last tiles of every list (latest positions, longest key
-    ranges) start first; m_tile < 0 marks a program past the end of its list.
+    ranges) start first; m_tile < 0 marks a program past the end of its list. PACKED (two lists per
+    group, n_lists_total = B Hkv): the tiles of a group's first list, then those of its second, share one
+    range of cdiv(rows of both, BLOCK_M) + 1 programs, so a short first list (AHA's routed pairs) leaves
+    no empty programs; its tiles, the heavy ones, start first.
     """
     blh = pid % n_lists_total
     m_rev = pid // n_lists_total
-    b = blh // (hkv_heads * n_lists)
-    hl = blh % (hkv_heads * n_lists)
-    hkv = hl // n_lists
-    li = hl % n_lists
-    count = tl.load(CNT + b * stride_cb + (hkv * n_lists + li) * stride_cl)
+    if PACKED:
+        b = blh // hkv_heads
+        hkv = blh % hkv_heads
+        cnt_off = b * stride_cb + 2 * hkv * stride_cl
+        count_first = tl.load(CNT + cnt_off)
+        tiles_first = tl.cdiv(count_first * R, BLOCK_M)
+        li = (m_rev >= tiles_first).to(tl.int32)
+        count = tl.where(li == 0, count_first, tl.load(CNT + cnt_off + stride_cl))
+        m_rev = m_rev - li * tiles_first
+    else:
+        b = blh // (hkv_heads * n_lists)
+        hl = blh % (hkv_heads * n_lists)
+        hkv = hl // n_lists
+        li = hl % n_lists
+        count = tl.load(CNT + b * stride_cb + (hkv * n_lists + li) * stride_cl)
     b = b.to(tl.int64)
     n_rows = count * R
     m_tile = tl.cdiv(n_rows, BLOCK_M) - 1 - m_rev
-    # programs past the end (m_tile < 0) exit in the caller; clamping keeps their loads in bounds
+    # programs past the end (m_tile < 0) exit in the caller; clamping keeps their loads in bounds, and
+    # masking their loads off lets them exit without waiting for memory (a short list in a long grid)
+    live = m_tile >= 0
     m_start = tl.maximum(m_tile, 0) * BLOCK_M
     rows = m_start + tl.arange(0, BLOCK_M)
-    row_valid = rows < n_rows
+    row_valid = rows < tl.where(live, n_rows, 0)
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
     tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
@@ -264,11 +309,11 @@ def _tile_rows(
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R
     last_slot = tl.maximum(tl.minimum(m_start + BLOCK_M, n_rows) - 1, 0) // R
-    lo_first = tl.load(LO + list_off + first_slot)
-    hi_first = tl.load(HI + list_off + first_slot)
-    lo_last = tl.load(LO + list_off + last_slot)
-    hi_last = tl.load(HI + list_off + last_slot)
-    return b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last
+    lo_first = tl.load(LO + list_off + first_slot, mask=live, other=0)
+    hi_first = tl.load(HI + list_off + first_slot, mask=live, other=-1)
+    lo_last = tl.load(LO + list_off + last_slot, mask=live, other=0)
+    hi_last = tl.load(HI + list_off + last_slot, mask=live, other=-1)
+    return b, hkv, li, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last
 
 
 @triton.jit

@@ -20,8 +20,6 @@ from l2a.ops.triton._flash import (
     _mma,
     _row_outputs,
     _tile_rows,
-    bwd_dkdv_config,
-    bwd_dq_config,
     dkdv_loop,
     dkdv_phase_order,
 )
@@ -127,11 +125,12 @@ def _bwd_dq_kernel(
     HAS_DLSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAIRS: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """dQ of one compact M-tile. Also writes the tile's rows, in list order, to the compact buffers of the
     dK/dV kernel: q and dO to QC/DOC (B, lists, rows, D), base-2 lse and delta = rowsum(dO * O) - dLSE to
     LSEC/DELTAC (B, lists, rows); strides xb/xl and yb/yl."""
-    b, hkv, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
+    b, hkv, li, m_tile, row_valid, tok, head, lo_r, hi_r, lo_first, hi_first, lo_last, hi_last = _tile_rows(
         tl.program_id(0),
         IDX,
         LO,
@@ -148,6 +147,7 @@ def _bwd_dq_kernel(
         R,
         BLOCK_M,
         PAIRS,
+        PACKED,
     )
     if m_tile < 0:
         return
@@ -166,7 +166,7 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + l_off, mask=row_valid, other=float("-inf"))
     # rows without keys have lse = -inf; +inf makes every p = 0 instead of inf
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    lid = (tl.program_id(0) % n_lists_total) % (hkv_heads * n_lists)
+    lid = hkv * n_lists + li
     rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     c_off = b * stride_xb + lid * stride_xl + rows[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(QC + c_off, q, mask=row_valid[:, None])
@@ -514,12 +514,12 @@ def backward_dq(
     b, n, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     r = rows.rows_per_token
-    n_lists_total = b * hkv * rows.lists_per_group
     capacity = rows.idx.shape[-1]  # slots per list: N tokens, or N * G (token, head) pairs
     slots = capacity if max_count is None else max(1, min(max_count, capacity))
     compact = _compact_buffers(q, rows, hkv, slots)
-    cfg = bwd_dq_config(d)
-    grid = (triton.cdiv(slots * r, cfg.block_m) * n_lists_total,)
+    cfg = _flash.bwd_dq_config(d)
+    programs, n_lists_total = rows.programs(hkv, cfg.block_m, None if max_count is None else slots)
+    grid = (programs,)
     _bwd_dq_kernel[grid](
         q, k, v, out, dout, dq, lse, dlse if dlse is not None else lse,
         compact.q, compact.dout, compact.lse2, compact.delta,
@@ -528,8 +528,8 @@ def backward_dq(
         *_list_strides(rows), *compact.q.stride()[:2], *compact.lse2.stride()[:2],
         n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_DLSE=dlse is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, PACKED=rows.packed,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return compact
 
@@ -539,7 +539,7 @@ def backward_dkdv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dk, dv (B, Nk, Hkv, D) from the compact rows written by `backward_dq`."""
     b, nk, hkv, d = k.shape
-    cfg = bwd_dkdv_config(d)
+    cfg = _flash.bwd_dkdv_config(d)
     n_kb = triton.cdiv(nk, cfg.block_n)
     starts = torch.arange(n_kb, device=k.device, dtype=torch.int32) * cfg.block_n
     lists = rows.idx.shape[1]
