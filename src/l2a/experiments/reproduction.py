@@ -230,10 +230,17 @@ class Reproduction:
         )
         model = build_base_model(cfg, tok)
         checks: list[dict[str, Any]] = []
+        stopped_by = ["max_steps"]
+        started = time.perf_counter()
 
         def on_log(record: dict[str, Any]) -> None:
             step = record["step"]
-            if step % cfg.pretrain.check_every and step != cfg.pretrain.max_steps:
+            limit = cfg.pretrain.max_seconds
+            out_of_time = limit is not None and time.perf_counter() - started >= limit
+            if out_of_time:
+                stopped_by[0] = "max_seconds"
+                rows.stop()
+            if step % cfg.pretrain.check_every and step != cfg.pretrain.max_steps and not out_of_time:
                 return
             scores = score_tasks(model, tok, check, cfg)
             mean = sum(r["score"] for r in scores.values()) / len(scores)
@@ -242,7 +249,10 @@ class Reproduction:
                 f"[pretrain] step {step}: dense score at L {mean:.1f} (target {cfg.pretrain.target_score})"
             )
             if mean >= cfg.pretrain.target_score:
+                stopped_by[0] = "target_score"
                 rows.stop()
+            elif out_of_time:
+                self.log(f"[pretrain] step {step}: pretrain.max_seconds={limit} reached, stopping")
 
         p = cfg.pretrain
         result = train(
@@ -260,6 +270,7 @@ class Reproduction:
             data=rows,
             on_log=on_log,
         )
+        train_seconds = time.perf_counter() - started
         model.eval()
         _save_bf16(model, tok, self.dir.root / "base")
         shutil.rmtree(self.dir.root / "pretrain" / "train" / "checkpoints", ignore_errors=True)
@@ -283,6 +294,9 @@ class Reproduction:
         return {
             "steps": result.step,
             "stopped_early": result.data_exhausted,
+            "stopped_by": stopped_by[0],
+            "train_seconds": train_seconds,
+            "seconds_per_step": train_seconds / max(1, result.step),
             "checks": checks,
             "parameters": sum(p.numel() for p in model.parameters()),
             "rows": base_rows,
@@ -335,6 +349,7 @@ class Reproduction:
         torch.manual_seed(cfg.seed)
         model = self._arm_model(arm)
         learned = arm == "l2a"
+        started = time.perf_counter()
         result = train(
             model,
             tok,
@@ -356,11 +371,13 @@ class Reproduction:
             ),
             data=rows,
         )
+        train_seconds = time.perf_counter() - started
         shutil.rmtree(self.dir.root / arm / "train" / "checkpoints", ignore_errors=True)
         model.eval()
         torch.manual_seed(cfg.seed + 1)  # the random arm's evaluation draws
         out = evaluate_arm(arm, model, tok, cfg, self.corpus, self.log)
         out["steps"] = result.step
+        out["train_seconds"] = train_seconds
         out["last_log"] = result.history[-1] if result.history else None
         out["collapse_steps"] = [r["step"] for r in result.history if "routing_collapse" in r]
         long_rows = [r for r in out["rows"] if r["length"] == long and r["routed_fraction"] is not None]

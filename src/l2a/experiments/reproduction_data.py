@@ -49,12 +49,26 @@ def _training_pool(
     return draw_samples(specs, config.workers)
 
 
+_EVAL_SAMPLES: dict[tuple[str, int, int, str], dict[str, list[TaskSample]]] = {}
+"""Drawn evaluation samples of this process: every arm (and pruned copy) of one run scores the same ones."""
+
+
 def eval_samples(
     config: ReproductionConfig, length: int, count: int, purpose: str
 ) -> dict[str, list[TaskSample]]:
     """``count`` held-out samples per evaluation task at nominal length ``length``: prompts of
     ``length - data.answer_reserve`` tokens, so that prompt + answer fit in ``length`` (seeds apart from
-    the training pools; ``purpose`` separates e.g. the pretraining check from the evaluation)."""
+    the training pools; ``purpose`` separates e.g. the pretraining check from the evaluation). Drawn once
+    per process and config (callers must not modify them)."""
+    key = (config.fingerprint(), length, count, purpose)
+    if key not in _EVAL_SAMPLES:
+        _EVAL_SAMPLES[key] = _draw_eval_samples(config, length, count, purpose)
+    return _EVAL_SAMPLES[key]
+
+
+def _draw_eval_samples(
+    config: ReproductionConfig, length: int, count: int, purpose: str
+) -> dict[str, list[TaskSample]]:
     length -= config.data.answer_reserve
     specs, names = [], []
     for name in config.eval_tasks:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# `l2a reproduce configs/reproduction-h200.yaml` (issue 13) over device calls of < 10 minutes each; the run
+# directory travels between calls (docs/reproduction.md, "Running it on the lent H200").
+# Usage on the GPU machine, in a folder holding src/, configs/, benchmarks/ (and run/ from the last call):
+#   OUT=/some/dir bash benchmarks/reproduction_gpu.sh first    # probe, sizing, pretrain, clp (+ l2a if time)
+#   OUT=/some/dir bash benchmarks/reproduction_gpu.sh second   # l2a (unless done), swa, random
+# `first` measures seconds per step (benchmarks/reproduction_probe.py), then sizes the step counts to the
+# budget (PRETRAIN_S seconds of pretraining, EXTEND_S of training per converted arm; caps PRETRAIN_MAX and
+# EXTEND_MAX) and records the resulting --set overrides in run/overrides.txt: every later call uses the same
+# ones (they change the config's fingerprint). Each call ends with $OUT/run.tar.* (15 MiB pieces; `second`
+# leaves out run/base, which the other side already has). BUDGET: seconds for the whole command.
+set -uo pipefail
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT}
+CFG=${CFG:-configs/reproduction-h200.yaml}
+START=$(date +%s)
+DEADLINE=$((START + ${BUDGET:-560}))
+left() { echo $((DEADLINE - $(date +%s))); }
+mkdir -p run/logs
+date -u | tee -a run/logs/environment.txt
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a run/logs/environment.txt
+python -c "import sys, torch, triton, transformers, yaml, matplotlib, tqdm, safetensors; \
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'matplotlib', matplotlib.__version__, 'pyyaml', yaml.__version__, \
+'cpus', __import__('os').cpu_count())" 2>&1 | tee -a run/logs/environment.txt
+
+reproduce() {  # reproduce SECONDS STAGE...: the stages under a wall-clock bound, with the recorded overrides
+  local limit=$1
+  shift
+  local stages=()
+  for s in "$@"; do stages+=(--stage "$s"); done
+  # shellcheck disable=SC2046
+  timeout "$limit" python -m l2a reproduce "$CFG" --out run "${stages[@]}" $(cat run/overrides.txt) \
+    --set progress=false 2>&1 | tee -a "run/logs/$1.log"
+}
+
+pack() {  # the run directory into <= 15 MiB pieces under $OUT
+  tar cf - "$@" run | split -b 15m - "$OUT/run.tar."
+  ls -la "$OUT"
+}
+
+case "${1:-first}" in
+first)
+  timeout 150 python benchmarks/reproduction_probe.py "$CFG" --steps 12 --out run/probe.json \
+    > run/logs/probe.log 2>&1
+  cat run/probe.json && echo || { tail -30 run/logs/probe.log; pack; exit 1; }
+  python - "${PRETRAIN_S:-240}" "${EXTEND_S:-75}" "${PRETRAIN_MAX:-4000}" "${EXTEND_MAX:-500}" <<'EOF' > run/overrides.txt
+import json, sys
+pre_s, ext_s, pre_max, ext_max = (float(a) for a in sys.argv[1:])
+probe = json.load(open("run/probe.json"))
+pre = max(50, int(min(pre_max, pre_s / probe["pretrain_s_per_step"]) // 50 * 50))
+ext = max(10, int(min(ext_max, ext_s / probe["l2a_s_per_step"]) // 10 * 10))
+print(f"--set pretrain.max_steps={pre} --set pretrain.max_seconds={pre_s + 30:.0f} --set extend.steps={ext}")
+EOF
+  cat run/overrides.txt
+  reproduce $(($(left) - 40)) pretrain clp
+  # l2a too when the rest of the budget covers its training, 3 evaluations and start-up (probe figures)
+  need=$(python -c "import json, re; p = json.load(open('run/probe.json')); \
+s = int(re.search(r'extend.steps=(\d+)', open('run/overrides.txt').read()).group(1)); \
+print(int(s * p['l2a_s_per_step'] + 3 * (160 * p['l2a_eval_s_per_batch'] + 25) + 60))")
+  echo "left $(left) s, l2a needs ~$need s"
+  if [ "$(left)" -gt "$need" ] && [ -f run/stages/clp.json ]; then reproduce $(($(left) - 25)) l2a; fi
+  pack
+  ;;
+second)
+  reproduce $(($(left) - 20)) l2a swa random
+  pack --exclude=run/base
+  ;;
+*)
+  echo "unknown mode $1" >&2
+  exit 2
+  ;;
+esac
