@@ -18,7 +18,7 @@ DEADLINE=$((START + ${BUDGET:-560}))
 left() { echo $((DEADLINE - $(date +%s))); }
 mkdir -p run/logs
 date -u | tee -a run/logs/environment.txt
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a run/logs/environment.txt
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a run/logs/environment.txt
 python -c "import sys, torch, triton, transformers, yaml, matplotlib, tqdm, safetensors; \
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'matplotlib', matplotlib.__version__, 'pyyaml', yaml.__version__, \
@@ -29,10 +29,12 @@ reproduce() {  # reproduce SECONDS STAGE...: the stages under a wall-clock bound
   shift
   local stages=()
   for s in "$@"; do stages+=(--stage "$s"); done
+  mkdir -p "$RUN/logs"
   # shellcheck disable=SC2046
-  timeout "$limit" python -m l2a reproduce "$CFG" --out run "${stages[@]}" $(cat run/overrides.txt) \
-    --set progress=false 2>&1 | tee -a "run/logs/$1.log"
+  timeout "$limit" python -m l2a reproduce "$CFG" --out "$RUN" "${stages[@]}" $(cat "$RUN/overrides.txt") \
+    --set progress=false 2>&1 | tee -a "$RUN/logs/$1.log"
 }
+RUN=run
 
 pack() {  # the run directory into <= 15 MiB pieces under $OUT
   tar cf - "$@" run | split -b 15m - "$OUT/run.tar."
@@ -65,6 +67,37 @@ print(int(s * p['l2a_s_per_step'] + 3 * (160 * p['l2a_eval_s_per_batch'] + 25) +
 second)
   reproduce $(($(left) - 20)) l2a swa random
   pack --exclude=run/base
+  ;;
+retry)
+  # After a first call whose base learned no retrieval (docs/reproduction.md): two pretraining variants in
+  # parallel on the one GPU, both labelling every token (task prompts and corpus rows), one continuing the
+  # carried base (run/, from `first`) and one from scratch; then the arms on the better base, in two
+  # parallel processes (l2a then random; clp then swa). RETRY_SET: overrides common to both.
+  common="${RETRY_SET:---set pretrain.max_steps=2000 --set extend.steps=250 --set prune.fractions=[0.5]} \
+--set pretrain.max_seconds=${PRETRAIN_S:-210} --set pretrain.task_loss=all --set data.text_loss_tokens=null"
+  mkdir -p run_warm run_scratch
+  echo "$common --set pretrain.init_from=run --set pretrain.warmup_steps=50" > run_warm/overrides.txt
+  echo "$common" > run_scratch/overrides.txt
+  limit=$((${PRETRAIN_S:-210} + 90))
+  (RUN=run_warm reproduce $limit pretrain > /dev/null) &
+  (RUN=run_scratch reproduce $limit pretrain > /dev/null) &
+  wait
+  grep -h "dense score\|stage pretrain" run_warm/logs/pretrain.log run_scratch/logs/pretrain.log
+  RUN=$(python -c "import json, os
+def mean(d):
+    p = os.path.join(d, 'stages', 'pretrain.json')
+    if not os.path.exists(p): return -1.0
+    rows = json.load(open(p))['result']['rows']
+    return sum(r['score'] for r in rows) / len(rows)
+scores = {d: mean(d) for d in ('run_warm', 'run_scratch')}
+print(max(scores, key=scores.get))")
+  echo "base for the arms: $RUN ($(left) s left)"
+  (reproduce $(($(left) - 25)) l2a random > /dev/null) &
+  (reproduce $(($(left) - 25)) clp swa > /dev/null) &
+  wait
+  grep -h "stage \|error\|Error" "$RUN"/logs/*.log | tail -20
+  tar cf - --exclude=base --exclude='*/train/checkpoints' run_warm run_scratch | split -b 15m - "$OUT/retry.tar."
+  ls -la "$OUT"
   ;;
 *)
   echo "unknown mode $1" >&2

@@ -56,7 +56,9 @@ def seconds_per_step(
 
 
 @torch.no_grad()
-def seconds_per_eval_batch(model: torch.nn.Module, batch: int, length: int, vocab: int, repeats: int = 3) -> float:
+def seconds_per_eval_batch(
+    model: torch.nn.Module, batch: int, length: int, vocab: int, repeats: int = 3
+) -> float:
     device = next(model.parameters()).device
     model.eval()
     ids = torch.randint(3, vocab, (batch, length), device=device)

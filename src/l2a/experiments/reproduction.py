@@ -227,8 +227,26 @@ class Reproduction:
             text_loss_tokens=cfg.data.text_loss_tokens,
             pad_token_id=tok.pad_token_id,
             seed=f"{cfg.seed}/pretrain",
+            task_loss=cfg.pretrain.task_loss,
         )
-        model = build_base_model(cfg, tok)
+        if cfg.pretrain.init_from is None:
+            model = build_base_model(cfg, tok)
+        else:
+            model = _load_base(Path(cfg.pretrain.init_from), self.device)
+            fresh = build_base_model(cfg, tok).config
+            for name in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            ):
+                if getattr(model.config, name) != getattr(fresh, name):
+                    raise ValueError(
+                        f"pretrain.init_from={cfg.pretrain.init_from}: its {name} "
+                        f"{getattr(model.config, name)} differs from the config's {getattr(fresh, name)}"
+                    )
         checks: list[dict[str, Any]] = []
         stopped_by = ["max_steps"]
         started = time.perf_counter()

@@ -34,10 +34,23 @@ def draw_samples(specs: Sequence[tuple[str, dict[str, Any], int, int]], workers:
         return list(pool.map(_draw_one, specs, chunksize=max(1, len(specs) // (4 * workers))))
 
 
+_POOLS: dict[tuple[str, str, int, int], list[TaskSample]] = {}
+
+
 def _training_pool(
     config: ReproductionConfig, stage: str, min_length: int, max_length: int
 ) -> list[TaskSample]:
-    """`task_pool` samples per training task with prompt lengths drawn from [min_length, max_length]."""
+    """`task_pool` samples per training task with prompt lengths drawn from [min_length, max_length]
+    (drawn once per process and config: the arms of one process share them)."""
+    key = (config.fingerprint(), stage, min_length, max_length)
+    if key not in _POOLS:
+        _POOLS[key] = _draw_training_pool(config, stage, min_length, max_length)
+    return _POOLS[key]
+
+
+def _draw_training_pool(
+    config: ReproductionConfig, stage: str, min_length: int, max_length: int
+) -> list[TaskSample]:
     data = config.data
     rng = random.Random(f"{config.seed}/pool/{stage}")
     specs = []
@@ -113,7 +126,8 @@ def load_corpus(config: ReproductionConfig, tokenizer: Any) -> Corpus:
 
 
 class TrainingRows:
-    """Endless, resumable micro-batches (input_ids, labels: (B, N)) of task rows and corpus rows.
+    """Endless, resumable micro-batches (input_ids, labels: (B, N)) of task rows (labels on the answer, or
+    with ``task_loss="all"`` on the whole sample) and corpus rows.
 
     Batch i depends only on (seed, i): every arm of the extension sees the same rows, and the state is
     just the batch index. ``stop()`` ends the stream at the next batch (the pretraining stop criterion).
@@ -130,11 +144,13 @@ class TrainingRows:
         text_loss_tokens: int | None,
         pad_token_id: int,
         seed: str,
+        task_loss: str = "answer",
     ):
         self.pool, self.corpus = pool, corpus
         self.seq_len, self.batch_size, self.task_ratio = seq_len, batch_size, task_ratio
         self.text_loss_tokens = text_loss_tokens or seq_len
         self.pad_token_id, self.seed = pad_token_id, seed
+        self.task_loss = task_loss
         self.index = 0
         self.stopped = False
         if len(corpus) <= seq_len:
@@ -159,7 +175,7 @@ class TrainingRows:
                 sample = self.pool[rng.randrange(len(self.pool))]
                 row = (sample.input_ids + sample.answer_ids)[:n]
                 ids[b, : len(row)] = torch.tensor(row)
-                start = len(sample.input_ids)
+                start = len(sample.input_ids) if self.task_loss == "answer" else 0
                 labels[b, start : len(row)] = ids[b, start : len(row)]
             else:
                 start = rng.randrange(len(self.corpus) - n)
