@@ -119,10 +119,6 @@ class PretrainSection(_Validated):
         _check(0.0 <= self.target_score <= 100.0, "pretrain.target_score must be in [0, 100]")
         _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every must be >= 0")
         _check(self.max_seconds is None or self.max_seconds > 0, "pretrain.max_seconds must be > 0 or null")
-        _check(
-            self.task_loss in ("answer", "all"),
-            f"pretrain.task_loss must be answer or all, got {self.task_loss!r}",
-        )
 
 
 @dataclass

@@ -98,10 +98,13 @@ class RunDirectory:
         return json.loads(path.read_text())
 
     def finish(self, stage: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        from l2a.experiments.reproduction_report import environment
+
         record = {
             "stage": stage,
             "fingerprint": self.config.fingerprint(),
             "seconds": seconds,
+            "environment": environment(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "result": result,
         }
