@@ -89,29 +89,33 @@ def test_other_config_on_the_same_run_dir_is_refused(tiny_run):
     run_reproduction(load_reproduction_config(CONFIG, ["progress=true", "workers=2"]), out, ["report"])
 
 
-def test_training_rows_resume_at_the_same_batch():
-    config = load_reproduction_config(CONFIG)
-    tokenizer = byte_tokenizer()
-    pool = _training_pool(config, "test", 40, 56)
-    corpus = tokenizer("abcdefgh" * 100, add_special_tokens=False)["input_ids"]
+def _tiny_rows(task_ratio: float = 0.5, batch_size: int = 4, **options) -> TrainingRows:
+    """Training rows of the tiny config's kv_retrieval pool and a repetitive corpus, 64-token rows."""
     import torch
 
-    def rows():
-        return TrainingRows(
-            pool,
-            torch.tensor(corpus),
-            seq_len=64,
-            batch_size=4,
-            task_ratio=0.5,
-            text_loss_tokens=None,
-            pad_token_id=tokenizer.pad_token_id,
-            seed="s",
-        )
+    tokenizer = byte_tokenizer()
+    pool = _training_pool(load_reproduction_config(CONFIG), "test", 40, 56)
+    corpus = tokenizer("abcdefgh" * 100, add_special_tokens=False)["input_ids"]
+    return TrainingRows(
+        pool,
+        torch.tensor(corpus),
+        seq_len=64,
+        batch_size=batch_size,
+        task_ratio=task_ratio,
+        text_loss_tokens=None,
+        pad_token_id=tokenizer.pad_token_id,
+        seed="s",
+        **options,
+    )
 
-    stream = rows()
+
+def test_training_rows_resume_at_the_same_batch():
+    import torch
+
+    stream = _tiny_rows()
     it = iter(stream)
     batches = [next(it) for _ in range(3)]
-    resumed = rows()
+    resumed = _tiny_rows()
     resumed.load_state_dict({"index": 2})
     again = next(iter(resumed))
     assert torch.equal(again["input_ids"], batches[2]["input_ids"])
@@ -123,22 +127,9 @@ def test_training_rows_resume_at_the_same_batch():
 
 @pytest.mark.parametrize("task_loss", ["answer", "all"])
 def test_task_rows_label_their_answer_or_the_whole_sample(task_loss):
-    config = load_reproduction_config(CONFIG)
     tokenizer = byte_tokenizer()
-    pool = _training_pool(config, "test", 40, 56)
-    import torch
-
-    rows = TrainingRows(
-        pool,
-        torch.arange(200) % 50 + 3,
-        seq_len=64,
-        batch_size=8,
-        task_ratio=1.0,
-        text_loss_tokens=None,
-        pad_token_id=tokenizer.pad_token_id,
-        seed="s",
-        task_loss=task_loss,
-    )
+    rows = _tiny_rows(task_ratio=1.0, batch_size=8, task_loss=task_loss)
+    pool = rows.pool
     batch = rows.batch(0)
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         real = int((ids != tokenizer.pad_token_id).sum())

@@ -3,8 +3,9 @@ evaluation, the embedded corpus, and the resumable training rows."""
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -34,23 +35,26 @@ def draw_samples(specs: Sequence[tuple[str, dict[str, Any], int, int]], workers:
         return list(pool.map(_draw_one, specs, chunksize=max(1, len(specs) // (4 * workers))))
 
 
-_POOLS: dict[tuple[str, str, int, int], list[TaskSample]] = {}
+def _once_per_config(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Memoise a sample draw on (config fingerprint, its other arguments) for this process: every arm and
+    pruned copy that one process runs shares the same samples (callers must not modify them)."""
+    cache: dict[tuple[Any, ...], Any] = {}
+
+    @functools.wraps(draw)
+    def drawn(config: ReproductionConfig, *args: Any) -> Any:
+        key = (config.fingerprint(), *args)
+        if key not in cache:
+            cache[key] = draw(config, *args)
+        return cache[key]
+
+    return drawn
 
 
+@_once_per_config
 def _training_pool(
     config: ReproductionConfig, stage: str, min_length: int, max_length: int
 ) -> list[TaskSample]:
-    """`task_pool` samples per training task with prompt lengths drawn from [min_length, max_length]
-    (drawn once per process and config: the arms of one process share them)."""
-    key = (config.fingerprint(), stage, min_length, max_length)
-    if key not in _POOLS:
-        _POOLS[key] = _draw_training_pool(config, stage, min_length, max_length)
-    return _POOLS[key]
-
-
-def _draw_training_pool(
-    config: ReproductionConfig, stage: str, min_length: int, max_length: int
-) -> list[TaskSample]:
+    """`task_pool` samples per training task with prompt lengths drawn from [min_length, max_length]."""
     data = config.data
     rng = random.Random(f"{config.seed}/pool/{stage}")
     specs = []
@@ -62,26 +66,13 @@ def _draw_training_pool(
     return draw_samples(specs, config.workers)
 
 
-_EVAL_SAMPLES: dict[tuple[str, int, int, str], dict[str, list[TaskSample]]] = {}
-"""Drawn evaluation samples of this process: every arm (and pruned copy) of one run scores the same ones."""
-
-
+@_once_per_config
 def eval_samples(
     config: ReproductionConfig, length: int, count: int, purpose: str
 ) -> dict[str, list[TaskSample]]:
     """``count`` held-out samples per evaluation task at nominal length ``length``: prompts of
     ``length - data.answer_reserve`` tokens, so that prompt + answer fit in ``length`` (seeds apart from
-    the training pools; ``purpose`` separates e.g. the pretraining check from the evaluation). Drawn once
-    per process and config (callers must not modify them)."""
-    key = (config.fingerprint(), length, count, purpose)
-    if key not in _EVAL_SAMPLES:
-        _EVAL_SAMPLES[key] = _draw_eval_samples(config, length, count, purpose)
-    return _EVAL_SAMPLES[key]
-
-
-def _draw_eval_samples(
-    config: ReproductionConfig, length: int, count: int, purpose: str
-) -> dict[str, list[TaskSample]]:
+    the training pools; ``purpose`` separates e.g. the pretraining check from the evaluation)."""
     length -= config.data.answer_reserve
     specs, names = [], []
     for name in config.eval_tasks:
