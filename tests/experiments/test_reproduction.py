@@ -64,6 +64,10 @@ def test_results_rows_are_complete_and_valid(tiny_run):
     assert pruned and all(0 < p["kv_bytes"] < p["kv_bytes_unpruned"] for p in pruned)
     assert all(len(p["pruned_layers"]) == 1 for p in pruned)  # half of the tiny model's 2 layers
     assert {t["target"] for t in results["targets"]} >= {"l2a_within_gap_of_clp", "pruning_costs_at_most"}
+    import torch
+
+    assert results["stage_environment"]["pretrain"]["torch"] == torch.__version__
+    assert results["environment"] == results["stage_environment"]["pretrain"]
     for name in ("report.md", "scores.png", "sparsity.png"):
         assert (out / name).stat().st_size > 0
     assert "## Targets" in (out / "report.md").read_text()
@@ -85,29 +89,33 @@ def test_other_config_on_the_same_run_dir_is_refused(tiny_run):
     run_reproduction(load_reproduction_config(CONFIG, ["progress=true", "workers=2"]), out, ["report"])
 
 
-def test_training_rows_resume_at_the_same_batch():
-    config = load_reproduction_config(CONFIG)
-    tokenizer = byte_tokenizer()
-    pool = _training_pool(config, "test", 40, 56)
-    corpus = tokenizer("abcdefgh" * 100, add_special_tokens=False)["input_ids"]
+def _tiny_rows(task_ratio: float = 0.5, batch_size: int = 4, **options) -> TrainingRows:
+    """Training rows of the tiny config's kv_retrieval pool and a repetitive corpus, 64-token rows."""
     import torch
 
-    def rows():
-        return TrainingRows(
-            pool,
-            torch.tensor(corpus),
-            seq_len=64,
-            batch_size=4,
-            task_ratio=0.5,
-            text_loss_tokens=None,
-            pad_token_id=tokenizer.pad_token_id,
-            seed="s",
-        )
+    tokenizer = byte_tokenizer()
+    pool = _training_pool(load_reproduction_config(CONFIG), "test", 40, 56)
+    corpus = tokenizer("abcdefgh" * 100, add_special_tokens=False)["input_ids"]
+    return TrainingRows(
+        pool,
+        torch.tensor(corpus),
+        seq_len=64,
+        batch_size=batch_size,
+        task_ratio=task_ratio,
+        text_loss_tokens=None,
+        pad_token_id=tokenizer.pad_token_id,
+        seed="s",
+        **options,
+    )
 
-    stream = rows()
+
+def test_training_rows_resume_at_the_same_batch():
+    import torch
+
+    stream = _tiny_rows()
     it = iter(stream)
     batches = [next(it) for _ in range(3)]
-    resumed = rows()
+    resumed = _tiny_rows()
     resumed.load_state_dict({"index": 2})
     again = next(iter(resumed))
     assert torch.equal(again["input_ids"], batches[2]["input_ids"])
@@ -117,14 +125,46 @@ def test_training_rows_resume_at_the_same_batch():
     assert 0 < labelled < batches[0]["labels"].numel()
 
 
+@pytest.mark.parametrize("task_loss", ["answer", "all"])
+def test_task_rows_label_their_answer_or_the_whole_sample(task_loss):
+    tokenizer = byte_tokenizer()
+    rows = _tiny_rows(task_ratio=1.0, batch_size=8, task_loss=task_loss)
+    pool = rows.pool
+    batch = rows.batch(0)
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        real = int((ids != tokenizer.pad_token_id).sum())
+        labelled = labels != -100
+        assert not labelled[real:].any()  # padding is never a target
+        prompt = next(
+            len(s.input_ids) for s in pool if (s.input_ids + s.answer_ids)[:64] == ids[:real].tolist()
+        )
+        assert bool(labelled[:prompt].any()) == (task_loss == "all")
+        assert labelled[prompt:real].all()
+
+
+def test_pretraining_continues_a_base_and_stops_at_max_seconds(tiny_run, tmp_path):
+    """`init_from` starts from the earlier run's base (lower first loss than a fresh model); `max_seconds`
+    stops at the first log step."""
+    out, *_ = tiny_run
+    config = load_reproduction_config(CONFIG, [f"pretrain.init_from={out}", "pretrain.max_seconds=1e-9"])
+    record = run_reproduction(config, tmp_path / "continued", ["pretrain"])["pretrain"]["result"]
+    assert record["stopped_by"] == "max_seconds" and record["steps"] == 10
+    fresh = json.loads((out / "stages" / "pretrain.json").read_text())["result"]
+    first = [json.loads(line) for line in (out / "pretrain" / "train" / "log.jsonl").read_text().splitlines()]
+    continued = (tmp_path / "continued" / "pretrain" / "train" / "log.jsonl").read_text().splitlines()
+    assert json.loads(continued[0])["lm_loss"] < first[0]["lm_loss"] - 0.5
+    assert fresh["stopped_by"] in ("max_steps", "target_score")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["pretrain.task_loss=prompt"], "pretrain.task_loss must be one of"),
         (["extend.nope=1"], "unknown config key"),
         (["extend.arms=[random]"], "random arm needs the l2a arm"),
         (["extend.window=64"], "extend.window=64 must be below data.seq_len=64"),
     ],
-    ids=["unknown-key", "random-without-l2a", "window-too-large"],
+    ids=["bad-task-loss", "unknown-key", "random-without-l2a", "window-too-large"],
 )
 def test_cli_reports_bad_config_in_one_line(tmp_path, capsys, overrides, message):
     args = ["reproduce", str(CONFIG), "--out", str(tmp_path / "run")]

@@ -93,9 +93,17 @@ class DataSection(_Validated):
 class PretrainSection(_Validated):
     """Dense pretraining at L, all parameters trained, until the dense base's teacher-forced score at L
     over the training tasks reaches `target_score` (checked every `check_every` steps on `check_samples`
-    held-out samples per task) or `max_steps` (the bound on the budget)."""
+    held-out samples per task), `max_steps` (the bound on the budget; the cosine schedule is sized for it) or,
+    when set, `max_seconds` of training wall clock (checked at each log step: a guard against a slower device
+    than planned; the result records which bound stopped it). `task_loss`: labels of the task rows, their
+    answer only or the whole sample (prompt too: its repeated keys and haystack train copying densely).
+    `init_from`: an earlier run directory whose base (``init_from/base``) is trained on instead of a fresh
+    initialisation (its architecture must match `model`)."""
 
     max_steps: int = 200
+    max_seconds: float | None = None
+    task_loss: Literal["answer", "all"] = "answer"
+    init_from: str | None = None
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 20
@@ -110,6 +118,7 @@ class PretrainSection(_Validated):
         _check(self.check_every >= 1 and self.check_samples >= 1, "pretrain.check_* must be >= 1")
         _check(0.0 <= self.target_score <= 100.0, "pretrain.target_score must be in [0, 100]")
         _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every must be >= 0")
+        _check(self.max_seconds is None or self.max_seconds > 0, "pretrain.max_seconds must be > 0 or null")
 
 
 @dataclass

@@ -98,10 +98,13 @@ class RunDirectory:
         return json.loads(path.read_text())
 
     def finish(self, stage: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        from l2a.experiments.reproduction_report import environment
+
         record = {
             "stage": stage,
             "fingerprint": self.config.fingerprint(),
             "seconds": seconds,
+            "environment": environment(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "result": result,
         }
@@ -227,13 +230,38 @@ class Reproduction:
             text_loss_tokens=cfg.data.text_loss_tokens,
             pad_token_id=tok.pad_token_id,
             seed=f"{cfg.seed}/pretrain",
+            task_loss=cfg.pretrain.task_loss,
         )
-        model = build_base_model(cfg, tok)
+        if cfg.pretrain.init_from is None:
+            model = build_base_model(cfg, tok)
+        else:
+            model = _load_base(Path(cfg.pretrain.init_from), self.device)
+            fresh = build_base_model(cfg, tok).config
+            for name in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            ):
+                if getattr(model.config, name) != getattr(fresh, name):
+                    raise ValueError(
+                        f"pretrain.init_from={cfg.pretrain.init_from}: its {name} "
+                        f"{getattr(model.config, name)} differs from the config's {getattr(fresh, name)}"
+                    )
         checks: list[dict[str, Any]] = []
+        stopped_by = ["max_steps"]
+        started = time.perf_counter()
 
         def on_log(record: dict[str, Any]) -> None:
             step = record["step"]
-            if step % cfg.pretrain.check_every and step != cfg.pretrain.max_steps:
+            limit = cfg.pretrain.max_seconds
+            out_of_time = limit is not None and time.perf_counter() - started >= limit
+            if out_of_time:
+                stopped_by[0] = "max_seconds"
+                rows.stop()
+            if step % cfg.pretrain.check_every and step != cfg.pretrain.max_steps and not out_of_time:
                 return
             scores = score_tasks(model, tok, check, cfg)
             mean = sum(r["score"] for r in scores.values()) / len(scores)
@@ -242,7 +270,10 @@ class Reproduction:
                 f"[pretrain] step {step}: dense score at L {mean:.1f} (target {cfg.pretrain.target_score})"
             )
             if mean >= cfg.pretrain.target_score:
+                stopped_by[0] = "target_score"
                 rows.stop()
+            elif out_of_time:
+                self.log(f"[pretrain] step {step}: pretrain.max_seconds={limit} reached, stopping")
 
         p = cfg.pretrain
         result = train(
@@ -260,6 +291,7 @@ class Reproduction:
             data=rows,
             on_log=on_log,
         )
+        train_seconds = time.perf_counter() - started
         model.eval()
         _save_bf16(model, tok, self.dir.root / "base")
         shutil.rmtree(self.dir.root / "pretrain" / "train" / "checkpoints", ignore_errors=True)
@@ -283,6 +315,9 @@ class Reproduction:
         return {
             "steps": result.step,
             "stopped_early": result.data_exhausted,
+            "stopped_by": stopped_by[0],
+            "train_seconds": train_seconds,
+            "seconds_per_step": train_seconds / max(1, result.step),
             "checks": checks,
             "parameters": sum(p.numel() for p in model.parameters()),
             "rows": base_rows,
@@ -335,6 +370,7 @@ class Reproduction:
         torch.manual_seed(cfg.seed)
         model = self._arm_model(arm)
         learned = arm == "l2a"
+        started = time.perf_counter()
         result = train(
             model,
             tok,
@@ -356,11 +392,13 @@ class Reproduction:
             ),
             data=rows,
         )
+        train_seconds = time.perf_counter() - started
         shutil.rmtree(self.dir.root / arm / "train" / "checkpoints", ignore_errors=True)
         model.eval()
         torch.manual_seed(cfg.seed + 1)  # the random arm's evaluation draws
         out = evaluate_arm(arm, model, tok, cfg, self.corpus, self.log)
         out["steps"] = result.step
+        out["train_seconds"] = train_seconds
         out["last_log"] = result.history[-1] if result.history else None
         out["collapse_steps"] = [r["step"] for r in result.history if "routing_collapse" in r]
         long_rows = [r for r in out["rows"] if r["length"] == long and r["routed_fraction"] is not None]

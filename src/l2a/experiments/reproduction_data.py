@@ -3,8 +3,9 @@ evaluation, the embedded corpus, and the resumable training rows."""
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -34,6 +35,22 @@ def draw_samples(specs: Sequence[tuple[str, dict[str, Any], int, int]], workers:
         return list(pool.map(_draw_one, specs, chunksize=max(1, len(specs) // (4 * workers))))
 
 
+def _once_per_config(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Memoise a sample draw on (config fingerprint, its other arguments) for this process: every arm and
+    pruned copy that one process runs shares the same samples (callers must not modify them)."""
+    cache: dict[tuple[Any, ...], Any] = {}
+
+    @functools.wraps(draw)
+    def drawn(config: ReproductionConfig, *args: Any) -> Any:
+        key = (config.fingerprint(), *args)
+        if key not in cache:
+            cache[key] = draw(config, *args)
+        return cache[key]
+
+    return drawn
+
+
+@_once_per_config
 def _training_pool(
     config: ReproductionConfig, stage: str, min_length: int, max_length: int
 ) -> list[TaskSample]:
@@ -49,6 +66,7 @@ def _training_pool(
     return draw_samples(specs, config.workers)
 
 
+@_once_per_config
 def eval_samples(
     config: ReproductionConfig, length: int, count: int, purpose: str
 ) -> dict[str, list[TaskSample]]:
@@ -99,7 +117,8 @@ def load_corpus(config: ReproductionConfig, tokenizer: Any) -> Corpus:
 
 
 class TrainingRows:
-    """Endless, resumable micro-batches (input_ids, labels: (B, N)) of task rows and corpus rows.
+    """Endless, resumable micro-batches (input_ids, labels: (B, N)) of task rows (labels on the answer, or
+    with ``task_loss="all"`` on the whole sample) and corpus rows.
 
     Batch i depends only on (seed, i): every arm of the extension sees the same rows, and the state is
     just the batch index. ``stop()`` ends the stream at the next batch (the pretraining stop criterion).
@@ -116,11 +135,13 @@ class TrainingRows:
         text_loss_tokens: int | None,
         pad_token_id: int,
         seed: str,
+        task_loss: str = "answer",
     ):
         self.pool, self.corpus = pool, corpus
         self.seq_len, self.batch_size, self.task_ratio = seq_len, batch_size, task_ratio
         self.text_loss_tokens = text_loss_tokens or seq_len
         self.pad_token_id, self.seed = pad_token_id, seed
+        self.task_loss = task_loss
         self.index = 0
         self.stopped = False
         if len(corpus) <= seq_len:
@@ -145,7 +166,7 @@ class TrainingRows:
                 sample = self.pool[rng.randrange(len(self.pool))]
                 row = (sample.input_ids + sample.answer_ids)[:n]
                 ids[b, : len(row)] = torch.tensor(row)
-                start = len(sample.input_ids)
+                start = len(sample.input_ids) if self.task_loss == "answer" else 0
                 labels[b, start : len(row)] = ids[b, start : len(row)]
             else:
                 start = rng.randrange(len(self.corpus) - n)

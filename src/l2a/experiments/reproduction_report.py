@@ -201,9 +201,16 @@ def environment() -> dict[str, Any]:
     import transformers
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {
         "device": device,
         "torch": torch.__version__,
+        "triton": triton_version,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu_count": __import__("os").cpu_count(),
@@ -225,7 +232,10 @@ def write_reproduction_report(root: Path, config: ReproductionConfig, run: Any) 
     summary = {
         "config": config.to_dict(),
         "fingerprint": config.fingerprint(),
-        "environment": environment(),
+        # where each stage ran (None: recorded before stages kept it) and where this report was written
+        "environment": next((r["environment"] for r in stages.values() if r.get("environment")), None),
+        "stage_environment": {name: record.get("environment") for name, record in stages.items()},
+        "report_environment": environment(),
         "pending_arms": pending,
         "stage_seconds": {name: record["seconds"] for name, record in stages.items()},
         "pretrain": {k: v for k, v in stages["pretrain"]["result"].items() if k not in ("rows", "perplexity")}
@@ -249,10 +259,12 @@ def write_reproduction_report(root: Path, config: ReproductionConfig, run: Any) 
     ]
     lines = [f"# Reproduction report: {config.name}", ""]
     env = summary["environment"]
-    lines.append(
-        f"Device {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"seed {config.seed}, config fingerprint {summary['fingerprint']}."
+    where = (
+        f"Device {env['device']}, torch {env['torch']}, transformers {env['transformers']}"
+        if env
+        else "Device not recorded by the stages"
     )
+    lines.append(f"{where}, seed {config.seed}, config fingerprint {summary['fingerprint']}.")
     if pending:
         lines.append(f"**Pending arms (not run yet): {', '.join(pending)}.**")
     if summary["pretrain"]:
