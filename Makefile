@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 # Kernels run under Triton's CPU interpreter here; on a GPU machine unset TRITON_INTERPRET.
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -q tests
+	OMP_WAIT_POLICY=PASSIVE TRITON_INTERPRET=1 $(PY) -m pytest -n 2 --dist loadgroup -q tests
 
 $(COMPAT_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(COMPAT_VENV)

@@ -199,6 +199,7 @@ def test_task_rows_label_the_generated_answer():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_demos")  # one after the other: each uses both cores
 def test_full_demo_reaches_the_documented_targets(tmp_path):
     """The default demo, as `make demo` runs it (seed 0, 2 threads): the documented result of docs/demo.md."""
     report = run_demo(tmp_path, seed=0, threads=2, progress=False)

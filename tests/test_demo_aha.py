@@ -102,6 +102,7 @@ def test_cli_refuses_a_base_inside_the_output(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full_demos")  # one after the other: each uses both cores
 def test_full_aha_demo_meets_its_target(tmp_path):
     """The default AHA demo (seed 0, 2 threads): valid, within 5 points of the dense base with >= 85 % of
     the (token, head) pairs local (docs/aha.md, "Measured")."""

@@ -101,7 +101,10 @@ def test_keyboard_interrupt_in_process(capsys):
 
 def test_ctrl_c_is_a_short_message_and_exit_130():
     code = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        # a shell's background job starts with SIGINT ignored (and Python keeps it so): restore what a
+        # terminal user has, so the test does not depend on how the suite was launched
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from l2a.cli._common import run_command\n"
         "def wait(_):\n    print('ready', flush=True)\n    time.sleep(60)\n"
         "sys.exit(run_command('train', wait, None))\n"
