@@ -35,6 +35,7 @@ from l2a.demo_common import (
     accuracy_by_distance,
     batches,
     build_base_model,
+    cpu_run_settings,
     eval_rows,
     kv_task_args,
     prepare_data,
@@ -311,13 +312,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     model_dir, base_dir = out / "model", out / "base"
     start = time.perf_counter()
-    if threads is not None:
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    if on_cpu:  # CUDA would also need CUBLAS_WORKSPACE_CONFIG; its runs are not bit-reproducible anyway
-        torch.use_deterministic_algorithms(True)
-    try:
+    with cpu_run_settings(torch_device, threads):
         rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
 
         common = {
@@ -371,10 +366,6 @@ def run_demo(
         tokenizer.save_pretrained(model_dir)
 
         results = evaluate_routings(l2a_model, held_out, config.batch_size)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_deterministic)
 
     distances = [d for row in held_out for d in row.distances]
     buckets = accuracy_by_distance(

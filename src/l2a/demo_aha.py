@@ -37,6 +37,7 @@ from l2a.demo_common import (
     accuracy_by_distance,
     batches,
     build_base_model,
+    cpu_run_settings,
     kv_task_args,
     prepare_data,
     pretrain_until_retrieval,
@@ -332,13 +333,7 @@ def run_aha_demo(
     out.mkdir(parents=True, exist_ok=True)
     model_dir, base_dir = out / "model", out / "base"
     start, cpu_start = time.perf_counter(), time.process_time()
-    if threads is not None:
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    if on_cpu:  # as the L2A demo: a CPU run is deterministic given its seed
-        torch.use_deterministic_algorithms(True)
-    try:
+    with cpu_run_settings(torch_device, threads):
         rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
         common = {
             "seed": seed,
@@ -394,10 +389,6 @@ def run_aha_demo(
                 out / "long_tail",
                 common,
             )
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_deterministic)
 
     distances = [d for row in held_out for d in row.distances]
     buckets = accuracy_by_distance(

@@ -8,6 +8,7 @@ import math
 import random
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,26 @@ def kv_task_args(config: DemoConfig) -> dict[str, Any]:
     if config.filler == "corpus":
         args |= {"num_pairs": config.distractors, "corpus_chars": config.corpus_chars}
     return args
+
+
+@contextmanager
+def cpu_run_settings(device: torch.device, threads: int | None) -> Iterator[None]:
+    """For a CPU run: ``torch.set_num_threads(threads)`` (None: as is) and deterministic algorithms, both
+    restored on exit; nothing on CUDA (its runs would also need CUBLAS_WORKSPACE_CONFIG and are not
+    bit-reproducible anyway)."""
+    if device.type != "cpu":
+        yield
+        return
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic)
 
 
 def resolve_device(device: str) -> torch.device:
