@@ -192,18 +192,39 @@ def test_gpu_launch_configs_match_reference(case: Case, loop: str, monkeypatch: 
 
 @pytest.mark.parametrize(
     ("launch", "routed_tiles"),
-    [("split", 1), ("split", 3), ("packed", 1)],
-    ids=["split1", "split3", "packed"],
+    [("split", 1), ("split", 3), ("packed", 1), ("streams", 3)],
+    ids=["split1", "split3", "packed", "streams3"],
 )
 @pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[6]], ids=lambda c: c.id)
 def test_forward_launches_match_reference(
     case: Case, launch: str, routed_tiles: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both forward launches (split: routed programs taking one or several tiles; packed)."""
+    """Every forward launch (split / streams: routed programs taking one or several tiles; packed). Off
+    CUDA, "streams" runs its two launches in order: the second stream itself is exercised on a GPU only."""
     assert launch in aha_triton.FWD_LAUNCHES
     monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", launch)
     monkeypatch.setenv("L2A_AHA_ROUTED_TILES", str(routed_tiles))
     _check(case, seed=zlib.crc32(case.id.encode()) + 3)
+
+
+@pytest.mark.parametrize("launch", ["split", "streams"])
+def test_window_launch_with_the_gpu_config_and_a_register_cap_matches_reference(
+    launch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window launch's GPU tile (64 x 32, one masked loop) with a register cap given by environment,
+    as the benchmark sweeps it (the interpreter ignores the cap; the tile logic is what is checked)."""
+    monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", launch)
+    monkeypatch.setenv("L2A_AHA_FWD_LOCAL", "64,32,4,3,168")
+    assert _flash.gpu_aha_local_fwd_config(64) == _flash.Config(64, 32, 4, 3, max_regs=168)
+    monkeypatch.setattr(_flash, "aha_local_fwd_config", _flash.gpu_aha_local_fwd_config)
+    case = GPU_TILE_CASES[0]
+    _check(case, seed=zlib.crc32(case.id.encode()) + 4)
+
+
+def test_bad_launch_config_from_environment_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L2A_AHA_FWD_LOCAL", "64,32,4")
+    with pytest.raises(ValueError, match=r"L2A_AHA_FWD_LOCAL must be BM,BN,warps,stages\[,max_regs\]"):
+        _flash.gpu_aha_local_fwd_config(128)
 
 
 def test_unknown_forward_launch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

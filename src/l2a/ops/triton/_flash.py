@@ -49,15 +49,25 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    # register cap per thread (Triton's `maxnreg`), so that more programs fit on a multiprocessor
+    max_regs: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_regs is not None:
+            options["maxnreg"] = self.max_regs
+        return options
 
 
 def _env_config(name: str, default: Config) -> Config:
-    """`L2A_<NAME>=BM,BN,warps,stages` overrides a launch config (used by the benchmark's sweeps)."""
+    """`L2A_<NAME>=BM,BN,warps,stages[,max_regs]` overrides a launch config (the benchmarks' sweeps)."""
     value = os.environ.get(f"L2A_{name}")
     if not value:
         return default
-    bm, bn, w, s = (int(x) for x in value.split(","))
-    return Config(bm, bn, w, s)
+    fields = [int(x) for x in value.split(",")]
+    if len(fields) not in (4, 5):
+        raise ValueError(f"L2A_{name} must be BM,BN,warps,stages[,max_regs], got {value!r}")
+    return Config(*fields)
 
 
 INTERPRETER_CONFIG = Config(16, 16, 1, 1)
@@ -299,12 +309,15 @@ def _tile_rows(
     row_valid = rows < tl.where(live, n_rows, 0)
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
-    tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
+    tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0)
     if PAIRS:
-        head = hkv * group + (tok % group).to(tl.int32)
+        # 32-bit division (slots < N G < 2^31): a 64-bit one is a subroutine call per element, whose
+        # register saves spilled the whole forward to the stack
+        head = hkv * group + tok % group
         tok = tok // group
     else:
         head = hkv * group + li * R + rows % R
+    tok = tok.to(tl.int64)
     lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R
