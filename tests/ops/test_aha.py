@@ -192,30 +192,32 @@ def test_gpu_launch_configs_match_reference(case: Case, loop: str, monkeypatch: 
 
 @pytest.mark.parametrize(
     ("launch", "routed_tiles"),
-    [("split", 1), ("split", 3), ("packed", 1), ("streams", 3)],
-    ids=["split1", "split3", "packed", "streams3"],
+    [("split", 1), ("split", 3), ("packed", 1)],
+    ids=["split1", "split3", "packed"],
 )
 @pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[6]], ids=lambda c: c.id)
 def test_forward_launches_match_reference(
     case: Case, launch: str, routed_tiles: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every forward launch (split / streams: routed programs taking one or several tiles; packed). Off
-    CUDA, "streams" runs its two launches in order: the second stream itself is exercised on a GPU only."""
+    """Both forward launches (split: routed programs taking one or several tiles; packed)."""
     assert launch in aha_triton.FWD_LAUNCHES
     monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", launch)
     monkeypatch.setenv("L2A_AHA_ROUTED_TILES", str(routed_tiles))
     _check(case, seed=zlib.crc32(case.id.encode()) + 3)
 
 
-@pytest.mark.parametrize("launch", ["split", "streams"])
-def test_window_launch_with_the_gpu_config_and_a_register_cap_matches_reference(
-    launch: str, monkeypatch: pytest.MonkeyPatch
+def test_window_launch_with_the_gpu_config_and_its_register_cap_matches_reference(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The window launch's GPU tile (64 x 32, one masked loop) with a register cap given by environment,
-    as the benchmark sweeps it (the interpreter ignores the cap; the tile logic is what is checked)."""
-    monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", launch)
-    monkeypatch.setenv("L2A_AHA_FWD_LOCAL", "64,32,4,3,168")
+    """The split forward's window launch at its GPU config (64 x 32 tiles, one masked loop, register cap;
+    the interpreter ignores the cap, the tile logic is what is checked), with a cap given by environment."""
+    monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", "split")
     assert _flash.gpu_aha_local_fwd_config(64) == _flash.Config(64, 32, 4, 3, max_regs=168)
+    monkeypatch.setenv("L2A_AHA_FWD_LOCAL", "64,32,4,2,128")
+    assert _flash.gpu_aha_local_fwd_config(64) == _flash.Config(64, 32, 4, 2, max_regs=128)
+    assert _flash.gpu_aha_local_fwd_config(64).launch_options() == dict(
+        num_warps=4, num_stages=2, maxnreg=128
+    )
     monkeypatch.setattr(_flash, "aha_local_fwd_config", _flash.gpu_aha_local_fwd_config)
     case = GPU_TILE_CASES[0]
     _check(case, seed=zlib.crc32(case.id.encode()) + 4)

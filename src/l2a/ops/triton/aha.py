@@ -11,7 +11,6 @@ a group from one program range, routed tiles first (`fwd_launch`). See `l2a/ops/
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -157,38 +156,27 @@ def _list_view(rows: _flash.Rows, part: int) -> _flash.Rows:
     )  # fmt: skip
 
 
-FWD_LAUNCHES = ("packed", "split", "streams")
+FWD_LAUNCHES = ("packed", "split")
 # routed tiles per program of the split forward's routed launch (`_flash_fwd._fwd_kernel`): its grid is
 # sized for all N G pairs, so at 7 % routed one program in 1 / (8 * 0.07) ~ 2 finds a tile
 _ROUTED_TILES_PER_PROGRAM = 8
 # window tiles with at most this many key blocks run as one masked loop (`_flash_fwd._fwd_kernel`)
 _LOCAL_SHORT_BLOCKS = 12
-# one second stream per device for the window launch of the "streams" forward
-_window_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def fwd_launch() -> str:
-    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "packed" (default) runs both lists of every group in
-    one launch with `fwd_config`, the routed (heavy) tiles first and the window tiles filling the tail;
-    "split" runs the routed lists (programs looping over `L2A_AHA_ROUTED_TILES` tiles, default 8) and the
-    local lists (`aha_local_fwd_config`, one masked loop a tile) as two kernels with their own tile configs;
-    "streams" is "split" with the window launch on a second CUDA stream, so that its small tiles fill the
-    multiprocessors that the routed launch's tail leaves idle (off CUDA: the two launches in order).
-    On an H200 at 32K / 128K, 7 % routed, packed and split were within run-to-run noise (packed 1.83 / 20.12
-    ms, split 1.86 / 20.08 ms in one run; docs/benchmarks.md)."""
-    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "packed")
+    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "split" (default) runs the routed lists (programs
+    looping over `L2A_AHA_ROUTED_TILES` tiles, default 8; `fwd_config`) and the local lists
+    (`aha_local_fwd_config`: small tiles under a register cap, several programs per SM, one masked loop a
+    tile) as two kernels; "packed" runs both lists of every group in one launch with `fwd_config`, the
+    routed (heavy) tiles first and the window tiles filling the tail, one program per SM. On an H200 at
+    32K / 128K, 7 % routed: split 1.71 / 20.22 ms, packed 1.76 / 20.21 ms, taking turns in one run (medians
+    of 3; docs/benchmarks.md, run 5). Running the window launch on a second stream, to fill the routed
+    launch's tail, measured no faster (1.72 / 20.20 ms) and was dropped."""
+    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "split")
     if launch not in FWD_LAUNCHES:
         raise ValueError(f"L2A_AHA_FWD_LAUNCH must be one of {FWD_LAUNCHES}, got {launch!r}")
     return launch
-
-
-def _window_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The second stream of the "streams" forward on `device`; None off CUDA (the Triton interpreter)."""
-    if device.type != "cuda":
-        return None
-    if device not in _window_streams:
-        _window_streams[device] = torch.cuda.Stream(device)
-    return _window_streams[device]
 
 
 def all_or_here_attention_fwd(
@@ -211,21 +199,13 @@ def all_or_here_attention_fwd(
     out, lse = _flash._row_outputs(q, None)
     d = q.shape[-1]
     routed, local = _list_view(rows, 0), _list_view(rows, 1)
-    side = _window_stream(q.device) if launch == "streams" else None
-    if side is not None:
-        # the window launch reads what the current stream wrote (q, k, v, the lists) and writes out / lse
-        # before the current stream goes on; every tensor it touches was allocated on the current stream
-        side.wait_stream(torch.cuda.current_stream(q.device))
     _flash_fwd.launch_forward(
         q, k, v, routed, out, lse, scale, _flash.fwd_config(d),
         tiles_per_program=int(os.environ.get("L2A_AHA_ROUTED_TILES", _ROUTED_TILES_PER_PROGRAM)),
     )  # fmt: skip
-    with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
-        _flash_fwd.launch_forward(
-            q, k, v, local, out, lse, scale, _flash.aha_local_fwd_config(d), short_blocks=_LOCAL_SHORT_BLOCKS
-        )
-    if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
+    _flash_fwd.launch_forward(
+        q, k, v, local, out, lse, scale, _flash.aha_local_fwd_config(d), short_blocks=_LOCAL_SHORT_BLOCKS
+    )
     return out, lse
 
 
