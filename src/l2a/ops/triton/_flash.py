@@ -312,8 +312,8 @@ def _tile_rows(
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
     tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0)
     if PAIRS:
-        # 32-bit division (slots < N G < 2^31): a 64-bit one is a subroutine call per element, whose
-        # register saves spilled the whole forward to the stack
+        # 32-bit division (slots < N G < 2^31): a 64-bit one is a subroutine call on sm_90, paid at the
+        # start of every tile (the AHA forward at 32K: 1.83 -> 1.75 ms on an H200)
         head = hkv * group + tok % group
         tok = tok // group
     else:
