@@ -91,8 +91,9 @@ def gpu_bwd_dkdv_config(d: int) -> Config:
 def gpu_aha_local_fwd_config(d: int) -> Config:
     # AHA's local lists in the "split" forward (W + BLOCK_M / G keys a tile): on an H200 at 32K, W = 256,
     # 64,32,4,3 ran them in 0.66 ms against 0.72-0.79 for 128,64,8,3 / 128,64,8,2 / 64,64,4,3 / 64,64,4,2 /
-    # 128,32,8,3 (benchmarks/profile_aha.py, docs/benchmarks.md). The cap of 168 registers (176 uncapped, no
-    # spills either way on triton 3.6) fits 3 programs per SM instead of 2: whole forward at 32K 1.75 -> 1.71
+    # 128,32,8,3 (benchmarks/profile_aha.py, docs/benchmarks.md). The cap of 168 registers (175-184 uncapped;
+    # 0-4 spilled with the cap on triton 3.6) fits 3 programs per SM instead of 2: the whole forward at 32K
+    # went 1.75 -> 1.71 ms (docs/benchmarks.md, AHA run 5)
     return _env_config("AHA_FWD_LOCAL", Config(64, 32, 4, 3, max_regs=168))
 
 
