@@ -1,8 +1,13 @@
-"""Compile the attention kernels for sm_90 without a GPU and count key TTGIR ops per kernel variant.
+"""Compile the attention kernels for sm_90 without a GPU: key TTGIR ops and the registers / stack per variant.
 
-Shows whether a loop was software-pipelined (async copies into shared memory) and whether the dots became
-Hopper wgmma (`warp_group_dot`). Needs only the `triton` package (its bundled ptxas); uses the local Triton,
-which may pipeline differently from the GPU machine's version.
+Shows whether a loop was software-pipelined (async copies into shared memory), whether the dots became Hopper
+wgmma (`warp_group_dot`), and (`cuobjdump -res-usage` on the cubin) registers and stack frame per thread. The
+pointers and the (B, N, H) strides get the 16-byte divisibility hints that the JIT gives them at the
+benchmark's shapes (other integer arguments get none, so the GPU's kernels can still differ a little, e.g. in
+shared memory): without the hints Triton neither vectorises nor pipelines the tile loads, and the counts say
+nothing about the GPU's kernels. Needs only the `triton` package (its bundled ptxas and cuobjdump); uses the
+local Triton: install the GPU machine's version (`pip install --target DIR triton==3.6.0`, DIR first on
+PYTHONPATH) to see what it compiles.
 
     python benchmarks/_ttgir_check.py
 """
@@ -11,7 +16,10 @@ from __future__ import annotations
 
 import collections
 import inspect
+import os
 import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,12 +30,14 @@ from l2a.ops.triton import _flash, _flash_bwd, _flash_fwd
 INT_POINTERS = {"IDX", "LO", "HI", "CNT", "ROW_START", "ROW_END", "FULL_START", "FULL_END", "PHASE_START"}
 FLOAT_POINTERS = {"LSE", "DLSE", "DELTA", "LSEC", "DELTAC"}
 TENSOR_POINTERS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "QC", "DOC"}
+# integer arguments that are multiples of 16 at the benchmark's shapes: (B, N, H) strides, key count
+DIVISIBLE_INTS = re.compile(r"stride_(q|k|v|o|do|dq|dk|dv)[bnh]$|^nk$")
 OPS = ("async_copy_global_to_local", "warp_group_dot", "scf.if")
 
 
-def _signature(kernel: triton.JITFunction, constexprs: dict) -> dict[str, str]:
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
+def _source(kernel: triton.JITFunction, constexprs: dict) -> ASTSource:
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in INT_POINTERS:
@@ -40,27 +50,52 @@ def _signature(kernel: triton.JITFunction, constexprs: dict) -> dict[str, str]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    return sig
+        if sig[name].startswith("*") or DIVISIBLE_INTS.search(name):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+
+
+def _resources(cubin: bytes) -> str:
+    """'REG:n STACK:n' of the cubin, from the cuobjdump that ships with Triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return " ".join(re.findall(r"(?:REG|STACK):\d+", out))
 
 
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
-    common = dict(R=7, HEAD_DIM=128, DOT_PRECISION="tf32")
+    pairs = dict(R=1, HEAD_DIM=128, DOT_PRECISION="tf32", PAIRS=True)
+    fwd = dict(pairs, POSITIVE_SCALE=True, BLOCK_M=128, BLOCK_N=64)
+    window = _flash.gpu_aha_local_fwd_config(128)
+    eight = dict(num_warps=8, num_stages=3)
     jobs = [
-        ("fwd", _flash_fwd._fwd_kernel, dict(common, BLOCK_M=128, BLOCK_N=64), 3),
-        ("dq", _flash_bwd._bwd_dq_kernel, dict(common, BLOCK_M=128, BLOCK_N=64, HAS_DLSE=False), 2),
-    ]
+        ("AHA fwd packed", _flash_fwd._fwd_kernel,
+         dict(fwd, PACKED=True, SHORT_BLOCKS=0, TILES_PER_PROGRAM=1), eight),
+        ("AHA fwd routed", _flash_fwd._fwd_kernel,
+         dict(fwd, PACKED=False, SHORT_BLOCKS=0, TILES_PER_PROGRAM=8), eight),
+        ("AHA fwd window", _flash_fwd._fwd_kernel,
+         dict(fwd, BLOCK_M=window.block_m, BLOCK_N=window.block_n, PACKED=False, SHORT_BLOCKS=12,
+              TILES_PER_PROGRAM=1), window.launch_options()),
+        ("AHA dq", _flash_bwd._bwd_dq_kernel,
+         dict(pairs, BLOCK_M=128, BLOCK_N=64, HAS_DLSE=False, PACKED=True), eight),
+    ]  # fmt: skip
     jobs += [
-        (f"dkdv {loop}", _flash_bwd._bwd_dkdv_kernel, dict(common, BLOCK_M=64, BLOCK_N=128, LOOP=loop), 2)
+        (f"dkdv {loop}", _flash_bwd._bwd_dkdv_kernel,
+         dict(R=1, HEAD_DIM=128, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, LOOP=loop), eight)
         for loop in _flash.DKDV_LOOPS
-    ]
-    print(f"triton {triton.__version__}, sm_90, 8 warps")
-    for name, kernel, constexprs, stages in jobs:
-        src = ASTSource(kernel, _signature(kernel, constexprs), constexprs=constexprs)
-        compiled = triton.compile(src, target=target, options=dict(num_warps=8, num_stages=stages))
+    ]  # fmt: skip
+    print(f"triton {triton.__version__}, sm_90")
+    for name, kernel, constexprs, options in jobs:
+        compiled = triton.compile(_source(kernel, constexprs), target=target, options=options)
         ops = collections.Counter(re.findall(r"\b(?:ttg|ttng)\.(\w+)|(scf\.if)", compiled.asm["ttgir"]))
         counts = {op: sum(v for k, v in ops.items() if op in k) for op in OPS}
-        print(f"{name:>12}  stages={stages}  smem={compiled.metadata.shared:>6} B  {counts}")
+        print(
+            f"{name:>15}  {options}  smem={compiled.metadata.shared:>6} B  "
+            f"{_resources(compiled.asm['cubin'])}  {counts}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ pairs on full attention, times forward and forward+backward (median of `triton.t
   * the composed form: sliding-window attention for every pair + conditional attention with key_offset=W for
     the routed pairs, merged by log-sum-exp (`l2a.ops.aha.merge_by_lse`),
 and writes a markdown table + json under --out. TF/s counts the useful FLOPs of each pair's keys
-(4·keys·D forward; forward+backward 3.5x the forward).
+(4·keys·D forward; forward+backward 3.5x the forward). `--repeats R` times every row R times, the rows taking
+turns, and reports medians (with the range of the per-repeat ratios to cuDNN); `--variants` times the op
+again under L2A_* launch settings, each first checked against the float64 reference, taking turns with the
+default and cuDNN. Last, the registers / spills / shared memory of every compiled attention kernel.
 
     python benchmarks/bench_aha.py --ns 32768,131072 --out aha_out
 """
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -119,15 +123,53 @@ def _inputs(n: int, active_frac: float, device: torch.device) -> tuple[torch.Ten
     return q, k, v, dout, active
 
 
+def timed_round_robin(fns: dict[str, object], repeats: int, settings: dict[str, dict] | None = None) -> dict:
+    """name -> `repeats` medians of `bench`, the functions taking turns (so that drift hits all alike);
+    `settings[name]`: L2A_* environment variables set while that function is timed."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            env = (settings or {}).get(name, {})
+            os.environ.update(env)
+            try:
+                times[name].append(bench(fn))
+            except Exception as e:  # noqa: BLE001  (out of resources for this config)
+                times[name].append(None)
+                print(f"{name}: {type(e).__name__}: {e}", flush=True)
+            finally:
+                for key in env:
+                    os.environ.pop(key)
+    return times
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _cudnn(qt, kt, vt, dt, backward: bool):
+    """SDPA cuDNN dense causal on (B, H, N, D) inputs, forward or forward+backward."""
+    fn = partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True)
+    fn = _fwd_bwd(fn, (qt, kt, vt), dt) if backward else fn
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            fn()
+
+    return run
+
+
 def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[dict]:
-    """The table: cuDNN, one-pass, composed and the row-list cost at every N; then the launch variants."""
+    """The table: cuDNN, one-pass, composed and the row-list cost at every N; then the launch variants,
+    each timed `--repeats` times, taking turns with the default and cuDNN."""
     hq, hkv, d, window = 28, 4, 128, args.window
     rows = []
 
-    def record(method: str, n: int, fwd: float | None, fb: float | None, flops: float, **extra) -> None:
-        row = dict(method=method, N=n, fwd_ms=fwd, fwd_bwd_ms=fb, **extra)
-        row["fwd_tflops"] = flops / (fwd * 1e-3) / 1e12 if fwd else None
-        row["fwd_bwd_tflops"] = 3.5 * flops / (fb * 1e-3) / 1e12 if fb else None
+    def record(method: str, n: int, fwd: list, fb: list | None, flops: float, **extra) -> None:
+        row = dict(method=method, N=n, fwd_ms=_median(fwd), fwd_bwd_ms=_median(fb or []), **extra)
+        row["fwd_ms_runs"], row["fwd_bwd_ms_runs"] = fwd, fb
+        row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12 if row["fwd_ms"] else None
+        row["fwd_bwd_tflops"] = 3.5 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12 if row["fwd_bwd_ms"] else None
         rows.append(row)
         log(json.dumps(row))
 
@@ -138,14 +180,8 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[
         kt = k.detach().repeat_interleave(hq // hkv, 2).transpose(1, 2).contiguous().requires_grad_()
         vt = v.detach().repeat_interleave(hq // hkv, 2).transpose(1, 2).contiguous().requires_grad_()
         dt = dout.transpose(1, 2).contiguous()
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            fn = partial(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True)
-            fwd = bench(fn)
-            fb = bench(_fwd_bwd(fn, (qt, kt, vt), dt))
-        record("SDPA cudnn dense causal", n, fwd, fb, 2.0 * n * (n + 1) * hq * d, active=1.0)
-        del qt, kt, vt, dt
-        torch.cuda.empty_cache()
         flops = useful_fwd_flops(active, window, d)
+
         methods = {
             "l2a AHA one-pass": partial(all_or_here_attention, q, k, v, active, window, backend="triton"),
         }
@@ -153,57 +189,112 @@ def run_benchmarks(args: argparse.Namespace, device: torch.device, log) -> list[
             methods["l2a AHA composed (window + far + lse merge)"] = partial(
                 composed_aha, q, k, v, active, window
             )
+        fns = {"cudnn fwd": _cudnn(qt, kt, vt, dt, False), "cudnn fwd+bwd": _cudnn(qt, kt, vt, dt, True)}
         for method, fn in methods.items():
-            fwd = bench(fn)
-            fb = bench(_fwd_bwd(fn, (q, k, v), dout))
-            record(method, n, fwd, fb, flops, active=frac)
+            fns[method + " fwd"] = fn
+            fns[method + " fwd+bwd"] = _fwd_bwd(fn, (q, k, v), dout)
         # fixed cost inside both passes: building the two pair lists per K/V group
+        fns["lists"] = partial(aha_rows, q, k, active, window, None, None)
+        times = timed_round_robin(fns, args.repeats)
         record(
-            "AHA pair lists alone (built in fwd and in bwd)",
-            n,
-            bench(partial(aha_rows, q, k, active, window, None, None)),
-            None,
-            0.0,
-        )
-        del q, k, v, dout, active
-        torch.cuda.empty_cache()
-    for n in args.ns if args.variants else ():
-        q, k, v, dout, active = _inputs(n, args.active, device)
-        flops = useful_fwd_flops(active, window, d)
-        fn = partial(all_or_here_attention, q, k, v, active, window, backend="triton")
-        for variant in args.variants:
-            settings = dict(item.split("=", 1) for item in variant.split())
-            os.environ.update(settings)
-            try:
-                record(
-                    f"l2a AHA one-pass, {variant}", n, bench(fn), bench(_fwd_bwd(fn, (q, k, v), dout)), flops
+            "SDPA cudnn dense causal", n, times["cudnn fwd"], times["cudnn fwd+bwd"],
+            2.0 * n * (n + 1) * hq * d, active=1.0,
+        )  # fmt: skip
+        for method in methods:
+            record(method, n, times[method + " fwd"], times[method + " fwd+bwd"], flops, active=frac)
+        record("AHA pair lists alone (built in fwd and in bwd)", n, times["lists"], None, 0.0)
+        if args.variants:
+            fn = methods["l2a AHA one-pass"]
+            fns, settings = {"cudnn fwd": _cudnn(qt, kt, vt, dt, False), "default fwd": fn}, {}
+            if not args.variants_fwd_only:
+                fns["default fwd+bwd"] = _fwd_bwd(fn, (q, k, v), dout)
+            for variant in args.variants:
+                settings[variant + " fwd"] = settings[variant + " fwd+bwd"] = dict(
+                    item.split("=", 1) for item in variant.split()
                 )
-            except Exception as e:  # noqa: BLE001  (out of resources for this config)
-                record(f"l2a AHA one-pass, {variant}", n, None, None, flops, note=type(e).__name__)
-            for name in settings:
-                os.environ.pop(name)
-        del q, k, v, dout, active
+                fns[variant + " fwd"] = fn
+                if not args.variants_fwd_only:
+                    fns[variant + " fwd+bwd"] = _fwd_bwd(fn, (q, k, v), dout)
+            times = timed_round_robin(fns, args.repeats, settings)
+            record("SDPA cudnn dense causal (variant block)", n, times["cudnn fwd"], None, 0.0, active=1.0)
+            for variant in ["default", *args.variants]:
+                name = "l2a AHA one-pass" + ("" if variant == "default" else f", {variant}")
+                record(
+                    name + " (variant block)",
+                    n,
+                    times[variant + " fwd"],
+                    times.get(variant + " fwd+bwd"),
+                    flops,
+                )
+        del q, k, v, dout, active, qt, kt, vt, dt
         torch.cuda.empty_cache()
     return rows
 
 
+def kernel_resources() -> list[str]:
+    """Registers, spills and shared memory of every compiled attention kernel (Triton's JIT caches)."""
+    from l2a.ops.triton import _flash_bwd, _flash_fwd
+
+    lines = []
+    kernels = [_flash_fwd._fwd_kernel, _flash_bwd._bwd_dq_kernel, _flash_bwd._bwd_dkdv_kernel]
+    shown = ("BLOCK_M", "BLOCK_N", "PACKED", "SHORT_BLOCKS", "TILES_PER_PROGRAM", "HEAD_DIM", "LOOP")
+    for kernel in kernels:
+        for cache in getattr(kernel, "device_caches", {}).values():
+            for compiled in cache[0].values():
+                constants = {}
+                for key, value in getattr(compiled.src, "constants", {}).items():
+                    name = kernel.arg_names[key[0]] if isinstance(key, tuple) else key
+                    if name in shown:
+                        constants[name] = value
+                meta = compiled.metadata
+                lines.append(
+                    f"{kernel.fn.__name__} {constants} warps={meta.num_warps} stages={meta.num_stages} "
+                    f"maxnreg={getattr(meta, 'maxnreg', None)} regs={compiled.n_regs} "
+                    f"spills={compiled.n_spills} shared={meta.shared}"
+                )
+    return lines
+
+
 def markdown(rows: list[dict]) -> str:
-    """Table with speed-ups against SDPA cuDNN dense causal at the same N."""
-    cudnn = {r["N"]: r for r in rows if r["method"].startswith("SDPA cudnn")}
+    """Table with speed-ups against SDPA cuDNN dense causal at the same N (medians of the repeats; the
+    range of the per-repeat ratios in brackets where there were several)."""
+    cudnn = {}
+    for r in rows:
+        if r["method"].startswith("SDPA cudnn dense causal") and "variant" not in r["method"]:
+            cudnn[r["N"]] = r
     lines = [
         "| method | N | active | fwd ms | fwd+bwd ms | fwd TF/s | fwd+bwd TF/s | fwd × cuDNN "
         "| fwd+bwd × cuDNN |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(ref: dict | None, r: dict, key: str) -> str:
+        if not ref or not r[key] or not ref[key]:
+            return _fmt(None)
+        text = _fmt(ref[key] / r[key], 2)
+        runs, ref_runs = r.get(key + "_runs") or [], ref.get(key + "_runs") or []
+        if len(runs) > 1 and len(runs) == len(ref_runs) and None not in runs + ref_runs:
+            per_run = [a / b for a, b in zip(ref_runs, runs)]
+            text += f" [{min(per_run):.2f}–{max(per_run):.2f}]"
+        return text
+
     for r in rows:
         ref = cudnn.get(r["N"])
-        sf = ref["fwd_ms"] / r["fwd_ms"] if ref and r["fwd_ms"] else None
-        sb = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"] if ref and r["fwd_bwd_ms"] else None
+        if "variant block" in r["method"]:
+            ref = next(
+                (
+                    x
+                    for x in rows
+                    if x["N"] == r["N"] and x["method"].startswith("SDPA cudnn dense causal (variant")
+                ),
+                ref,
+            )
+            ref = dict(ref, fwd_bwd_ms=cudnn[r["N"]]["fwd_bwd_ms"], fwd_bwd_ms_runs=None) if ref else None
         method = r["method"] + (f" ({r['note']})" if r.get("note") else "")
         lines.append(
             f"| {method} | {r['N'] // 1024}K | {r.get('active', '')} | {_fmt(r['fwd_ms'])} "
             f"| {_fmt(r['fwd_bwd_ms'])} | {_fmt(r['fwd_tflops'], 0)} | {_fmt(r['fwd_bwd_tflops'], 0)} "
-            f"| {_fmt(sf, 2)} | {_fmt(sb, 2)} |"
+            f"| {ratio(ref, r, 'fwd_ms')} | {ratio(ref, r, 'fwd_bwd_ms')} |"
         )
     return "\n".join(lines)
 
@@ -225,6 +316,12 @@ def main() -> None:
     )
     parser.add_argument("--no-composed", action="store_true", help="skip the composed two-op form")
     parser.add_argument(
+        "--repeats", type=int, default=1, help="timings per row, taking turns; medians reported"
+    )
+    parser.add_argument(
+        "--variants-fwd-only", action="store_true", help="time the variants' forward only (same backward)"
+    )
+    parser.add_argument(
         "--check-head-dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 128)
     )
     args = parser.parse_args()
@@ -244,6 +341,19 @@ def main() -> None:
         log("correctness check FAILED; refusing to report:\n  " + "\n  ".join(failures))
         sys.exit(1)
     log("correctness check passed")
+    for variant in list(args.variants):
+        settings = dict(item.split("=", 1) for item in variant.split())
+        os.environ.update(settings)
+        try:
+            failures = check_correctness(device, args.check_head_dims[-1:])
+        finally:
+            for key in settings:
+                os.environ.pop(key)
+        if failures:
+            log(f"variant {variant!r} FAILED its check, not timed:\n  " + "\n  ".join(failures))
+            args.variants.remove(variant)
+        else:
+            log(f"variant {variant!r}: correctness check passed")
     rows = run_benchmarks(args, device, log)
     meta = {
         "device": torch.cuda.get_device_name(),
@@ -257,11 +367,16 @@ def main() -> None:
         f"({args.active:.0%} of pairs)",
         "config_env": {k: v for k, v in os.environ.items() if k.startswith("L2A_")},
     }
+    resources = kernel_resources()
+    for line in resources:
+        log(line)
+    meta["kernels"] = resources
     table = markdown(rows)
     header = (
         f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, cuDNN {meta['cudnn']}; "
         f"{meta['date']}\n"
-        f"{meta['shape']}; median of triton.testing.do_bench\n`{meta['command']}`\n"
+        f"{meta['shape']}; median of triton.testing.do_bench, {args.repeats} repeat(s) taking turns\n"
+        f"`{meta['command']}`\n"
     )
     (args.out / "bench_aha.md").write_text(header + "\n" + table + "\n")
     (args.out / "bench_aha.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -28,8 +28,8 @@ from l2a.ops.triton.aha import _list_view, aha_rows
 
 # name -> environment settings of one variant of the op
 VARIANTS = {
-    "packed (default)": "",
-    "split": "L2A_AHA_FWD_LAUNCH=split",
+    "split (default)": "",
+    "packed": "L2A_AHA_FWD_LAUNCH=packed",
     "split, one routed tile a program": "L2A_AHA_FWD_LAUNCH=split L2A_AHA_ROUTED_TILES=1",
 }
 # local lists alone: (BLOCK_M, BLOCK_N, warps, stages, short blocks)
@@ -153,7 +153,7 @@ def main() -> None:
                 continue
             with env(VARIANTS[name]):
                 fwd = bench(op)
-                fb = bench(_fwd_bwd(op, (q, k, v), dout)) if name in ("packed (default)", "split") else None
+                fb = bench(_fwd_bwd(op, (q, k, v), dout)) if name in ("split (default)", "packed") else None
             record(N=n, variant=name, fwd_ms=fwd, fwd_bwd_ms=fb)
         del q, k, v, dout, active, rows, out, lse
         torch.cuda.empty_cache()

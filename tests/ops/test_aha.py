@@ -206,6 +206,29 @@ def test_forward_launches_match_reference(
     _check(case, seed=zlib.crc32(case.id.encode()) + 3)
 
 
+def test_window_launch_with_the_gpu_config_and_its_register_cap_matches_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The split forward's window launch at its GPU config (64 x 32 tiles, one masked loop, register cap;
+    the interpreter ignores the cap, the tile logic is what is checked), with a cap given by environment."""
+    monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", "split")
+    assert _flash.gpu_aha_local_fwd_config(64) == _flash.Config(64, 32, 4, 3, max_regs=168)
+    monkeypatch.setenv("L2A_AHA_FWD_LOCAL", "64,32,4,2,128")
+    assert _flash.gpu_aha_local_fwd_config(64) == _flash.Config(64, 32, 4, 2, max_regs=128)
+    assert _flash.gpu_aha_local_fwd_config(64).launch_options() == dict(
+        num_warps=4, num_stages=2, maxnreg=128
+    )
+    monkeypatch.setattr(_flash, "aha_local_fwd_config", _flash.gpu_aha_local_fwd_config)
+    case = GPU_TILE_CASES[0]
+    _check(case, seed=zlib.crc32(case.id.encode()) + 4)
+
+
+def test_bad_launch_config_from_environment_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L2A_AHA_FWD_LOCAL", "64,32,4")
+    with pytest.raises(ValueError, match=r"L2A_AHA_FWD_LOCAL must be BM,BN,warps,stages\[,max_regs\]"):
+        _flash.gpu_aha_local_fwd_config(128)
+
+
 def test_unknown_forward_launch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("L2A_AHA_FWD_LAUNCH", "three")
     q, k, v = _qkv()

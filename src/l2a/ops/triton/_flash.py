@@ -49,15 +49,25 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    # register cap per thread (Triton's `maxnreg`), so that more programs fit on a multiprocessor
+    max_regs: int | None = None
+
+    def launch_options(self) -> dict[str, int]:
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.max_regs is not None:
+            options["maxnreg"] = self.max_regs
+        return options
 
 
 def _env_config(name: str, default: Config) -> Config:
-    """`L2A_<NAME>=BM,BN,warps,stages` overrides a launch config (used by the benchmark's sweeps)."""
+    """`L2A_<NAME>=BM,BN,warps,stages[,max_regs]` overrides a launch config (the benchmarks' sweeps)."""
     value = os.environ.get(f"L2A_{name}")
     if not value:
         return default
-    bm, bn, w, s = (int(x) for x in value.split(","))
-    return Config(bm, bn, w, s)
+    fields = [int(x) for x in value.split(",")]
+    if len(fields) not in (4, 5):
+        raise ValueError(f"L2A_{name} must be BM,BN,warps,stages[,max_regs], got {value!r}")
+    return Config(*fields)
 
 
 INTERPRETER_CONFIG = Config(16, 16, 1, 1)
@@ -81,8 +91,10 @@ def gpu_bwd_dkdv_config(d: int) -> Config:
 def gpu_aha_local_fwd_config(d: int) -> Config:
     # AHA's local lists in the "split" forward (W + BLOCK_M / G keys a tile): on an H200 at 32K, W = 256,
     # 64,32,4,3 ran them in 0.66 ms against 0.72-0.79 for 128,64,8,3 / 128,64,8,2 / 64,64,4,3 / 64,64,4,2 /
-    # 128,32,8,3 (benchmarks/profile_aha.py, docs/benchmarks.md)
-    return _env_config("AHA_FWD_LOCAL", Config(64, 32, 4, 3))
+    # 128,32,8,3 (benchmarks/profile_aha.py, docs/benchmarks.md). The cap of 168 registers (175-184 uncapped;
+    # 0-4 spilled with the cap on triton 3.6) fits 3 programs per SM instead of 2: the whole forward at 32K
+    # went 1.75 -> 1.71 ms (docs/benchmarks.md, AHA run 5)
+    return _env_config("AHA_FWD_LOCAL", Config(64, 32, 4, 3, max_regs=168))
 
 
 def aha_local_fwd_config(d: int) -> Config:
@@ -299,12 +311,15 @@ def _tile_rows(
     row_valid = rows < tl.where(live, n_rows, 0)
     slot = rows // R
     list_off = b * stride_ib + (hkv * n_lists + li) * stride_il
-    tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0).to(tl.int64)
+    tok = tl.load(IDX + list_off + slot, mask=row_valid, other=0)
     if PAIRS:
-        head = hkv * group + (tok % group).to(tl.int32)
+        # 32-bit division (slots < N G < 2^31): a 64-bit one is a subroutine call on sm_90, paid at the
+        # start of every tile (the AHA forward at 32K: 1.83 -> 1.75 ms on an H200)
+        head = hkv * group + tok % group
         tok = tok // group
     else:
         head = hkv * group + li * R + rows % R
+    tok = tok.to(tl.int64)
     lo_r = tl.load(LO + list_off + slot, mask=row_valid, other=0)
     hi_r = tl.load(HI + list_off + slot, mask=row_valid, other=-1)
     first_slot = m_start // R

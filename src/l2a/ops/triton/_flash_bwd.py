@@ -529,7 +529,7 @@ def backward_dq(
         n_lists_total, hkv, rows.lists_per_group, hq // hkv, nk, scale * LOG2E, scale,
         R=r, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_DLSE=dlse is not None,
         DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, PACKED=rows.packed,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )  # fmt: skip
     return compact
 
@@ -572,6 +572,6 @@ def backward_dkdv(
         *compact.lse2.stride()[:2], *_list_strides(rows)[:2], stride_sb, stride_sl,
         b * hkv, hkv, rows.lists_per_group, nk, scale * LOG2E, scale,
         R=rows.rows_per_token, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, LOOP=loop,
-        DOT_PRECISION=_dot_precision(k.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(k.dtype), **cfg.launch_options(),
     )  # fmt: skip
     return dk, dv

@@ -214,5 +214,5 @@ def launch_forward(
         R=rows.rows_per_token, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PRECISION=_dot_precision(q.dtype), PAIRS=rows.pairs, PACKED=rows.packed,
         SHORT_BLOCKS=short_blocks, POSITIVE_SCALE=scale > 0, TILES_PER_PROGRAM=tiles_per_program,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )  # fmt: skip

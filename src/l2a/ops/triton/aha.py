@@ -165,13 +165,15 @@ _LOCAL_SHORT_BLOCKS = 12
 
 
 def fwd_launch() -> str:
-    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "packed" (default) runs both lists of every group in
-    one launch with `fwd_config`, the routed (heavy) tiles first and the window tiles filling the tail;
-    "split" runs the routed lists (programs looping over `L2A_AHA_ROUTED_TILES` tiles, default 8) and the
-    local lists (`aha_local_fwd_config`, one masked loop a tile) as two kernels with their own tile configs.
-    On an H200 at 32K / 128K, 7 % routed, the two were within run-to-run noise (packed 1.83 / 20.12 ms,
-    split 1.86 / 20.08 ms in one run; docs/benchmarks.md); split is the place to tune the window tiles."""
-    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "packed")
+    """Launches of the forward, `L2A_AHA_FWD_LAUNCH`: "split" (default) runs the routed lists (programs
+    looping over `L2A_AHA_ROUTED_TILES` tiles, default 8; `fwd_config`) and the local lists
+    (`aha_local_fwd_config`: small tiles under a register cap, several programs per SM, one masked loop a
+    tile) as two kernels; "packed" runs both lists of every group in one launch with `fwd_config`, the
+    routed (heavy) tiles first and the window tiles filling the tail, one program per SM. On an H200 at
+    32K / 128K, 7 % routed: split 1.71 / 20.22 ms, packed 1.76 / 20.21 ms, taking turns in one run (medians
+    of 3; docs/benchmarks.md, run 5). Running the window launch on a second stream, to fill the routed
+    launch's tail, measured no faster (1.72 / 20.20 ms) and was dropped."""
+    launch = os.environ.get("L2A_AHA_FWD_LAUNCH", "split")
     if launch not in FWD_LAUNCHES:
         raise ValueError(f"L2A_AHA_FWD_LAUNCH must be one of {FWD_LAUNCHES}, got {launch!r}")
     return launch
