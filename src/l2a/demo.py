@@ -38,10 +38,9 @@ from l2a.demo_common import (
     cpu_run_settings,
     eval_rows,
     kv_task_args,
-    prepare_data,
-    pretrain_until_retrieval,
     resolve_device,
     retrieval_hits,
+    start_demo,
 )
 
 __all__ = [
@@ -270,6 +269,7 @@ def run_demo(
     threads: int | None = 2,
     progress: bool = True,
     device: str = "cpu",
+    base: str | Path = "embedded",
 ) -> dict[str, Any]:
     """Run the whole demo; write ``report.json``, ``routing.png`` and the trained models to ``out_dir``.
 
@@ -285,6 +285,10 @@ def run_demo(
         device: "cpu" (default), "cuda", "cuda:N" or "auto" (cuda when available). Training runs in fp32
             on CPU and under bf16 autocast on CUDA (`TrainConfig.precision="auto"`); the report's
             evaluation runs the fp32 weights without autocast on either.
+        base: the dense model to convert (`l2a.demo_common.dense_base`): ``"embedded"`` (default) the
+            package's pretrained tiny base (`EMBEDDED_BASE`, default sizes only), ``"scratch"`` pretrains
+            one until it retrieves (its onset varies with the seed and the CPU: the run may end invalid),
+            or the directory of a base saved by an earlier run (``DIR/base``).
 
     Returns:
         the report: ``sparsity`` (mean fraction of tokens skipping global attention on the evaluation
@@ -306,40 +310,15 @@ def run_demo(
     config = DemoConfig.quick() if quick else (config or DemoConfig())
     torch_device = resolve_device(device)
     on_cpu = torch_device.type == "cpu"
-    precision = "fp32" if on_cpu else "auto"  # auto = bf16 autocast on CUDA, fp32 master weights
     threads = threads if on_cpu else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir, base_dir = out / "model", out / "base"
     start = time.perf_counter()
     with cpu_run_settings(torch_device, threads):
-        rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
-
-        common = {
-            "seed": seed,
-            "device": str(torch_device),
-            "precision": precision,
-            "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
-            "checkpoint": {"save_final": False},
-        }
-        for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
-            (out / phase / "log.jsonl").unlink(missing_ok=True)
-        model = build_base_model(config, tokenizer)
-        pre, checks = pretrain_until_retrieval(
-            model,
-            config,
-            tokenizer,
-            batches(config, corpus, pool, rng),
-            seed,
-            str(out / "pretrain"),
-            common,
-            progress,
-        )
-        # saved before conversion, so `base` is the full-attention model whatever conversion does to it
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-
-        base_hits, _ = retrieval_hits(model, held_out, config.batch_size)
+        run = start_demo(config, seed, base, out, torch_device, progress)
+        rng, tokenizer, corpus, pool, held_out = run.rng, run.tokenizer, run.corpus, run.pool, run.held_out
+        common, model, pre, checks, base_hits = run.common, run.model, run.pretrain, run.checks, run.base_hits
         l2a_model = convert_model(model, sliding_window=config.window)
         del model
         # the paper's default: attention, norms and router train; MLPs, embeddings not
@@ -392,9 +371,10 @@ def run_demo(
         "model_dir": str(model_dir),
         "base_dir": str(base_dir),
         "eval_task_args": {"kv_retrieval": kv_task_args(config)},
-        "pretrain_steps_run": pre.step,
+        "base_from": str(base),
+        "pretrain_steps_run": pre.step if pre else 0,
         "pretrain_checks": checks,
-        "pretrain_last": pre.history[-1] if pre.history else None,
+        "pretrain_last": pre.history[-1] if pre and pre.history else None,
         "routed_last": routed.history[-1] if routed.history else None,
     }
     report |= check_targets(report)
@@ -433,10 +413,14 @@ def verdict(report: dict[str, Any]) -> str:
     targets = report["targets"]
     if not report["valid"]:
         base = targets["base_accuracy"]
+        cause = (
+            f"pretraining did not learn retrieval in {report['pretrain_steps_run']} steps"
+            if report.get("base_from", "scratch") == "scratch"
+            else f"the base loaded from {report['base_from']} does not retrieve"
+        )
         return (
             f"INVALID RUN: the dense base model retrieves only {base['value']:.1%} "
-            f"(needs >= {base['min']:.0%}): pretraining did not learn retrieval in "
-            f"{report['pretrain_steps_run']} steps, so this table compares L2A with a model that cannot "
+            f"(needs >= {base['min']:.0%}): {cause}, so this table compares L2A with a model that cannot "
             "retrieve and shows nothing about L2A."
         )
     if report["targets_met"]:

@@ -1,7 +1,8 @@
 """The embedded AHA demo (`l2a demo --method aha`): the L2A demo's tiny model and task, routed per head.
 
 `run_aha_demo` reuses the pieces of `l2a.demo` and `l2a.demo_common` (tiny Qwen3 over the byte tokenizer,
-standard-library text mixed with beyond-window ``kv_retrieval``, full-attention pretraining) and then:
+standard-library text mixed with beyond-window ``kv_retrieval``, the embedded dense base or full-attention
+pretraining) and then:
 
 1. converts the model with `l2a.convert_model(..., method="aha")` (zero routers: every head on full
    attention);
@@ -36,13 +37,11 @@ from l2a.demo import DemoConfig
 from l2a.demo_common import (
     accuracy_by_distance,
     batches,
-    build_base_model,
     cpu_run_settings,
     kv_task_args,
-    prepare_data,
-    pretrain_until_retrieval,
     resolve_device,
     retrieval_hits,
+    start_demo,
 )
 
 ROUTINGS = {"aha": None, "local_only": "none", "all_global": "all"}
@@ -63,7 +62,7 @@ class AHADemoConfig(DemoConfig):
     window: int = 16
     routed_steps: int = 150
     routed_lr: float = 1e-3
-    regularizer_weight: float = 2e-4
+    regularizer_weight: float = 3e-4
     curve_windows: str = ""
     curve_steps: int = 60
 
@@ -93,29 +92,6 @@ class AHADemoConfig(DemoConfig):
             corpus_chars=100_000,
             curve_steps=5,
         )
-
-
-def load_base(path: str | Path, config: AHADemoConfig, device: torch.device) -> torch.nn.Module:
-    """A dense base saved by an earlier demo run, checked against `config`'s model sizes."""
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"base model directory {str(path)!r} has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    got = model.config
-    expected = {
-        "model_type": "qwen3",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-    }
-    wrong = {k: getattr(got, k, None) for k, v in expected.items() if getattr(got, k, None) != v}
-    if wrong:
-        raise ValueError(
-            f"base model {str(path)!r} does not match the demo config: has {wrong}, expected {expected}"
-        )
-    return model
 
 
 def _routed_train_config(config: AHADemoConfig, out: Path, steps: int, common: dict[str, Any]):
@@ -304,14 +280,13 @@ def run_aha_demo(
     threads: int | None = 2,
     progress: bool = True,
     device: str = "cpu",
-    base: str | Path | None = None,
+    base: str | Path = "embedded",
 ) -> dict[str, Any]:
     """Run the AHA demo; write ``report.json``, ``aha_routing.png`` (and ``long_tail.png`` with
     `curve_windows`) and the trained models to ``out_dir``.
 
-    Arguments as `l2a.demo.run_demo`, plus ``base``: the directory of a dense base saved by an earlier demo
-    run (``DIR/base`` of ``l2a demo`` or ``l2a demo --method aha``, same model sizes) to start from instead
-    of pretraining (the routed phase then draws other batches than a fresh run).
+    Arguments as `l2a.demo.run_demo`, including ``base`` (`l2a.demo_common.dense_base`: ``"embedded"``, the
+    default, ``"scratch"``, or the directory of a dense base saved by an earlier demo run, ``DIR/base``).
 
     Returns the report: ``accuracy`` ``{"aha", "local_only", "all_global"}``, ``base_accuracy``,
     ``local_fraction`` (fraction of (token, head) pairs of the evaluation
@@ -334,36 +309,9 @@ def run_aha_demo(
     model_dir, base_dir = out / "model", out / "base"
     start, cpu_start = time.perf_counter(), time.process_time()
     with cpu_run_settings(torch_device, threads):
-        rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
-        common = {
-            "seed": seed,
-            "device": str(torch_device),
-            "precision": "fp32" if on_cpu else "auto",
-            "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
-            "checkpoint": {"save_final": False},
-        }
-        for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
-            (out / phase / "log.jsonl").unlink(missing_ok=True)
-        pre_history, checks = [], []
-        if base is None:
-            model = build_base_model(config, tokenizer)
-            pre, checks = pretrain_until_retrieval(
-                model,
-                config,
-                tokenizer,
-                batches(config, corpus, pool, rng),
-                seed,
-                str(out / "pretrain"),
-                common,
-                progress,
-            )
-            pre_history = pre.history
-        else:
-            model = load_base(base, config, torch_device)
-        if Path(base or "").resolve() != base_dir.resolve():
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
-        base_hits, _ = retrieval_hits(model, held_out, config.batch_size)
+        run = start_demo(config, seed, base, out, torch_device, progress)
+        rng, tokenizer, corpus, pool, held_out = run.rng, run.tokenizer, run.corpus, run.pool, run.held_out
+        common, model, pre, checks, base_hits = run.common, run.model, run.pretrain, run.checks, run.base_hits
         dense = copy.deepcopy(model) if config.windows() else None
 
         aha = convert_model(model, sliding_window=config.window, method="aha")
@@ -420,10 +368,10 @@ def run_aha_demo(
         "model_dir": str(model_dir),
         "base_dir": str(base_dir),
         "eval_task_args": {"kv_retrieval": kv_task_args(config)},
-        "base_from": None if base is None else str(base),
-        "pretrain_steps_run": pre_history[-1]["step"] if pre_history else 0,
+        "base_from": str(base),
+        "pretrain_steps_run": pre.step if pre else 0,
         "pretrain_checks": checks,
-        "pretrain_last": pre_history[-1] if pre_history else None,
+        "pretrain_last": pre.history[-1] if pre and pre.history else None,
         "routed_last": routed.history[-1] if routed.history else None,
     }
     _plot(out / "aha_routing.png", report)

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +21,11 @@ from l2a.data.tasks import TaskSample, get_task
 
 if TYPE_CHECKING:
     from l2a.demo import DemoConfig
+
+EMBEDDED_BASE = Path(__file__).parent / "assets" / "demo_base"
+"""The dense base both demos start from by default (``base="embedded"``): the tiny Qwen3 of the default
+`DemoConfig` sizes, pretrained by this package's own demo pretraining (``l2a demo --base scratch``; the exact
+command, seed and its retrieval are in ``provenance.json`` next to the weights)."""
 
 _QUERY = re.compile(rb"\n[a-z]+:( \d+)")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -120,10 +126,16 @@ def task_rows(
     return rows
 
 
+EVAL_STREAM, VALIDATION_STREAM = 1_000, 2_000
+"""Offsets of the random streams of the evaluation and validation rows from the run's seed: rows of their own
+for every seed below 1000, apart from every run's training pool (stream ``seed``) and from the validation rows
+the embedded base was pretrained with (stream 2)."""
+
+
 def eval_rows(config: DemoConfig, tokenizer: Any, seed: int, progress: bool = False) -> list[TaskRow]:
     """The held-out evaluation rows of a run with ``seed`` (drawn apart from the training pool)."""
     return task_rows(
-        config, tokenizer, config.eval_samples, random.Random(seed + 1), "eval samples", progress
+        config, tokenizer, config.eval_samples, random.Random(EVAL_STREAM + seed), "eval samples", progress
     )
 
 
@@ -268,17 +280,22 @@ def pretrain_until_retrieval(
     `config.pretrain_steps` steps, all parameters trainable.
 
     Every `config.pretrain_check_every` steps the model's retrieval is measured on
-    `config.validation_samples` rows of their own (drawn from ``seed + 2``, apart from the training pool
-    and the evaluation rows); training stops once it reaches `config.pretrain_target`. ``common`` holds
-    the `TrainConfig` fields the caller shares between its phases (seed, device, precision, logging,
-    checkpoint). Returns the trainer's result and the checks ``[{"step", "accuracy"}]``.
+    `config.validation_samples` rows of their own (stream `VALIDATION_STREAM` + ``seed``, apart from the
+    training pool and the evaluation rows); training stops once it reaches `config.pretrain_target`.
+    ``common`` holds the `TrainConfig` fields the caller shares between its phases (seed, device,
+    precision, logging, checkpoint). Returns the trainer's result and the checks ``[{"step", "accuracy"}]``.
     """
     from tqdm.auto import tqdm
 
     from l2a.training import TrainConfig, train
 
     validation = task_rows(
-        config, tokenizer, config.validation_samples, random.Random(seed + 2), "validation", progress
+        config,
+        tokenizer,
+        config.validation_samples,
+        random.Random(VALIDATION_STREAM + seed),
+        "validation",
+        progress,
     )
     checks: list[dict[str, float]] = []
 
@@ -313,3 +330,131 @@ def pretrain_until_retrieval(
         on_log=check_retrieval,
     )
     return result, checks
+
+
+def base_path(base: str | Path) -> Path | None:
+    """The directory ``base`` names (`dense_base`): `EMBEDDED_BASE` for ``"embedded"``, None for
+    ``"scratch"``."""
+    if str(base) == "scratch":
+        return None
+    return EMBEDDED_BASE if str(base) == "embedded" else Path(base)
+
+
+def check_base(base: str | Path, config: DemoConfig) -> None:
+    """Raise (FileNotFoundError, ValueError: one line naming the problem) unless ``base`` is ``"scratch"`` or
+    a saved dense base of ``config``'s model sizes and at least its sequence length."""
+    from transformers import AutoConfig
+
+    path = base_path(base)
+    if path is None:
+        return
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base model directory {str(path)!r} has no config.json")
+    got = AutoConfig.from_pretrained(path)
+    expected: dict[str, Any] = {
+        "model_type": "qwen3",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+    }
+    wrong = {k: getattr(got, k, None) for k, v in expected.items() if getattr(got, k, None) != v}
+    if getattr(got, "max_position_embeddings", 0) < config.seq_len:
+        wrong["max_position_embeddings"] = getattr(got, "max_position_embeddings", None)
+        expected["max_position_embeddings"] = f">= seq_len={config.seq_len}"
+    if wrong:
+        raise ValueError(
+            f"base model {str(path)!r} does not match the demo config: has {wrong}, expected {expected} "
+            "(--base scratch pretrains a base of the configured sizes)"
+        )
+
+
+def load_base(path: str | Path, config: DemoConfig, device: torch.device) -> torch.nn.Module:
+    """A dense base saved by a demo run (``DIR/base``) or `EMBEDDED_BASE`, checked by `check_base`; fp32 on
+    ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    check_base(path, config)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+def dense_base(
+    base: str | Path,
+    config: DemoConfig,
+    tokenizer: Any,
+    device: torch.device,
+    data: Iterator[dict[str, torch.Tensor]],
+    seed: int,
+    output_dir: str,
+    common: dict[str, Any],
+    progress: bool,
+    save_to: Path,
+) -> tuple[torch.nn.Module, Any, list[dict[str, float]]]:
+    """The demo's dense base: ``"embedded"`` loads `EMBEDDED_BASE`, ``"scratch"`` pretrains a fresh model
+    (`pretrain_until_retrieval` on ``data``), any other value loads that directory (`load_base`). The base
+    is saved with ``tokenizer`` to ``save_to`` (unless it was loaded from there), before any conversion.
+
+    Returns the model, the pretraining's trainer result (None for a loaded base) and its retrieval checks.
+    """
+    pre, checks = None, []
+    path = base_path(base)
+    if path is None:
+        model = build_base_model(config, tokenizer)
+        pre, checks = pretrain_until_retrieval(
+            model, config, tokenizer, data, seed, output_dir, common, progress
+        )
+    else:
+        model = load_base(path, config, device)
+        if path.resolve() == save_to.resolve():
+            return model, pre, checks
+    model.save_pretrained(save_to)
+    tokenizer.save_pretrained(save_to)
+    return model, pre, checks
+
+
+@dataclass
+class DemoStart:
+    """What both demos have before their routed phase: the data (`prepare_data`), the trainer settings the
+    phases share, and the dense base (`dense_base`) with its retrieval hits on the held-out rows."""
+
+    rng: random.Random
+    tokenizer: Any
+    corpus: torch.Tensor
+    pool: list[TaskRow]
+    held_out: list[TaskRow]
+    common: dict[str, Any]
+    model: torch.nn.Module
+    pretrain: Any
+    checks: list[dict[str, float]]
+    base_hits: list[bool]
+
+
+def start_demo(
+    config: DemoConfig, seed: int, base: str | Path, out: Path, device: torch.device, progress: bool
+) -> DemoStart:
+    """Data, shared `TrainConfig` fields (fp32 on CPU, bf16 autocast on CUDA; logs under ``out/<phase>``,
+    started afresh) and the dense base of a demo run, saved to ``out/base`` (`dense_base`)."""
+    rng, tokenizer, corpus, pool, held_out = prepare_data(config, seed, progress)
+    common = {
+        "seed": seed,
+        "device": str(device),
+        "precision": "fp32" if device.type == "cpu" else "auto",
+        "logging": {"every": 10, "progress_bar": progress, "jsonl": True},
+        "checkpoint": {"save_final": False},
+    }
+    for phase in ("pretrain", "routed"):  # the trainer appends to its log: start this run's afresh
+        (out / phase / "log.jsonl").unlink(missing_ok=True)
+    model, pre, checks = dense_base(
+        base,
+        config,
+        tokenizer,
+        device,
+        batches(config, corpus, pool, rng),
+        seed,
+        str(out / "pretrain"),
+        common,
+        progress,
+        out / "base",
+    )
+    base_hits, _ = retrieval_hits(model, held_out, config.batch_size)
+    return DemoStart(rng, tokenizer, corpus, pool, held_out, common, model, pre, checks, base_hits)

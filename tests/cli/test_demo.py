@@ -18,7 +18,7 @@ def fake_demo(monkeypatch):
     """`run_demo` replaced by one that writes what the real one writes (a report, a plot, model dirs)."""
     calls = []
 
-    def fake_run_demo(out_dir, *, seed, config, threads, device):
+    def fake_run_demo(out_dir, *, seed, config, threads, device, base):
         calls.append(out_dir)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +63,9 @@ BAD_INPUTS = {
     "no-equals": (["--set", "seq_len"], "must look like KEY=VALUE"),
     "bad-device": (["--device", "gpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     "threads": (["--threads", "0"], "--threads must be >= 1, got 0"),
+    "missing-base": (["--base", "/nonexistent/base"], "--base /nonexistent/base: base model directory"),
+    # the embedded base has the default sizes: another size needs --base scratch
+    "embedded-base-sizes": (["--set", "hidden_size=32"], "does not match the demo config"),
 }
 
 

@@ -18,9 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="train a tiny model, convert it to L2A, route it and evaluate retrieval (CPU, minutes)",
-        description="Pretrain a tiny Qwen3-style model on the Python standard library's sources mixed with "
-        "a key-value retrieval task, convert it to L2A, train its routers, and compare beyond-window "
-        "retrieval of the learned routing with local-only and all-global routing. "
+        description="Convert a tiny pretrained Qwen3-style model (embedded in the package, or pretrained "
+        "here with --base scratch on the Python standard library's sources mixed with a key-value "
+        "retrieval task) to L2A, train its routers, and compare beyond-window retrieval of the learned "
+        "routing with local-only and all-global routing and with the dense model. "
         "Writes DIR/report.json, DIR/routing.png and the trained models DIR/model (L2A) and DIR/base "
         "(full attention, before conversion).",
     )
@@ -66,12 +67,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--base",
-        default=None,
-        metavar="DIR",
-        help="--method aha only: start from the dense base DIR saved by an earlier demo run "
-        "(skips pretraining)",
+        default="embedded",
+        metavar="embedded|scratch|DIR",
+        help="the dense model to convert: embedded (default: the package's pretrained tiny base, "
+        "l2a/assets/demo_base), scratch (pretrain one until it retrieves, at most 2800 steps: a few "
+        "minutes; when retrieval appears varies with the seed and the CPU, and a run whose base does not "
+        "retrieve ends INVALID), or DIR, the base/ folder of an earlier demo run",
     )
     parser.set_defaults(func=_run)
+
+
+def _check_base(base: str, config, out: str) -> None:
+    """--base names the embedded base, scratch, or a saved base of the configured sizes outside --out."""
+    from l2a.demo_common import base_path, check_base
+
+    path = base_path(base)
+    if path is not None and Path(out).resolve() in (path.resolve(), *path.resolve().parents):
+        raise UsageError(f"--base {base} lies inside --out {out}: use another --out (the run rewrites it)")
+    try:
+        check_base(base, config)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--base {base}: {error}") from None
 
 
 def _run_aha(args: argparse.Namespace) -> int:
@@ -83,13 +99,7 @@ def _run_aha(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     resolve_device(args.device)
-    if args.base is not None and Path(out).resolve() in (
-        Path(args.base).resolve(),
-        *Path(args.base).resolve().parents,
-    ):
-        raise UsageError(
-            f"--base {args.base} lies inside --out {out}: use another --out (the run rewrites it)"
-        )
+    _check_base(args.base, config, out)
     prepare_output_dir(out, force=args.force, outputs=AHA_OUTPUTS)
     report = run_aha_demo(
         out, seed=args.seed, config=config, threads=args.threads, device=args.device, base=args.base
@@ -108,8 +118,6 @@ def _run_aha(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.method == "aha":
         return _run_aha(args)
-    if args.base is not None:
-        raise UsageError("--base is an option of --method aha")
     import dataclasses
 
     from l2a.demo import DemoConfig, format_report, resolve_device, run_demo, task_arg_flags, verdict
@@ -126,8 +134,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     resolve_device(args.device)
+    _check_base(args.base, config, args.out)
     prepare_output_dir(args.out, force=args.force, outputs=OUTPUTS)
-    report = run_demo(args.out, seed=args.seed, config=config, threads=args.threads, device=args.device)
+    report = run_demo(
+        args.out, seed=args.seed, config=config, threads=args.threads, device=args.device, base=args.base
+    )
     print(format_report(report))
     print(f"report: {args.out}/report.json, plot: {args.out}/routing.png")
     print(f"models: {report['model_dir']} (L2A), {report['base_dir']} (full attention, before conversion)")
