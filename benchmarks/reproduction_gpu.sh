@@ -13,8 +13,8 @@
 # known, e.g. from docs/reproduction/probe_h200.json); L2A_NEED: seconds the l2a stage needs to be started
 # in `first` (default: from the probe figures).
 #   OUT=... VARIANT_SET="--set extend.regularizer_weight=1e-4" bash benchmarks/reproduction_gpu.sh variant
-# runs another routing recipe on the same base: run_v/ gets run/'s base, pretrain and clp records and
-# run/overrides.txt + VARIANT_SET, then VARIANT_STAGES (default: l2a random) under the budget.
+# runs another routing recipe on the same base: VARIANT_DIR (default run_v/) gets run/'s base, pretrain and
+# clp records and run/overrides.txt + VARIANT_SET, then VARIANT_STAGES (default: l2a random) under the budget.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
@@ -112,13 +112,14 @@ ${VARIANT_EXTRA:-}" VARIANT_STAGES=l2a bash "$0" variant
   fi
   ;;
 variant)
-  mkdir -p run_v/stages run_v/clp
-  cp -r run/base run_v/ && cp run/stages/pretrain.json run/stages/clp.json run_v/stages/
-  cp run/clp/result.json run_v/clp/
-  echo "$(cat run/overrides.txt) ${VARIANT_SET:?set VARIANT_SET}" > run_v/overrides.txt
-  cat run_v/overrides.txt
-  RUN=run_v reproduce $(($(left) - 15)) ${VARIANT_STAGES:-l2a random}
-  tar cf - --exclude=run_v/base run_v | split -b 15m - "$OUT/variant.tar."
+  V=${VARIANT_DIR:-run_v}
+  mkdir -p "$V/stages" "$V/clp"
+  cp -r run/base "$V/" && cp run/stages/pretrain.json run/stages/clp.json "$V/stages/"
+  cp run/clp/result.json "$V/clp/"
+  echo "$(cat run/overrides.txt) ${VARIANT_SET:?set VARIANT_SET}" > "$V/overrides.txt"
+  cat "$V/overrides.txt"
+  RUN=$V reproduce $(($(left) - 15)) ${VARIANT_STAGES:-l2a random}
+  tar cf - --exclude="$V/base" "$V" | split -b 15m - "$OUT/$V.tar."
   ls -la "$OUT"
   ;;
 retry)

@@ -1,4 +1,4 @@
-"""Per-layer sparsity of an L2A arm by training step, with λ and the regulariser's share of the loss, as a PNG.
+"""Per-layer sparsity of an L2A arm by training step, with λ and the regulariser's loss share, as a PNG.
 
 Reads a training log (``OUT/l2a/train/log.jsonl`` of `l2a reproduce`, records with ``step``, ``lm_loss``,
 ``router_regularizer``, ``lambda``, ``sparsity_per_layer``): shows whether the routers switched off under
@@ -57,7 +57,8 @@ def main() -> None:
     print(f"wrote {args.out}")
     for r, s in list(zip(records, share))[:6]:
         print(
-            f"step {r['step']}: sparsity {r['sparsity']:.3f}, λ {r['lambda']:.2g}, regulariser {100 * s:.2f} %"
+            f"step {r['step']}: sparsity {r['sparsity']:.3f}, λ {r['lambda']:.2g}, "
+            f"regulariser {100 * s:.2f} % of the loss"
         )
 
 
