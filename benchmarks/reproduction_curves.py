@@ -5,6 +5,8 @@ Each run is LABEL=PATH: a stage record (``OUT/stages/pretrain.json``, its ``chec
 
     python benchmarks/reproduction_curves.py --out docs/reproduction/pretraining \\
         "answer-only labels=run/stages/pretrain.json" "all labels=run_scratch/logs/pretrain.log"
+
+``--include PREVIOUS.json`` keeps every curve of an earlier output first (runs whose records are gone).
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="LABEL=PATH")
     parser.add_argument("--out", required=True, help="output stem: STEM.png and STEM.json")
+    parser.add_argument(
+        "--include", action="append", default=[], metavar="JSON", help="curves of an earlier output"
+    )
     args = parser.parse_args()
     curves = {}
+    for path in args.include:
+        for label, points in json.loads(Path(path).read_text()).items():
+            curves[label] = [(p["step"], p["score"]) for p in points]
     for item in args.runs:
         label, _, path = item.partition("=")
         if not path:

@@ -9,6 +9,12 @@
 # EXTEND_MAX) and records the resulting --set overrides in run/overrides.txt: every later call uses the same
 # ones (they change the config's fingerprint). Each call ends with $OUT/run.tar.* (15 MiB pieces; `second`
 # leaves out run/base, which the other side already has). BUDGET: seconds for the whole command.
+# OVERRIDES (first): the --set overrides to record instead of probing (saves ~25 s when the step times are
+# known, e.g. from docs/reproduction/probe_h200.json); L2A_NEED: seconds the l2a stage needs to be started
+# in `first` (default: from the probe figures).
+#   OUT=... VARIANT_SET="--set extend.regularizer_weight=1e-4" bash benchmarks/reproduction_gpu.sh variant
+# runs another routing recipe on the same base: VARIANT_DIR (default run_v/) gets run/'s base, pretrain and
+# clp records and run/overrides.txt + VARIANT_SET, then VARIANT_STAGES (default: l2a random) under the budget.
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
@@ -43,10 +49,13 @@ pack() {  # the run directory into <= 15 MiB pieces under $OUT
 
 case "${1:-first}" in
 first)
-  timeout 150 python benchmarks/reproduction_probe.py "$CFG" --steps 12 --out run/probe.json \
-    > run/logs/probe.log 2>&1
-  cat run/probe.json && echo || { tail -30 run/logs/probe.log; pack; exit 1; }
-  python - "${PRETRAIN_S:-170}" "${EXTEND_S:-55}" "${PRETRAIN_MAX:-2500}" "${EXTEND_MAX:-500}" <<'EOF' > run/overrides.txt
+  if [ -n "${OVERRIDES:-}" ]; then
+    echo "$OVERRIDES" > run/overrides.txt
+  else
+    timeout 150 python benchmarks/reproduction_probe.py "$CFG" --steps 12 --out run/probe.json \
+      > run/logs/probe.log 2>&1
+    cat run/probe.json && echo || { tail -30 run/logs/probe.log; pack; exit 1; }
+    python - "${PRETRAIN_S:-170}" "${EXTEND_S:-55}" "${PRETRAIN_MAX:-2500}" "${EXTEND_MAX:-500}" <<'EOF' > run/overrides.txt
 import json, sys
 pre_s, ext_s, pre_max, ext_max = (float(a) for a in sys.argv[1:])
 probe = json.load(open("run/probe.json"))
@@ -54,19 +63,64 @@ pre = max(50, int(min(pre_max, pre_s / probe["pretrain_s_per_step"]) // 50 * 50)
 ext = max(10, int(min(ext_max, ext_s / probe["l2a_s_per_step"]) // 10 * 10))
 print(f"--set pretrain.max_steps={pre} --set pretrain.max_seconds={pre_s + 30:.0f} --set extend.steps={ext}")
 EOF
+  fi
   cat run/overrides.txt
   reproduce $(($(left) - 40)) pretrain clp
   # l2a too when the rest of the budget covers its training, 3 evaluations and start-up (probe figures)
-  need=$(python -c "import json, re; p = json.load(open('run/probe.json')); \
+  need=${L2A_NEED:-$(python -c "import json, re; p = json.load(open('run/probe.json')); \
 s = int(re.search(r'extend.steps=(\d+)', open('run/overrides.txt').read()).group(1)); \
-print(int(s * p['l2a_s_per_step'] + 3 * (160 * p['l2a_eval_s_per_batch'] + 25) + 60))")
+print(int(s * p['l2a_s_per_step'] + 3 * (160 * p['l2a_eval_s_per_batch'] + 25) + 60))")}
   echo "left $(left) s, l2a needs ~$need s"
   if [ "$(left)" -gt "$need" ] && [ -f run/stages/clp.json ]; then reproduce $(($(left) - 25)) l2a; fi
   pack
   ;;
 second)
+  reproduce $(($(left) - 20)) ${SECOND_STAGES:-l2a swa random}
+  pack --exclude=run/base
+  ;;
+adaptive)
+  # `second`, then one routing variant on the same base, chosen from the l2a arm's result at 4L: sparsity
+  # below the target -> 3x lambda; score below (1 - gap) x CLP -> lambda / 3; both met -> 3x lambda (how far
+  # the knob goes). Evaluated at L and 4L with one pruned copy, when VARIANT_MIN_S seconds are left.
   reproduce $(($(left) - 20)) l2a swa random
   pack --exclude=run/base
+  pick=$(python - <<'EOF'
+import json
+
+import yaml
+
+l2a = json.load(open("run/stages/l2a.json"))["result"]
+clp = json.load(open("run/stages/clp.json"))["result"]
+c = yaml.safe_load(open("run/config.yaml"))["config"]
+long, lam, t = c["data"]["seq_len"] * c["extend"]["factor"], c["extend"]["regularizer_weight"], c["targets"]
+
+
+def at(rows, key):
+    values = [r[key] for r in rows if r["length"] == long]
+    return sum(values) / len(values)
+
+
+score, sparsity, ref = at(l2a["rows"], "score"), at(l2a["rows"], "sparsity"), at(clp["rows"], "score")
+low_score = sparsity >= t["l2a_min_sparsity"] and score < ref * (1 - t["l2a_relative_gap"])
+print(f"--set extend.regularizer_weight={lam / 3 if low_score else lam * 3:.3g}")
+EOF
+)
+  echo "l2a arm done; variant: ${pick} ($(left) s left)"
+  if [ -n "$pick" ] && [ "$(left)" -gt "${VARIANT_MIN_S:-140}" ]; then
+    BUDGET=$(left) VARIANT_SET="$pick --set eval.length_factors=[1,4] --set prune.fractions=[0.5] \
+${VARIANT_EXTRA:-}" VARIANT_STAGES=l2a bash "$0" variant
+  fi
+  ;;
+variant)
+  V=${VARIANT_DIR:-run_v}
+  mkdir -p "$V/stages" "$V/clp"
+  cp -r run/base "$V/" && cp run/stages/pretrain.json run/stages/clp.json "$V/stages/"
+  cp run/clp/result.json "$V/clp/"
+  echo "$(cat run/overrides.txt) ${VARIANT_SET:?set VARIANT_SET}" > "$V/overrides.txt"
+  cat "$V/overrides.txt"
+  RUN=$V reproduce $(($(left) - 15)) ${VARIANT_STAGES:-l2a random}
+  tar cf - --exclude="$V/base" "$V" | split -b 15m - "$OUT/$V.tar."
+  ls -la "$OUT"
   ;;
 retry)
   # After a first call whose base learned no retrieval (docs/reproduction.md): two pretraining variants in

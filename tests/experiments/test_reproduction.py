@@ -173,3 +173,17 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys, overrides, message
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("l2a reproduce: error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_names_the_report_only_when_it_was_written(tiny_run, capsys):
+    """A run of stages without `report` leaves results.json as it was, and says so instead of naming it."""
+    out, *_ = tiny_run
+    results = out / "results.json"
+    before = results.stat().st_mtime_ns
+    assert main(["reproduce", str(CONFIG), "--out", str(out), "--stage", "clp"]) == 0
+    printed = capsys.readouterr().out
+    assert "stages done: clp (report: --stage report)" in printed and "results:" not in printed
+    assert results.stat().st_mtime_ns == before
+    assert main(["reproduce", str(CONFIG), "--out", str(out), "--stage", "report"]) == 0
+    assert f"results: {out}/results.json" in capsys.readouterr().out
+    assert results.stat().st_mtime_ns != before

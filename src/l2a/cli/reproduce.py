@@ -56,7 +56,10 @@ def _run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"l2a reproduce: error: {err}", file=sys.stderr)
         return 2
-    print(f"results: {args.out}/results.json, report: {args.out}/report.md")
+    if args.stages is None or "report" in args.stages:
+        print(f"results: {args.out}/results.json, report: {args.out}/report.md")
+    else:
+        print(f"stages done: {', '.join(args.stages)} (report: --stage report)")
     return 0
 
 
