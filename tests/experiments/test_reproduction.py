@@ -187,3 +187,17 @@ def test_cli_names_the_report_only_when_it_was_written(tiny_run, capsys):
     assert main(["reproduce", str(CONFIG), "--out", str(out), "--stage", "report"]) == 0
     assert f"results: {out}/results.json" in capsys.readouterr().out
     assert results.stat().st_mtime_ns != before
+
+
+def test_fingerprint_of_the_h200_run_is_stable_and_new_keys_count_when_set():
+    """The H200 run of 2026-12-01 (docs/reproduction.md) recorded fingerprint 21905da188f027d6 for the
+    committed config with its overrides; keys added since (`extend.router_lr_scale`) keep it at their
+    default and change it when set."""
+    root = Path(__file__).resolve().parents[2]
+    overrides = ["pretrain.max_steps=2500", "pretrain.max_seconds=190", "extend.steps=500"]
+    config = load_reproduction_config(root / "configs" / "reproduction-h200.yaml", overrides)
+    assert config.fingerprint() == "21905da188f027d6"
+    changed = load_reproduction_config(
+        root / "configs" / "reproduction-h200.yaml", [*overrides, "extend.router_lr_scale=0.1"]
+    )
+    assert changed.extend.router_lr_scale == 0.1 and changed.fingerprint() != config.fingerprint()

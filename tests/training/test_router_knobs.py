@@ -1,4 +1,5 @@
-"""Recipe knobs of `l2a train`: router-only warm-up steps and routing-collapse detection."""
+"""Recipe knobs of `l2a train`: router-only warm-up steps, the routers' learning-rate scale and
+routing-collapse detection."""
 
 import pytest
 import torch
@@ -53,6 +54,30 @@ def test_router_only_steps_need_a_router(make_batches, tmp_path):
     config.trainable = ["*"]
     with pytest.raises(ValueError, match="router_only_steps > 0 needs trainable router parameters"):
         train(Qwen3ForCausalLM(cfg), None, config, data=make_batches(4, packed=False))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_router_lr_scale_sets_the_routers_step(make_l2a, make_batches, tmp_path, scale):
+    """Adam's first step moves every weight with a non-zero gradient by lr (m / sqrt(v) = sign(g)): the
+    routers' weights by lr * scale, every other trainable weight by lr."""
+    model = make_l2a()
+    start = _snapshot(model)
+    config = _config(tmp_path, regularizer_weight=0.0)
+    config.steps = 1
+    config.optim.lr_schedule = "constant"
+    config.optim.router_lr_scale = scale
+    train(model, None, config, data=make_batches(1))
+    steps = {n: (p.detach() - start[n]).abs().max().item() for n, p in model.named_parameters()}
+    routers = [v for n, v in steps.items() if "router" in n]
+    others = [v for n, v in steps.items() if "router" not in n and v > 0]
+    assert routers and others
+    assert all(v == pytest.approx(1e-2 * scale, rel=1e-3) for v in routers), routers
+    assert all(v == pytest.approx(1e-2, rel=1e-3) for v in others)
+
+
+def test_router_lr_scale_validated():
+    with pytest.raises(ValueError, match="optim.router_lr_scale must be > 0, got 0"):
+        TrainConfig(optim={"router_lr_scale": 0})
 
 
 def test_router_only_steps_validated():

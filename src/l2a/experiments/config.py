@@ -21,6 +21,9 @@ from l2a.training.config import _build, _check, _read_file, _Validated, apply_ov
 Arm = Literal["clp", "l2a", "swa", "random"]
 RUNTIME_KEYS = ("device", "threads", "progress", "workers", "save_models")
 """Keys that may change between invocations on the same run directory (they do not change results)."""
+ADDED_KEYS = {"extend": {"router_lr_scale": 1.0}}
+"""Keys added after GPU runs were made, with their defaults: hashed into the fingerprint only when set to
+another value, so the run directories of earlier configs keep their fingerprint."""
 
 
 @dataclass
@@ -145,6 +148,7 @@ class ExtendSection(_Validated):
     ramp_fraction: float = 0.5
     leakage_probability: float = 0.1
     router_only_steps: int = 0
+    router_lr_scale: float = 1.0
     task_min_factor: float = 1.0
     text_loss_tokens: int | None = None
     checkpoint_every: int = 0
@@ -160,6 +164,7 @@ class ExtendSection(_Validated):
         _check(0.0 <= self.ramp_fraction <= 1.0, "extend.ramp_fraction must be in [0, 1]")
         _check(0.0 <= self.leakage_probability <= 1.0, "extend.leakage_probability must be in [0, 1]")
         _check(0 <= self.router_only_steps <= self.steps, "extend.router_only_steps must be in [0, steps]")
+        _check(self.router_lr_scale > 0, "extend.router_lr_scale must be > 0")
         _check(0.0 < self.task_min_factor <= self.factor, "extend.task_min_factor must be in (0, factor]")
         _check(self.checkpoint_every >= 0, "extend.checkpoint_every must be >= 0")
 
@@ -277,6 +282,10 @@ class ReproductionConfig(_Validated):
     def fingerprint(self) -> str:
         """Hash of every key that changes results (all but `RUNTIME_KEYS`)."""
         values = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+        for section, defaults in ADDED_KEYS.items():
+            for key, default in defaults.items():
+                if values[section][key] == default:
+                    del values[section][key]
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -380,7 +380,11 @@ class Reproduction:
                 trainable=[*e.trainable, *(["router"] if learned else [])],
                 rope_theta=e.rope_theta,
                 max_position_embeddings=max(cfg.eval_lengths),
-                optim={"lr": e.lr, "warmup_steps": e.warmup_steps},
+                optim={
+                    "lr": e.lr,
+                    "warmup_steps": e.warmup_steps,
+                    "router_lr_scale": e.router_lr_scale if learned else 1.0,
+                },
                 router={
                     "regularizer_weight": e.regularizer_weight if learned else 0.0,
                     "regularizer_schedule": "linear",

@@ -123,6 +123,10 @@ class OptimConfig(_Validated):
 
     The schedule decays from `lr` to `lr * min_lr_ratio` between `warmup_steps` and the last step.
     `grad_clip`: max global L2 norm of the gradients (None: no clipping; the norm is still logged).
+    `router_lr_scale`: the routers' learning rate is `lr * router_lr_scale` (same schedule). The routers
+    start at zero, on the routing threshold, and Adam moves every weight by about its learning rate
+    whatever the size of its gradient, so the first steps flip tokens off global attention at random; a
+    smaller scale lets the LM loss and the regulariser decide instead.
     """
 
     lr: float = 5e-5
@@ -133,9 +137,11 @@ class OptimConfig(_Validated):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float | None = 1.0
+    router_lr_scale: float = 1.0
 
     def _validate(self) -> None:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.router_lr_scale > 0, f"optim.router_lr_scale must be > 0, got {self.router_lr_scale}")
         _check(
             0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
         )

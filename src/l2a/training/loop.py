@@ -226,15 +226,21 @@ def _resolve_resume(config: TrainConfig, root: Path) -> Path | None:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, fsdp: bool) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+    o = config.optim
+    decay, no_decay, router = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if o.router_lr_scale != 1.0 and classify_parameter(name) == "router":
+            router.append(param)
+        else:
             # Norm gains and biases (1-D) are not decayed, as usual.
             (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    o = config.optim
+    if router:  # LambdaLR scales each group's own initial lr, so the ratio holds over the schedule
+        groups.append({"params": router, "weight_decay": o.weight_decay, "lr": o.lr * o.router_lr_scale})
     # the fused CUDA kernel: no full-size temporaries (foreach AdamW's would be GiBs for billions of weights)
     fused = (not fsdp and all(p.is_cuda for group in groups for p in group["params"])) or None
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
