@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a reduced run (tens of seconds; no accuracy; exit 0 whatever it scores)",
+        help="a reduced run (seconds: fewer steps and samples; exit 0 whatever it scores)",
     )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads for a CPU run (default 2, as on CI)"
@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         dest="overrides",
-        help="override a DemoConfig field, e.g. --set seq_len=1024 (repeatable; applied after --quick)",
+        help="override a DemoConfig field, e.g. --set routed_steps=300 (repeatable; applied after --quick; "
+        "other model sizes need --base scratch)",
     )
     parser.add_argument(
         "--method",

@@ -123,10 +123,7 @@ class OptimConfig(_Validated):
 
     The schedule decays from `lr` to `lr * min_lr_ratio` between `warmup_steps` and the last step.
     `grad_clip`: max global L2 norm of the gradients (None: no clipping; the norm is still logged).
-    `router_lr_scale`: the routers' learning rate is `lr * router_lr_scale` (same schedule). The routers
-    start at zero, on the routing threshold, and Adam moves every weight by about its learning rate
-    whatever the size of its gradient, so the first steps flip tokens off global attention at random; a
-    smaller scale lets the LM loss and the regulariser decide instead.
+    `router_lr_scale`: the routers' learning rate is `lr * router_lr_scale` (same schedule, own group).
     """
 
     lr: float = 5e-5
