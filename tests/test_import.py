@@ -28,3 +28,21 @@ def test_import_and_forward_without_triton():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+LAYERS_FIRST = """
+import warnings
+warnings.simplefilter("error")  # the registration warning would fail the run
+from l2a.layers import Router  # the first import of l2a and (through the layers) of transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+assert "l2a" in CONFIG_MAPPING, "L2A not registered with the Auto classes"
+print("ok")
+"""
+
+
+def test_importing_the_layers_first_registers_the_models():
+    """`l2a.layers` imports transformers itself; the registration that import triggers needs the finished
+    `l2a.layers` and must still happen (it used to fail with a circular-import warning)."""
+    result = subprocess.run([sys.executable, "-c", LAYERS_FIRST], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")

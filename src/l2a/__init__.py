@@ -35,11 +35,30 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_MODEL_NAMES))
 
 
-def _register_models() -> None:
+_registration_deferred = False
+
+
+def _register_models(*, layers_ready: bool = False) -> None:
+    global _registration_deferred
+    layers = getattr(sys.modules.get("l2a.layers"), "__spec__", None)
+    if not layers_ready and getattr(layers, "_initializing", False):
+        # transformers was first imported by `l2a.layers` itself (its layers subclass transformers' own);
+        # `l2a.models` needs every name of `l2a.layers`, whose import ends with `_register_if_deferred`
+        _registration_deferred = True
+        return
     try:
         importlib.import_module("l2a.models")  # registers the Auto classes at its import
     except Exception as error:  # a broken optional integration must not break `import transformers`
         warnings.warn(f"l2a: could not register the L2A model with transformers: {error}", stacklevel=2)
+
+
+def _register_if_deferred() -> None:
+    """The registration `_register_models` put off while `l2a.layers` was being imported (called at the end
+    of that import, when all its names exist)."""
+    global _registration_deferred
+    if _registration_deferred:
+        _registration_deferred = False
+        _register_models(layers_ready=True)
 
 
 class _RegisteringLoader(importlib.abc.Loader):
