@@ -299,6 +299,22 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cuda_run_log(name: str, out: Path):
+    """Exit unless CUDA is there; create ``out`` and return the device and a `log(line)` that prints a line
+    and appends it to ``out/<name>.log`` (shared with profile_aha.py)."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{name}.py needs a CUDA GPU")
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / f"{name}.log").open("w")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    return torch.device("cuda"), log
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -325,16 +341,7 @@ def main() -> None:
         "--check-head-dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 128)
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_aha.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_file = (args.out / "bench_aha.log").open("w")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    device, log = cuda_run_log("bench_aha", args.out)
 
     failures = check_correctness(device, args.check_head_dims)
     if failures:

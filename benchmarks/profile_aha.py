@@ -14,12 +14,11 @@ import argparse
 import json
 import math
 import os
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
-from bench_aha import _inputs, check_correctness
+from bench_aha import _inputs, check_correctness, cuda_run_log
 from bench_attention import _fwd_bwd, bench
 
 from l2a.ops import all_or_here_attention
@@ -83,17 +82,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--out", type=Path, default=Path("prof_out"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("profile_aha.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_file = (args.out / "profile_aha.log").open("w")
+    device, log = cuda_run_log("profile_aha", args.out)
     results = []
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
 
     def record(**row) -> None:
         results.append(row)
