@@ -148,3 +148,25 @@ def test_window_beyond_max_positions_warns_in_one_line(base_dir, tmp_path, capsy
         "l2a convert: warning: sliding_window=300 exceeds max_position_embeddings=256: the local window "
         "alone covers every position, so no token needs global attention"
     ]
+
+
+def test_router_logit_offset_is_saved_and_starts_routers_on_the_global_side(base_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", str(base_dir), str(out), "--window", "4", "--router-logit-offset", "0.3"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.router_logit_offset == 0.3
+    routers = [layer.router for layer in model.model.layers]
+    assert [r.offset for r in routers] == [0.3, 0.3]
+    output = model(torch.randint(0, 300, (1, 12)))
+    assert torch.equal(output.router_fraction, torch.ones(2))
+    # squared penalty: 12 tokens x sigmoid(0.3 / 0.1)^2 = 12 x 0.952574^2 (zero offset: 12 x 0.25 = 3)
+    torch.testing.assert_close(output.router_regularizer, torch.tensor(12 * 0.952574**2), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("offset", ["nan", "inf", "high"])
+def test_router_logit_offset_must_be_finite(base_dir, tmp_path, offset, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(base_dir), str(tmp_path / "out"), "--window", "4", "--router-logit-offset", offset])
+    assert exc.value.code == 2
+    assert "argument --router-logit-offset: must be a" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

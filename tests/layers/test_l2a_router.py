@@ -70,3 +70,25 @@ def test_bad_arguments():
         Router(8, threshold=1.0)
     with pytest.raises(ValueError, match="force"):
         Router(8)(torch.randn(1, 2, 8), "some")
+
+
+@pytest.mark.parametrize("offset", [0.3, -0.2])
+def test_logit_offset_shifts_every_logit(offset):
+    """soft = sigmoid((w·h + offset) / T): at zero weights sigmoid(offset / T) (0.95 for 0.3 at T = 0.1);
+    a negative offset starts every token local."""
+    router = Router(16, temperature=0.1, offset=offset).train()
+    h = torch.randn(2, 5, 16)
+    decision = router(h)
+    expected = 1.0 / (1.0 + torch.exp(torch.tensor(-offset / 0.1)))
+    torch.testing.assert_close(decision.soft, torch.full((2, 5), float(expected)))
+    assert bool(decision.hard.all()) is (offset > 0) and bool(decision.hard.any()) is (offset > 0)
+    with torch.no_grad():
+        router.weight.normal_()
+    h64 = torch.randn(3, 7, 16, dtype=torch.float64)
+    soft = torch.sigmoid(((h64 @ router.weight.double().T).squeeze(-1) + offset) / 0.1)
+    torch.testing.assert_close(router.double()(h64).soft, soft.float())
+
+
+def test_logit_offset_must_be_finite():
+    with pytest.raises(ValueError, match="offset must be a finite number, got nan"):
+        Router(16, offset=float("nan"))

@@ -25,6 +25,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
@@ -50,6 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="l2a (default): local + routed global branch per layer; aha: the base attention with a per-head "
         "router choosing full or window attention (docs/aha.md)",
     )
+    parser.add_argument(
+        "--router-logit-offset",
+        type=_finite_float,
+        default=0.0,
+        metavar="B",
+        help="fixed number added to every router logit (default 0, the paper's: zero-initialised routers "
+        "start on the threshold); > 0 starts them on the global side (docs/reproduction.md)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -65,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         method=args.method,
+        router_logit_offset=args.router_logit_offset,
     )
     print(f"saved {args.method.upper()} model to {out}")
     return 0

@@ -4,7 +4,7 @@ head-wise routers, per layer and query head).
 The model reports only per-layer fractions (`router_fraction`); per-token decisions are read here with
 forward hooks on its ``router`` submodules. A router returns a `l2a.layers.router.RoutingDecision`
 (whose ``hard`` field is the decision) or, for other router implementations, the bare logit, turned into
-the decision by the inference rule ``sigmoid(logit / router_temperature) >= router_threshold``.
+the decision by the inference rule ``sigmoid((logit + router_logit_offset) / router_temperature) >= router_threshold``.
 For head-wise decisions (B, N, H) the per-layer fractions count (token, head) pairs.
 """
 
@@ -39,7 +39,9 @@ def router_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
-def _hard_decision(output: Any, layer: int, temperature: float, threshold: float) -> torch.Tensor:
+def _hard_decision(
+    output: Any, layer: int, temperature: float, threshold: float, offset: float = 0.0
+) -> torch.Tensor:
     """Bool (B, N) token-wise or (B, N, H) head-wise decision from a router output: a `RoutingDecision`
     (its ``hard`` field, which already includes ``force_route``) or a bare logit tensor (B, N[, H])
     thresholded by the inference rule."""
@@ -50,7 +52,7 @@ def _hard_decision(output: Any, layer: int, temperature: float, threshold: float
                 f"router of layer {layer} returned {type(output).__name__}; expected a decision or logits"
             )
         logits = output.float().reshape(output.shape[0], output.shape[1], -1)
-        hard = torch.sigmoid(logits / temperature) >= threshold
+        hard = torch.sigmoid((logits + offset) / temperature) >= threshold
     hard = hard.reshape(hard.shape[0], hard.shape[1], -1).detach().bool()
     return hard[..., 0] if hard.shape[-1] == 1 else hard
 
@@ -70,7 +72,9 @@ def capture_routing(model: torch.nn.Module) -> Iterator[dict[int, list[torch.Ten
     for layer, module in routers.items():
 
         def hook(module: torch.nn.Module, args: tuple, output: Any, layer: int = layer) -> None:
-            decision = _hard_decision(output, layer, config.router_temperature, config.router_threshold)
+            decision = _hard_decision(
+                output, layer, config.router_temperature, config.router_threshold, config.router_logit_offset
+            )
             captured[layer].append(decision)
 
         handles.append(module.register_forward_hook(hook))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from l2a.training.config import _build, _check, _read_file, _Validated, apply_ov
 Arm = Literal["clp", "l2a", "swa", "random"]
 RUNTIME_KEYS = ("device", "threads", "progress", "workers", "save_models")
 """Keys that may change between invocations on the same run directory (they do not change results)."""
-ADDED_KEYS = {"extend": {"router_lr_scale": 1.0}}
+ADDED_KEYS = {"extend": {"router_lr_scale": 1.0, "router_logit_offset": 0.0}}
 """Keys added after GPU runs were made, with their defaults: hashed into the fingerprint only when set to
 another value, so the run directories of earlier configs keep their fingerprint."""
 
@@ -131,7 +132,9 @@ class ExtendSection(_Validated):
     Every arm: RoPE θ `rope_theta`, positions up to the largest evaluation length, `trainable` groups
     (plus the router for L2A), lr schedule. L2A only: λ ramped linearly to `regularizer_weight` over the
     first `ramp_fraction` of the steps, leakage steps with probability `leakage_probability`, and
-    `router_only_steps` router-only steps first. Task prompts have lengths drawn from
+    `router_only_steps` router-only steps first; `router_lr_scale` scales the routers' learning rate and
+    `router_logit_offset` shifts every router logit of the converted arms (`L2AConfig.router_logit_offset`:
+    > 0 starts the routers on the global side). Task prompts have lengths drawn from
     [`task_min_factor` · L, factor · L]. `window`: the sliding window W of the converted arms.
     """
 
@@ -149,6 +152,7 @@ class ExtendSection(_Validated):
     leakage_probability: float = 0.1
     router_only_steps: int = 0
     router_lr_scale: float = 1.0
+    router_logit_offset: float = 0.0
     task_min_factor: float = 1.0
     text_loss_tokens: int | None = None
     checkpoint_every: int = 0
@@ -165,6 +169,7 @@ class ExtendSection(_Validated):
         _check(0.0 <= self.leakage_probability <= 1.0, "extend.leakage_probability must be in [0, 1]")
         _check(0 <= self.router_only_steps <= self.steps, "extend.router_only_steps must be in [0, steps]")
         _check(self.router_lr_scale > 0, "extend.router_lr_scale must be > 0")
+        _check(math.isfinite(self.router_logit_offset), "extend.router_logit_offset must be a finite number")
         _check(0.0 < self.task_min_factor <= self.factor, "extend.task_min_factor must be in (0, factor]")
         _check(self.checkpoint_every >= 0, "extend.checkpoint_every must be >= 0")
 

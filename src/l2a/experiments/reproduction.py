@@ -331,7 +331,8 @@ class Reproduction:
         base = _load_base(self.dir.root, self.device)
         if arm == "clp":
             return base
-        model = convert_model(base, sliding_window=self.config.extend.window)
+        e = self.config.extend
+        model = convert_model(base, sliding_window=e.window, router_logit_offset=e.router_logit_offset)
         if arm == "swa":
             model.config.force_route = "none"
         elif arm == "random":

@@ -47,8 +47,9 @@ class HeadRouter(Router):
         *,
         temperature: float = 0.1,
         threshold: float = 0.5,
+        offset: float = 0.0,
     ):
-        super().__init__(hidden_size, len(heads), temperature=temperature, threshold=threshold)
+        super().__init__(hidden_size, len(heads), temperature=temperature, threshold=threshold, offset=offset)
         self.num_heads = num_heads
         self.heads = list(heads)
         self.all_heads = self.heads == list(range(num_heads))
@@ -182,6 +183,7 @@ class AHADecoderLayer(GradientCheckpointingLayer):
                 config.routed_heads[layer_idx],
                 temperature=config.router_temperature,
                 threshold=config.router_threshold,
+                offset=config.router_logit_offset,
             )
 
     def drop_global_branch(self) -> None:

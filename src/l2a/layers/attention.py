@@ -225,6 +225,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                 1,
                 temperature=config.router_temperature,
                 threshold=config.router_threshold,
+                offset=config.router_logit_offset,
             )
             self.global_attn = GlobalAttention(config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,23 +27,35 @@ class RoutingDecision:
 
 
 class Router(nn.Module):
-    """Linear map hidden -> `out_features` logits (no bias, zero init), thresholded after a tempered sigmoid.
+    """Linear map hidden -> `out_features` logits (no bias, zero init), plus a fixed `offset`, thresholded
+    after a tempered sigmoid: `soft = sigmoid((w·h + offset) / temperature)`.
 
     `out_features=1` gives L2A's token-wise decision (B, N); `out_features=Hq` a head-wise one (B, N, Hq).
-    Zero init makes `soft = 0.5 >= threshold`, so every token starts routed to global attention.
+    Zero init makes `soft = sigmoid(offset / temperature)`: with the paper's `offset = 0`, `soft = 0.5 >=
+    threshold` sits exactly on the threshold, every token starts routed and the sign of the first update
+    decides each token; `offset > 0` starts the routers inside the global side (docs/reproduction.md).
     """
 
     def __init__(
-        self, hidden_size: int, out_features: int = 1, *, temperature: float = 0.1, threshold: float = 0.5
+        self,
+        hidden_size: int,
+        out_features: int = 1,
+        *,
+        temperature: float = 0.1,
+        threshold: float = 0.5,
+        offset: float = 0.0,
     ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        if not math.isfinite(offset):
+            raise ValueError(f"offset must be a finite number, got {offset}")
         self.out_features = out_features
         self.temperature = temperature
         self.threshold = threshold
+        self.offset = float(offset)
         self.weight = nn.Parameter(torch.zeros(out_features, hidden_size))
 
     def forward(
@@ -65,6 +78,8 @@ class Router(nn.Module):
                 f"random_fraction={random_fraction!r}"
             )
         logits = nn.functional.linear(hidden_states, self.weight).float()
+        if self.offset:
+            logits = logits + self.offset
         if self.out_features == 1:
             logits = logits.squeeze(-1)
         soft = torch.sigmoid(logits / self.temperature)
@@ -91,4 +106,5 @@ class Router(nn.Module):
         return (
             f"hidden_size={self.weight.shape[1]}, out_features={self.out_features}, "
             f"temperature={self.temperature}, threshold={self.threshold}"
+            + (f", offset={self.offset}" if self.offset else "")
         )

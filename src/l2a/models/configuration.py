@@ -62,6 +62,10 @@ class L2AConfig(PreTrainedConfig):
         sliding_window: keys seen by the local attention, the token itself included (W >= 1).
         router_temperature: tau in `soft = sigmoid(logit / tau)`.
         router_threshold: a token is routed to global attention when `soft >= threshold`.
+        router_logit_offset: a fixed number added to every router logit, `soft = sigmoid((w·h + offset) / tau)`.
+            0 (the paper): zero-initialised routers start exactly on the threshold; > 0 starts them inside
+            the global side (`soft = sigmoid(offset / tau)` at zero weights), which keeps layers from
+            switching off in the first steps of a long-context extension (docs/reproduction.md).
         global_layers: indices of the layers that keep a global branch (default: all layers);
             the others are local-only (the result of pruning).
         force_route: None (learned routing), "all" (every token uses global attention),
@@ -114,6 +118,7 @@ class L2AConfig(PreTrainedConfig):
     sliding_window: int = 4096
     router_temperature: float = 0.1
     router_threshold: float = 0.5
+    router_logit_offset: float = 0.0
     global_layers: list[int] | None = None
     force_route: ForceRoute | None = None
     random_route_fraction: float | None = None
@@ -196,6 +201,12 @@ class L2AConfig(PreTrainedConfig):
             raise ValueError(f"router_temperature must be > 0, got {self.router_temperature!r}")
         if not 0.0 < self.router_threshold < 1.0:
             raise ValueError(f"router_threshold must lie in (0, 1), got {self.router_threshold!r}")
+        if (
+            isinstance(self.router_logit_offset, bool)
+            or not isinstance(self.router_logit_offset, (int, float))
+            or not math.isfinite(self.router_logit_offset)
+        ):
+            raise ValueError(f"router_logit_offset must be a finite number, got {self.router_logit_offset!r}")
         if self.force_route is not None and self.force_route not in get_args(ForceRoute):
             raise ValueError(
                 f"force_route must be None, 'all' or 'none' (or 'random'), got {self.force_route!r}"

@@ -79,6 +79,7 @@ def l2a_config_from_base(
     global_layers: list[int] | None = None,
     router_temperature: float = 0.1,
     router_threshold: float = 0.5,
+    router_logit_offset: float = 0.0,
     force_route: ForceRoute | None = None,
     router_regularizer_weight: float = 0.0,
     attention_backend: AttentionBackend = "auto",
@@ -115,6 +116,7 @@ def l2a_config_from_base(
         sliding_window=sliding_window,
         router_temperature=router_temperature,
         router_threshold=router_threshold,
+        router_logit_offset=router_logit_offset,
         global_layers=global_layers,
         force_route=force_route,
         router_regularizer_weight=router_regularizer_weight,
@@ -179,6 +181,7 @@ def convert_model(
     global_layers: list[int] | None = None,
     router_temperature: float = 0.1,
     router_threshold: float = 0.5,
+    router_logit_offset: float = 0.0,
     force_route: ForceRoute | None = None,
     router_regularizer_weight: float = 0.0,
     attention_backend: AttentionBackend = "auto",
@@ -196,8 +199,8 @@ def convert_model(
             L2A, "l1" for AHA).
         rope_theta, max_position_embeddings: RoPE overrides (long-context extension); default: the base's.
         global_layers: layers keeping a global branch (default all).
-        router_temperature, router_threshold, force_route, router_regularizer_weight, attention_backend:
-            the `L2AConfig` fields of the same names.
+        router_temperature, router_threshold, router_logit_offset, force_route, router_regularizer_weight,
+            attention_backend: the `L2AConfig` fields of the same names.
     """
     config = l2a_config_from_base(
         base_model.config,
@@ -207,6 +210,7 @@ def convert_model(
         global_layers=global_layers,
         router_temperature=router_temperature,
         router_threshold=router_threshold,
+        router_logit_offset=router_logit_offset,
         force_route=force_route,
         router_regularizer_weight=router_regularizer_weight,
         attention_backend=attention_backend,
@@ -257,6 +261,7 @@ def convert_checkpoint(
     dtype: torch.dtype | str | None = None,
     force: bool = False,
     method: Method = "l2a",
+    router_logit_offset: float = 0.0,
 ) -> Path:
     """Load a base checkpoint, convert it, and save the L2A model (safetensors), tokenizer files and
     generation config to `out_dir`.
@@ -269,6 +274,7 @@ def convert_checkpoint(
         dtype: weight dtype of the saved model (e.g. torch.bfloat16 or "bfloat16"); default: the checkpoint's.
         force: write into a non-empty `out_dir`.
         method: "l2a" or "aha" (`convert_model`).
+        router_logit_offset: `L2AConfig.router_logit_offset` (0: the paper's routers on the threshold).
 
     Returns:
         The output directory.
@@ -298,6 +304,7 @@ def convert_checkpoint(
         rope_theta=rope_theta,
         max_position_embeddings=max_position_embeddings,
         method=method,
+        router_logit_offset=router_logit_offset,
     )
     del base
     if (base_dir / "generation_config.json").is_file():

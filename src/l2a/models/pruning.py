@@ -132,6 +132,7 @@ def prune_routed_heads(
             keep,
             temperature=router.temperature,
             threshold=router.threshold,
+            offset=router.offset,
         ).to(device=router.weight.device, dtype=router.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(router.weight[rows])
