@@ -166,7 +166,17 @@ def test_router_logit_offset_is_saved_and_starts_routers_on_the_global_side(base
 @pytest.mark.parametrize("offset", ["nan", "inf", "high"])
 def test_router_logit_offset_must_be_finite(base_dir, tmp_path, offset, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["convert", str(base_dir), str(tmp_path / "out"), "--window", "4", "--router-logit-offset", offset])
+        main(
+            [
+                "convert",
+                str(base_dir),
+                str(tmp_path / "out"),
+                "--window",
+                "4",
+                "--router-logit-offset",
+                offset,
+            ]
+        )
     assert exc.value.code == 2
     assert "argument --router-logit-offset: must be a" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

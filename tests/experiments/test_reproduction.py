@@ -191,8 +191,8 @@ def test_cli_names_the_report_only_when_it_was_written(tiny_run, capsys):
 
 def test_fingerprint_of_the_h200_run_is_stable_and_new_keys_count_when_set():
     """The H200 run of 2026-12-01 (docs/reproduction.md) recorded fingerprint 21905da188f027d6 for the
-    committed config with its overrides; keys added since (`extend.router_lr_scale`, `extend.router_logit_offset`) keep it at their
-    default and change it when set."""
+    committed config with its overrides; keys added since (`extend.router_lr_scale`,
+    `extend.router_logit_offset`) keep it at their default and change it when set."""
     root = Path(__file__).resolve().parents[2]
     overrides = ["pretrain.max_steps=2500", "pretrain.max_seconds=190", "extend.steps=500"]
     config = load_reproduction_config(root / "configs" / "reproduction-h200.yaml", overrides)

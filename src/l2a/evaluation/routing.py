@@ -4,7 +4,8 @@ head-wise routers, per layer and query head).
 The model reports only per-layer fractions (`router_fraction`); per-token decisions are read here with
 forward hooks on its ``router`` submodules. A router returns a `l2a.layers.router.RoutingDecision`
 (whose ``hard`` field is the decision) or, for other router implementations, the bare logit, turned into
-the decision by the inference rule ``sigmoid((logit + router_logit_offset) / router_temperature) >= router_threshold``.
+the decision by the inference rule
+``sigmoid((logit + router_logit_offset) / router_temperature) >= router_threshold``.
 For head-wise decisions (B, N, H) the per-layer fractions count (token, head) pairs.
 """
 

@@ -62,9 +62,9 @@ class L2AConfig(PreTrainedConfig):
         sliding_window: keys seen by the local attention, the token itself included (W >= 1).
         router_temperature: tau in `soft = sigmoid(logit / tau)`.
         router_threshold: a token is routed to global attention when `soft >= threshold`.
-        router_logit_offset: a fixed number added to every router logit, `soft = sigmoid((w·h + offset) / tau)`.
+        router_logit_offset: a fixed number added to every router logit: `soft = sigmoid((w·h + b) / tau)`.
             0 (the paper): zero-initialised routers start exactly on the threshold; > 0 starts them inside
-            the global side (`soft = sigmoid(offset / tau)` at zero weights), which keeps layers from
+            the global side (`soft = sigmoid(b / tau)` at zero weights), which keeps layers from
             switching off in the first steps of a long-context extension (docs/reproduction.md).
         global_layers: indices of the layers that keep a global branch (default: all layers);
             the others are local-only (the result of pruning).
