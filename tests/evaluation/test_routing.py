@@ -73,6 +73,11 @@ def test_bare_logit_routers_use_temperature_and_threshold():
     # sigmoid(x / 0.5) >= 0.7  <=>  x >= 0.5 * logit(0.7) = 0.4236
     _, decisions = routing_decisions(Model(), torch.tensor([[0, 1, 2, 3]]))
     assert decisions[0].tolist() == [[False, True, True, True], [False, False, False, True]]
+    # with a logit offset of 1: x + 1 >= 0.4236
+    model = Model()
+    model.config.router_logit_offset = 1.0
+    _, decisions = routing_decisions(model, torch.tensor([[0, 1, 2, 3]]))
+    assert decisions[0].tolist() == [[True, True, True, True], [False, False, True, True]]
 
 
 def test_routing_analysis_accounting_by_hand():

@@ -189,19 +189,19 @@ def test_cli_names_the_report_only_when_it_was_written(tiny_run, capsys):
     assert results.stat().st_mtime_ns != before
 
 
-def test_fingerprint_of_the_h200_run_is_stable_and_new_keys_count_when_set():
-    """The H200 run of 2026-12-01 (docs/reproduction.md) recorded fingerprint 21905da188f027d6 for the
-    committed config with its overrides; keys added since (`extend.router_lr_scale`,
-    `extend.router_logit_offset`) keep it at their default and change it when set."""
+def test_fingerprint_of_the_h200_runs_is_stable_and_new_keys_count_when_set():
+    """The H200 runs of 2026-12-01 (docs/reproduction.md) recorded fingerprint 21905da188f027d6 (the full run,
+    zero-initialised routers) and 3b8dbb8b8f60879f (the recipe fix, routers offset by 0.3, evaluated at L
+    and 4L); keys added since (`extend.router_lr_scale`, `extend.router_logit_offset`) keep a fingerprint
+    at their default and change it when set."""
     root = Path(__file__).resolve().parents[2]
+    path = root / "configs" / "reproduction-h200.yaml"
     overrides = ["pretrain.max_steps=2500", "pretrain.max_seconds=190", "extend.steps=500"]
-    config = load_reproduction_config(root / "configs" / "reproduction-h200.yaml", overrides)
+    fix = load_reproduction_config(path, [*overrides, "eval.length_factors=[1,4]", "prune.fractions=[0.5]"])
+    assert fix.extend.router_logit_offset == 0.3 and fix.fingerprint() == "3b8dbb8b8f60879f"
+    config = load_reproduction_config(path, [*overrides, "extend.router_logit_offset=0"])
     assert config.fingerprint() == "21905da188f027d6"
     changed = load_reproduction_config(
-        root / "configs" / "reproduction-h200.yaml", [*overrides, "extend.router_lr_scale=0.1"]
+        path, [*overrides, "extend.router_logit_offset=0", "extend.router_lr_scale=0.1"]
     )
     assert changed.extend.router_lr_scale == 0.1 and changed.fingerprint() != config.fingerprint()
-    offset = load_reproduction_config(
-        root / "configs" / "reproduction-h200.yaml", [*overrides, "extend.router_logit_offset=0.3"]
-    )
-    assert offset.extend.router_logit_offset == 0.3 and offset.fingerprint() != config.fingerprint()

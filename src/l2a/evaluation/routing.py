@@ -74,7 +74,11 @@ def capture_routing(model: torch.nn.Module) -> Iterator[dict[int, list[torch.Ten
 
         def hook(module: torch.nn.Module, args: tuple, output: Any, layer: int = layer) -> None:
             decision = _hard_decision(
-                output, layer, config.router_temperature, config.router_threshold, config.router_logit_offset
+                output,
+                layer,
+                config.router_temperature,
+                config.router_threshold,
+                getattr(config, "router_logit_offset", 0.0),
             )
             captured[layer].append(decision)
 
