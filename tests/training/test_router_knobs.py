@@ -94,8 +94,21 @@ def test_router_only_steps_validated():
         ([0.0, 0.0], True, "every_token_routed"),
         ([0.0, 0.5], True, None),
         ([], True, None),
+        ([0.9995, 0.5], False, "layers_off"),  # switched off while λ ramps: the LM loss did it
+        ([0.998, 0.5], False, None),
+        ([1.0, 0.9], False, "layers_off"),
     ],
-    ids=["none-routed", "one-layer-alive", "start", "all-routed-at-full-lambda", "mixed", "no-layers"],
+    ids=[
+        "none-routed",
+        "one-layer-alive",
+        "start",
+        "all-routed-at-full-lambda",
+        "mixed",
+        "no-layers",
+        "layer-off-during-ramp",
+        "layer-nearly-off",
+        "layer-off-before-full-lambda",
+    ],
 )
 def test_routing_collapse_kinds(sparsity, at_full, expected):
     assert routing_collapse(sparsity, at_full) == expected
@@ -116,3 +129,16 @@ def test_collapse_warns_or_stops(make_l2a, make_batches, tmp_path):
         train(model, None, _config(tmp_path / "stop", collapse="stop"), data=make_batches(4))
     quiet = train(model, None, _config(tmp_path / "quiet", collapse="ignore"), data=make_batches(4))
     assert "routing_collapse" not in quiet.history[0]
+
+
+def test_a_layer_switched_off_during_the_ramp_is_named(make_l2a, make_batches, tmp_path):
+    model = make_l2a()
+    layers = model.model.layers
+    assert len(layers) >= 2
+    layers[1].router.offset = -1.0  # zero weights: soft = sigmoid(-10) < 0.5, layer 1 routes no token
+    config = _config(tmp_path, collapse="warn")
+    config.router.regularizer_weight = 1e-3
+    config.router.regularizer_ramp_steps = 100  # λ far below its final value at the first log
+    with pytest.warns(RuntimeWarning, match=r"layers_off \(layers \[1\] route no token"):
+        result = train(model, None, config, data=make_batches(4))
+    assert result.history[0]["routing_collapse"] == "layers_off"

@@ -164,7 +164,8 @@ class RouterConfig(_Validated):
     router_only_steps: the first that many steps update only the router parameters (the other trainable
         parameters get no gradient), so routing settles before attention adapts; 0 = off.
     collapse: what a log step does when routing has collapsed (`l2a.training.metrics.routing_collapse`:
-        no token routed in any layer, or every token routed in every layer once λ is at its final value):
+        no token routed in any layer, every token routed in every layer once λ is at its final value, or
+        single layers routing no token while λ still ramps):
         "ignore", "warn" (a warning once per kind, and `routing_collapse` in every log record that shows
         it) or "stop" (RuntimeError).
     """

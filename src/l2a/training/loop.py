@@ -50,6 +50,7 @@ from l2a.training.metrics import (
     flops_coefficients,
     peak_flops,
     routing_collapse,
+    switched_off_layers,
 )
 from l2a.training.parallel import (
     DistInfo,
@@ -436,8 +437,14 @@ def _train(model, tokenizer, config, data, on_log, info: DistInfo) -> TrainResul
             collapse = routing_collapse(record["sparsity_per_layer"], weight > 0 and lam >= weight)
             if collapse is not None and config.router.collapse != "ignore":
                 record["routing_collapse"] = collapse
+                where = ""
+                if collapse == "layers_off":
+                    layers = record.get("global_layers") or list(range(len(record["sparsity_per_layer"])))
+                    off = [layers[i] for i in switched_off_layers(record["sparsity_per_layer"])]
+                    where = f" (layers {off} route no token before λ reached its final value)"
                 message = (
-                    f"routing collapsed at step {step}: {collapse} (router.collapse={config.router.collapse})"
+                    f"routing collapsed at step {step}: {collapse}{where} "
+                    f"(router.collapse={config.router.collapse})"
                 )
                 if config.router.collapse == "stop":
                     raise RuntimeError(message)

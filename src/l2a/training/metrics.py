@@ -62,13 +62,26 @@ def attention_pairs(batch: dict[str, torch.Tensor]) -> int:
     return rows * ids.shape[-1] ** 2
 
 
+LAYER_OFF_SPARSITY = 0.999
+"""A layer whose sparsity reaches this routes (almost) no token: its global branch is switched off."""
+
+
+def switched_off_layers(sparsity_per_layer: list[float]) -> list[int]:
+    """Positions (in `sparsity_per_layer`) of the layers that route (almost) no token."""
+    return [i for i, s in enumerate(sparsity_per_layer) if s >= LAYER_OFF_SPARSITY]
+
+
 def routing_collapse(sparsity_per_layer: list[float], regularizer_at_full: bool) -> str | None:
     """The kind of routing collapse shown by one log record's per-layer sparsity, or None.
 
     "no_token_routed": no token used global attention in any layer (long-range reads are gone);
     "every_token_routed": every token used it in every layer although λ has reached its final value
     (`regularizer_at_full`; the regulariser has no effect). At the start every token is routed
-    (zero-initialised routers), which is not a collapse.
+    (zero-initialised routers), which is not a collapse;
+    "layers_off": some layers route (almost) no token (sparsity >= `LAYER_OFF_SPARSITY`) while λ is still
+    below its final value: they switched off before the regulariser asked for it, the LM loss did
+    (docs/reproduction.md; `router_logit_offset` > 0 delays it). Once λ is at its final value a layer
+    that routes nothing is a pruning candidate, not a collapse.
     """
     if not sparsity_per_layer:
         return None
@@ -76,6 +89,8 @@ def routing_collapse(sparsity_per_layer: list[float], regularizer_at_full: bool)
         return "no_token_routed"
     if regularizer_at_full and all(s <= 0.0 for s in sparsity_per_layer):
         return "every_token_routed"
+    if not regularizer_at_full and switched_off_layers(sparsity_per_layer):
+        return "layers_off"
     return None
 
 
