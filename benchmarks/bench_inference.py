@@ -424,7 +424,14 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="first check cached decoding == recomputation")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_inference"))
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run with --shape tiny")
+    parser.add_argument("--replot", type=Path, help="only redraw the plot and table of a results JSON")
     args = parser.parse_args()
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        title = f"{saved['env']['gpu']}, {saved['env']['date']}: {saved['env']['command'].split(' --out')[0]}"
+        plot(saved["rows"], args.replot.with_suffix(".png"), title)
+        print_table(saved["rows"])
+        return
     global DEVICE
     DEVICE = args.device
     bad_modes = sorted(set(args.modes) - {"eager", "graph", "compiled"})
@@ -483,7 +490,37 @@ def main() -> None:
             model.config.force_route = "none" if variant == "local_only" else None
             measure_variant(variant, model, args, emit)
     model.config.force_route = None
+    plot(rows, args.out / f"tpot_{args.shape}.png", f"{env['gpu']}, {args.shape} shape, {env['date']}")
     print_table(rows)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Bar chart of TPOT per batch x prompt, one group per mode, bars dense / L2A / local-only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = {(r["batch"], r["prompt"], r["variant"]): r for r in rows}
+    configs = sorted({k[:2] for k in index if any(f"tpot_{m}_ms" in index[k] for m in ("eager", "graph"))})
+    if not configs:
+        return
+    modes = ("eager", "graph", "compiled")
+    fig, axes = plt.subplots(1, len(configs), figsize=(4 * len(configs), 3.6), squeeze=False)
+    for ax, (b, n) in zip(axes[0], configs, strict=True):
+        for j, variant in enumerate(VARIANTS):
+            r = index.get((b, n, variant), {})
+            values = [r.get(f"tpot_{m}_ms", float("nan")) for m in modes]
+            ax.bar([i + 0.27 * (j - 1) for i in range(len(modes))], values, width=0.27, label=variant)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {b}, {n // 1024}K prompt")
+        ax.set_ylabel("ms per output token")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def print_table(rows: list[dict]) -> None:
