@@ -91,7 +91,7 @@ def test_fused_weights_follow_parameter_changes_and_training(tiny_l2a, monkeypat
     layer = model.model.layers[0]
     first = layer._decode_weights[1]
     attn = layer.global_attn
-    rows = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim + 1
+    rows = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim
     assert first.shape[0] % L2ADecoderLayer.DECODE_ROWS_MULTIPLE == 0 and not first[rows:].any()
     with torch.no_grad():  # in place: the version counter changes, the storage does not
         layer.global_attn.k_proj.weight.mul_(1.5)

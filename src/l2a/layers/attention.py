@@ -18,7 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
-from l2a.layers.router import Router, RoutingDecision
+from l2a.layers.router import Router
 from l2a.ops import attention_with_kvcache
 
 
@@ -218,17 +218,6 @@ class GlobalAttention(AttentionProjections):
         return self.o_proj(out.flatten(-2)) * gate.unsqueeze(-1)
 
 
-def _decision_from_logits(router: Router, logits: torch.Tensor, force: str | None) -> RoutingDecision:
-    """`router`'s inference decision (force None, "all" or "none") from its logits (B, N, 1), computed in
-    the decode steps' fused GEMM; the same arithmetic as `Router.forward` (tests compare the two)."""
-    soft = torch.sigmoid(logits.float().squeeze(-1) / router.temperature)
-    if force is None:
-        hard = soft >= router.threshold
-    else:
-        hard = torch.full_like(soft, force == "all", dtype=torch.bool)
-    return RoutingDecision(soft=soft, hard=hard, gate=hard.to(logits.dtype))
-
-
 class L2ADecoderLayer(GradientCheckpointingLayer):
     """One L2A block (method.md):
 
@@ -240,9 +229,10 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
     Layers outside `config.global_layers` have no router / global branch (local-only, e.g. after pruning).
 
     Decode steps (a cached inference forward of at most `GlobalAttention.COMPACT_MIN_TOKENS` tokens, no
-    gradient) run the router and the global q/k/v projections as one GEMM over concatenated weights
-    (`decode_weights`; `FUSE_DECODE = False` turns that off). They cannot share a GEMM with the local
-    projections: the global branch reads the residual stream after local attention.
+    gradient) run the global q/k/v projections as one GEMM over concatenated weights (`decode_weights`;
+    `FUSE_DECODE = False` turns that off). They cannot share a GEMM with the local projections (the global
+    branch reads the residual stream after local attention); the router keeps its own module, so that its
+    decision is computed by `Router.forward` alone.
     """
 
     FUSE_DECODE = True
@@ -281,9 +271,9 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
 
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Weight (R, hidden) and bias (R,) (or None) of the decode steps' one GEMM: the global q, k, v
-        projections and the router's row, concatenated, then zero rows up to R, the next multiple of
-        `DECODE_ROWS_MULTIPLE` (an H200 profile of the unpadded 4609 rows of the 7B shape: cuBLAS fell back
-        to a GEMV kernel at 1.9 TB/s, twice the time of the separate projections' GEMMs).
+        projections concatenated, then zero rows up to R, the next multiple of `DECODE_ROWS_MULTIPLE` (an
+        H200 profile of 4609 rows, q/k/v and the router's row at the 7B shape: cuBLAS fell back to a GEMV
+        kernel at 1.9 TB/s, twice the time of the separate projections' GEMMs).
 
         Inference-only copies, made on first use and remade when a source parameter changed (in place: its
         version counter; or replaced, moved, cast: its storage); dropped by a forward in training mode.
@@ -295,18 +285,17 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if torch.compiler.is_compiling():
             return None if self._decode_weights is None else self._decode_weights[1:]
-        sources = [p for m in projections for p in (m.weight, m.bias) if p is not None] + [self.router.weight]
+        sources = [p for m in projections for p in (m.weight, m.bias) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources)
         if self._decode_weights is None or self._decode_weights[0] != key:
             self._decode_weights = None  # free the old copy first
             with torch.no_grad():
-                rows = [m.weight for m in projections] + [self.router.weight]
+                rows = [m.weight for m in projections]
                 pad = -sum(w.shape[0] for w in rows) % self.DECODE_ROWS_MULTIPLE
                 weight = torch.cat(rows + [rows[0].new_zeros(pad, rows[0].shape[1])])
                 bias = None
                 if attn.q_proj.bias is not None:
-                    zeros = attn.q_proj.bias.new_zeros(self.router.weight.shape[0] + pad)
-                    bias = torch.cat([m.bias for m in projections] + [zeros])
+                    bias = torch.cat([m.bias for m in projections] + [attn.q_proj.bias.new_zeros(pad)])
             torch._dynamo.mark_static_address(weight)  # compiled steps (CUDA graphs) read it in place
             if bias is not None:
                 torch._dynamo.mark_static_address(bias)
@@ -314,31 +303,24 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         return self._decode_weights[1:]
 
     def _decode_projections(
-        self, g: torch.Tensor, layer_cache: Any | None, global_leakage: bool
-    ) -> tuple[torch.Tensor, ...] | None:
-        """The decode steps' one GEMM: g (B, N, hidden) -> router logits (B, N, 1), q, k, v (not rotated);
-        None where it does not apply (training, gradients, many tokens, no cache, random routing)."""
+        self, g: torch.Tensor, layer_cache: Any | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The decode steps' one GEMM: g (B, N, hidden) -> q, k, v (projected, not rotated); None where it
+        does not apply (training, gradients, many tokens, no cache)."""
         if self.training:
             self._decode_weights = None
             return None
-        if (
-            not self.FUSE_DECODE
-            or layer_cache is None
-            or torch.is_grad_enabled()
-            or global_leakage
-            or self.config.force_route == "random"
-        ):
+        if not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
             return None
         fused = self.decode_weights()  # made at the prompt too, so that compiled steps find it
         if fused is None or g.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
             return None
         attn = self.global_attn
         q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        sizes = [q_size, kv_size, kv_size, self.router.weight.shape[0]]
-        q, k, v, logits, _ = nn.functional.linear(g, *fused).split(
-            sizes + [fused[0].shape[0] - sum(sizes)], -1
+        q, k, v, _ = nn.functional.linear(g, *fused).split(
+            [q_size, kv_size, kv_size, fused[0].shape[0] - q_size - 2 * kv_size], -1
         )
-        return logits, q, k, v
+        return q, k, v
 
     def forward(
         self,
@@ -368,13 +350,9 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         soft = hard = None
         if self.has_global:
             g = self.global_layernorm(hidden_states)
-            projected = self._decode_projections(g, layer_cache, global_leakage)
-            if projected is None:
-                random_fraction = getattr(self.config, "random_route_fraction", None)
-                decision = self.router(g, self.config.force_route, random_fraction)
-            else:
-                logits, *projected = projected
-                decision = _decision_from_logits(self.router, logits, self.config.force_route)
+            random_fraction = getattr(self.config, "random_route_fraction", None)
+            decision = self.router(g, self.config.force_route, random_fraction)
+            projected = self._decode_projections(g, layer_cache)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
             # force_route="none" multiplies the branch by a constant 0: skip it. A cache made under
             # force_route="none" keeps no global K/V (L2ACache), so the layer can never route with it.
