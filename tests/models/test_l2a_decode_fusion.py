@@ -35,7 +35,7 @@ def _decode(model, ids, mask, max_length, steps=STEPS, tokens=None):
         decisions.clear()
         out = model(token, use_cache=True, **{CACHE_KWARG: cache})
         logits.append(out.logits[:, -1])
-        hard.append(torch.stack([d.squeeze(1) for d in decisions]))
+        hard.append(torch.stack([d.squeeze(1) for d in decisions] or [token.new_zeros(0, dtype=torch.bool)]))
         token = out.logits[:, -1:].argmax(-1)
     for h in hooks:
         h.remove()
@@ -112,4 +112,12 @@ def test_no_fused_weights_without_a_cache_or_with_gradients(tiny_l2a):
     with torch.no_grad():
         model(ids, attention_mask=mask, use_cache=False)
     model(ids, attention_mask=mask, use_cache=True)
+    assert all(layer._decode_weights is None for layer in model.model.layers)
+
+
+def test_local_only_decoding_makes_no_fused_weights(tiny_l2a):
+    """force_route="none" with a cache that keeps no global K/V skips the global branch, GEMM included."""
+    model = tiny_l2a("qwen3", window=4, force_route="none")
+    ids, mask = _batch()
+    _decode(model, ids, mask, PROMPT + STEPS)
     assert all(layer._decode_weights is None for layer in model.model.layers)

@@ -307,10 +307,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The decode steps' one GEMM: g (B, N, hidden) -> q, k, v (projected, not rotated); None where it
         does not apply (training, gradients, many tokens, no cache)."""
-        if self.training:
-            self._decode_weights = None
-            return None
-        if not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
+        if self.training or not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
             return None
         fused = self.decode_weights()  # made at the prompt too, so that compiled steps find it
         if fused is None or g.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
@@ -349,10 +346,11 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         )
         soft = hard = None
         if self.has_global:
+            if self.training and self._decode_weights is not None:
+                self._decode_weights = None  # inference-only copies (see decode_weights)
             g = self.global_layernorm(hidden_states)
             random_fraction = getattr(self.config, "random_route_fraction", None)
             decision = self.router(g, self.config.force_route, random_fraction)
-            projected = self._decode_projections(g, layer_cache)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
             # force_route="none" multiplies the branch by a constant 0: skip it. A cache made under
             # force_route="none" keeps no global K/V (L2ACache), so the layer can never route with it.
@@ -374,7 +372,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                     cu_seqlens=cu_seqlens,
                     key_start=key_start,
                     layer_cache=layer_cache,
-                    projected=projected,
+                    projected=self._decode_projections(g, layer_cache),
                 )
             soft, hard = decision.soft, decision.hard
         residual = hidden_states
