@@ -33,6 +33,7 @@ def _config(**overrides):
         global_layers=[0],
         router_temperature=0.1,
         router_threshold=0.5,
+        router_logit_offset=0.0,
     )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)

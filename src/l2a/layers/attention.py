@@ -52,7 +52,11 @@ class AttentionProjections(nn.Module):
 
     def project_q(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """h (B, N, hidden) -> rotated queries (B, N, Hq, D)."""
-        q = self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.rotate_q(self.q_proj(h), cos, sin)
+
+    def rotate_q(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Projected queries (B, N, Hq * D) -> (q_norm and) rotated queries (B, N, Hq, D)."""
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rotary(q, cos, sin)
@@ -61,8 +65,14 @@ class AttentionProjections(nn.Module):
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h (B, N, hidden) -> rotated keys and values, each (B, N, Hkv, D)."""
-        k = self.k_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return self.rotate_kv(self.k_proj(h), self.v_proj(h), cos, sin)
+
+    def rotate_kv(
+        self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values (B, N, Hkv * D) -> rotated keys and values, each (B, N, Hkv, D)."""
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.k_norm is not None:
             k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
@@ -142,18 +152,30 @@ class GlobalAttention(AttentionProjections):
         cu_seqlens: torch.Tensor | None = None,
         key_start: torch.Tensor | None = None,
         layer_cache: Any | None = None,
+        projected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """h (B, N, hidden); active bool and gate float, (B, N) or (B, N, Hq) -> (B, N, hidden).
 
         With a cache the keys/values of every token are appended to the global cache first.
+        projected: q, k, v already projected from h, (B, N, Hq * D), (B, N, Hkv * D) twice (the decode
+            steps' one GEMM, `L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens.
         """
         cos, sin = position_embeddings
-        k, v = self.project_kv(h, cos, sin)
+        if projected is None:
+            k, v = self.project_kv(h, cos, sin)
+        else:
+            k, v = self.rotate_kv(projected[1], projected[2], cos, sin)
         routed = active if active.dim() == 2 else active.any(-1)
         b, n = routed.shape
+        if projected is not None and n > self.COMPACT_MIN_TOKENS:
+            raise ValueError(f"projected q/k/v are for at most {self.COMPACT_MIN_TOKENS} tokens, got {n}")
+
+        def all_queries() -> torch.Tensor:
+            return self.project_q(h, cos, sin) if projected is None else self.rotate_q(projected[0], cos, sin)
+
         if layer_cache is not None and layer_cache.static_step(n):
             k_all, v_all, filled = layer_cache.step_global(k, v)
-            q = self.project_q(h, cos, sin)
+            q = all_queries()
             out = attention_with_kvcache(
                 q,
                 k_all,
@@ -167,7 +189,7 @@ class GlobalAttention(AttentionProjections):
         if layer_cache is not None:
             k, v = layer_cache.update_global(k, v)
         if n <= self.COMPACT_MIN_TOKENS or torch.compiler.is_compiling():
-            q = self.project_q(h, cos, sin)
+            q = all_queries()
             out = self._attend(q, k, v, active, cu_seqlens, key_start)
             return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
         rows = routed.flatten().nonzero().squeeze(1)  # the one host sync (see the class docstring)
@@ -205,7 +227,16 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         out = s' + MLP(post_attention_layernorm(s'))
 
     Layers outside `config.global_layers` have no router / global branch (local-only, e.g. after pruning).
+
+    Decode steps (a cached inference forward of at most `GlobalAttention.COMPACT_MIN_TOKENS` tokens, no
+    gradient) run the global q/k/v projections as one GEMM over concatenated weights (`decode_weights`;
+    `FUSE_DECODE = False` turns that off). They cannot share a GEMM with the local projections (the global
+    branch reads the residual stream after local attention); the router keeps its own module, so that its
+    decision is computed by `Router.forward` alone.
     """
+
+    FUSE_DECODE = True
+    DECODE_ROWS_MULTIPLE = 128
 
     def __init__(self, config: Any, layer_idx: int):
         super().__init__()
@@ -234,6 +265,59 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         if self.has_global:
             del self.global_layernorm, self.router, self.global_attn
             self.has_global = False
+            self._decode_weights = None
+
+    _decode_weights: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Weight (R, hidden) and bias (R,) (or None) of the decode steps' one GEMM: the global q, k, v
+        projections concatenated, then zero rows up to R, the next multiple of `DECODE_ROWS_MULTIPLE` (an
+        H200 profile of 4609 rows, q/k/v and the router's row at the 7B shape: cuBLAS fell back to a GEMV
+        kernel at 1.9 TB/s, twice the time of the separate projections' GEMMs).
+
+        Inference-only copies, made on first use and remade when a source parameter changed (in place: its
+        version counter; or replaced, moved, cast: its storage); dropped by a forward in training mode.
+        Memory: those weights once more (Qwen2.5-7B shape: 16.5 M parameters per layer, 0.92 GB in bf16).
+        Under torch.compile no copy is made or checked (the compiled step uses the one the eager prompt
+        forward made; None if there is none).
+        """
+        attn = self.global_attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if torch.compiler.is_compiling():
+            return None if self._decode_weights is None else self._decode_weights[1:]
+        sources = [p for m in projections for p in (m.weight, m.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources)
+        if self._decode_weights is None or self._decode_weights[0] != key:
+            self._decode_weights = None  # free the old copy first
+            with torch.no_grad():
+                rows = [m.weight for m in projections]
+                pad = -sum(w.shape[0] for w in rows) % self.DECODE_ROWS_MULTIPLE
+                weight = torch.cat(rows + [rows[0].new_zeros(pad, rows[0].shape[1])])
+                bias = None
+                if attn.q_proj.bias is not None:
+                    bias = torch.cat([m.bias for m in projections] + [attn.q_proj.bias.new_zeros(pad)])
+            torch._dynamo.mark_static_address(weight)  # compiled steps (CUDA graphs) read it in place
+            if bias is not None:
+                torch._dynamo.mark_static_address(bias)
+            self._decode_weights = (key, weight, bias)
+        return self._decode_weights[1:]
+
+    def _decode_projections(
+        self, g: torch.Tensor, layer_cache: Any | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The decode steps' one GEMM: g (B, N, hidden) -> q, k, v (projected, not rotated); None where it
+        does not apply (training, gradients, many tokens, no cache)."""
+        if self.training or not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
+            return None
+        fused = self.decode_weights()  # made at the prompt too, so that compiled steps find it
+        if fused is None or g.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
+            return None
+        attn = self.global_attn
+        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        q, k, v, _ = nn.functional.linear(g, *fused).split(
+            [q_size, kv_size, kv_size, fused[0].shape[0] - q_size - 2 * kv_size], -1
+        )
+        return q, k, v
 
     def forward(
         self,
@@ -262,6 +346,8 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         )
         soft = hard = None
         if self.has_global:
+            if self.training and self._decode_weights is not None:
+                self._decode_weights = None  # inference-only copies (see decode_weights)
             g = self.global_layernorm(hidden_states)
             random_fraction = getattr(self.config, "random_route_fraction", None)
             decision = self.router(g, self.config.force_route, random_fraction)
@@ -286,6 +372,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                     cu_seqlens=cu_seqlens,
                     key_start=key_start,
                     layer_cache=layer_cache,
+                    projected=self._decode_projections(g, layer_cache),
                 )
             soft, hard = decision.soft, decision.hard
         residual = hidden_states

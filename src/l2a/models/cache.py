@@ -93,6 +93,8 @@ class _KVBuffer:
             self.values.copy_(values)
         else:
             self.keys, self.values = keys, values
+            if in_place:  # a static buffer of a new batch size: new addresses, to be kept from now on
+                _mark_static(self.keys, self.values)
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -373,11 +375,13 @@ class L2ACache(Cache):
         super().batch_repeat_interleave(repeats)
         if self.key_start is not None:
             self.key_start = self.key_start.repeat_interleave(repeats, dim=0)
+            _mark_static(self.key_start)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.key_start is not None:
             self.key_start = self.key_start[indices]
+            _mark_static(self.key_start)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(

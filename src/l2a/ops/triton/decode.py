@@ -234,7 +234,9 @@ def decode_attention_fwd(
         k, v = k.contiguous(), v.contiguous()
     block_m = max(16, triton.next_power_of_2(n * group))
     block_n, num_warps, num_stages = _tiles(d)
-    chunk = split_size(nk, b * hkv, q.device, block_n)
+    # routed calls: splits sized as if one row were routed, so that a lone routed row of a batch is spread
+    # over the GPU as at batch 1 (sized for b * hkv programs, it streamed b times longer splits on few SMs)
+    chunk = split_size(nk, hkv if active is not None else b * hkv, q.device, block_n)
     n_splits = triton.cdiv(nk, chunk)
     partial_out = q.new_empty((b * hkv, n_splits, block_m, d), dtype=torch.float32)
     partial_lse = q.new_empty((b * hkv, n_splits, block_m), dtype=torch.float32)

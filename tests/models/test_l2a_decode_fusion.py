@@ -1,0 +1,123 @@
+"""Decode steps with the global branch's router and q/k/v projections fused into one GEMM
+(`L2ADecoderLayer.decode_weights`) against the unfused modules, and the fused copies' life cycle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2a.layers import L2ADecoderLayer
+from l2a.models import L2ACache
+from l2a.models._compat import CACHE_KWARG
+
+PROMPT, STEPS = 11, 6
+
+
+@torch.no_grad()
+def _decode(model, ids, mask, max_length, steps=STEPS, tokens=None):
+    """Prompt forward then `steps` single-token steps (fed `tokens` (B, steps), or greedy); returns the
+    step logits (B, steps, V) and hard decisions (steps, layers, B)."""
+    cache = L2ACache(model.config, max_length=max_length)
+    out = model(ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+    token = out.logits[:, -1:].argmax(-1)
+    logits, hard = [], []
+    decisions = []
+    hooks = [
+        layer.global_attn.register_forward_pre_hook(
+            lambda _m, a, k, d=decisions: d.append(a[2]), with_kwargs=True
+        )
+        for layer in model.model.layers
+        if layer.has_global
+    ]
+    for i in range(steps):
+        if tokens is not None:
+            token = tokens[:, i : i + 1]
+        decisions.clear()
+        out = model(token, use_cache=True, **{CACHE_KWARG: cache})
+        logits.append(out.logits[:, -1])
+        hard.append(torch.stack([d.squeeze(1) for d in decisions] or [token.new_zeros(0, dtype=torch.bool)]))
+        token = out.logits[:, -1:].argmax(-1)
+    for h in hooks:
+        h.remove()
+    return torch.stack(logits, 1), torch.stack(hard)
+
+
+def _batch(pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 300, (2, PROMPT))
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # q/k/v biases; per-head q/k norms
+def test_fused_decode_steps_equal_the_unfused_modules(tiny_l2a, monkeypatch, arch, static):
+    model = tiny_l2a(arch, window=4)
+    ids, mask = _batch()
+    tokens = torch.randint(1, 300, (2, STEPS))
+    max_length = PROMPT + STEPS if static else None
+    calls = []
+    real = L2ADecoderLayer.decode_weights
+    monkeypatch.setattr(L2ADecoderLayer, "decode_weights", lambda self: calls.append(1) or real(self))
+    fused, fused_hard = _decode(model, ids, mask, max_length, tokens=tokens)
+    assert calls, "the fused decode path must have run"
+    monkeypatch.setattr(L2ADecoderLayer, "FUSE_DECODE", False)
+    calls.clear()
+    plain, plain_hard = _decode(model, ids, mask, max_length, tokens=tokens)
+    assert not calls
+    assert fused_hard.any() and not fused_hard.all(), "routing must be mixed for this test to mean anything"
+    assert torch.equal(fused_hard, plain_hard)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_in_bfloat16_within_its_tolerance(tiny_l2a, monkeypatch):
+    model = tiny_l2a("qwen2", window=4).to(torch.bfloat16)
+    ids, mask = _batch()
+    tokens = torch.randint(1, 300, (2, STEPS))
+    fused, fused_hard = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    monkeypatch.setattr(L2ADecoderLayer, "FUSE_DECODE", False)
+    plain, plain_hard = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    assert (fused_hard == plain_hard).float().mean() >= 0.9  # a decision on the threshold may flip
+    same = (fused_hard == plain_hard).all(0).all(0)  # rows whose every decision agrees
+    assert same.any()
+    torch.testing.assert_close(fused[same].float(), plain[same].float(), atol=3e-2, rtol=2e-2)
+
+
+def test_fused_weights_follow_parameter_changes_and_training(tiny_l2a, monkeypatch):
+    model = tiny_l2a("qwen2", window=4)
+    ids, mask = _batch()
+    tokens = torch.randint(1, 300, (2, STEPS))
+    _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    layer = model.model.layers[0]
+    first = layer._decode_weights[1]
+    attn = layer.global_attn
+    rows = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim
+    assert first.shape[0] % L2ADecoderLayer.DECODE_ROWS_MULTIPLE == 0 and not first[rows:].any()
+    with torch.no_grad():  # in place: the version counter changes, the storage does not
+        layer.global_attn.k_proj.weight.mul_(1.5)
+        layer.router.weight.neg_()
+    fused, _ = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    assert layer._decode_weights[1] is not first
+    monkeypatch.setattr(L2ADecoderLayer, "FUSE_DECODE", False)
+    plain, _ = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    model.train()
+    model(ids, attention_mask=mask, use_cache=False)
+    assert all(layer._decode_weights is None for layer in model.model.layers)
+
+
+def test_no_fused_weights_without_a_cache_or_with_gradients(tiny_l2a):
+    model = tiny_l2a("qwen3", window=4)
+    ids, mask = _batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, use_cache=False)
+    model(ids, attention_mask=mask, use_cache=True)
+    assert all(layer._decode_weights is None for layer in model.model.layers)
+
+
+def test_local_only_decoding_makes_no_fused_weights(tiny_l2a):
+    """force_route="none" with a cache that keeps no global K/V skips the global branch, GEMM included."""
+    model = tiny_l2a("qwen3", window=4, force_route="none")
+    ids, mask = _batch()
+    _decode(model, ids, mask, PROMPT + STEPS)
+    assert all(layer._decode_weights is None for layer in model.model.layers)
