@@ -180,11 +180,35 @@ def _build_on_gpu(cls, config, dtype: torch.dtype = torch.bfloat16):
         torch.set_default_dtype(previous)
 
 
-def _timed_train(model, config: TrainConfig, data: list[dict], warmup: int) -> dict:
+def _timed_train(
+    model, config: TrainConfig, data: list[dict], warmup: int, profile_to: Path | None = None
+) -> dict:
+    """Train on `data` (one step per batch); profile_to: record the last step with the torch profiler and
+    write its CUDA time breakdown there (`_write_profile`)."""
     records: list[dict] = []
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    train(model, None, config, data=data, on_log=records.append)
+    if profile_to is None:
+        train(model, None, config, data=data, on_log=records.append)
+    else:
+        steps = len(data) // config.grad_accum_steps
+        schedule = torch.profiler.schedule(wait=max(steps - 2, 0), warmup=1 if steps > 1 else 0, active=1)
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        tokens = data[0]["input_ids"].numel() * config.grad_accum_steps
+
+        def write(prof: torch.profiler.profile) -> None:  # the active step's events, before they are cleared
+            _write_profile(prof, profile_to, tokens / records[-1]["tokens_per_s"])
+
+        with torch.profiler.profile(
+            activities=activities, schedule=schedule, record_shapes=True, on_trace_ready=write
+        ) as prof:
+
+            def on_log(record: dict) -> None:
+                records.append(record)
+                torch.cuda.synchronize()
+                prof.step()
+
+            train(model, None, config, data=data, on_log=on_log)
     torch.cuda.synchronize()
     timed = records[warmup:] or records
     tokens = data[0]["input_ids"].numel() * config.grad_accum_steps
@@ -197,6 +221,28 @@ def _timed_train(model, config: TrainConfig, data: list[dict], warmup: int) -> d
             for r in records
         ],
     }
+
+
+def _write_profile(prof: torch.profiler.profile, path: Path, step_s: float) -> None:
+    """CUDA time of the profiled step by op (self time, so nothing is counted twice), by op and input shapes
+    (which GEMM is which), and the sum of kernel time against the step's wall time (GPU idle = the rest)."""
+    by_op = prof.key_averages()
+    on_device = [e for e in by_op if e.device_type != torch.autograd.DeviceType.CPU]
+    kernel_s = sum(e.self_device_time_total for e in on_device) / 1e6
+    lines = [
+        f"step wall {step_s:.3f} s (under the profiler), CUDA kernel time {kernel_s:.3f} s, "
+        f"GPU idle {max(step_s - kernel_s, 0.0):.3f} s",
+        "",
+        by_op.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70),
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_device_time_total",
+            row_limit=80,
+            max_name_column_width=60,
+            max_shapes_column_width=90,
+        ),
+    ]
+    path.write_text("\n".join(lines))
+    print(lines[0], flush=True)
 
 
 def run_dense_comparison(args: argparse.Namespace, out: Path) -> list[dict]:
@@ -215,20 +261,24 @@ def run_dense_comparison(args: argparse.Namespace, out: Path) -> list[dict]:
         )
         data = random_batches(args.steps, seq_len, args.vocab, seed=2)
         row: dict = {"seq_len": seq_len}
-        for name in ("dense", "l2a"):
+        for name in args.models.split(","):
             base = _build_on_gpu(transformers.Qwen2ForCausalLM, qwen25_15b_config(args.vocab))
             base.config._attn_implementation = "sdpa"
-            if name == "l2a":
+            if name.startswith("l2a"):
                 model = l2a.convert_model(base, sliding_window=args.window)
                 del base
-                gen = torch.Generator(device="cuda").manual_seed(0)
-                for layer in model.model.layers:
-                    routed = torch.rand(1, seq_len, device="cuda", generator=gen) >= args.sparsity
-                    layer.router = FixedRouting(layer.router, routed)
+                if name == "l2a":
+                    gen = torch.Generator(device="cuda").manual_seed(0)
+                    for layer in model.model.layers:
+                        routed = torch.rand(1, seq_len, device="cuda", generator=gen) >= args.sparsity
+                        layer.router = FixedRouting(layer.router, routed)
+                else:
+                    model.config.force_route = "none" if name == "l2a-local" else "all"
             else:
                 model = base
             model.float()  # fp32 master weights under bf16 autocast, as `l2a train` loads them
-            row[name] = _timed_train(model, config, data, warmup=1)
+            profile_to = out / f"profile-{name}-{seq_len}.txt" if args.profile else None
+            row[name] = _timed_train(model, config, data, warmup=1, profile_to=profile_to)
             print(
                 f"  N={seq_len} {name}: {row[name]['step_s']:.2f} s/step, "
                 f"{row[name]['peak_mem_gib']:.1f} GiB",
@@ -237,14 +287,20 @@ def run_dense_comparison(args: argparse.Namespace, out: Path) -> list[dict]:
             del model
             torch.cuda.empty_cache()
         rows.append(row)
-    print("| N | dense step | L2A step | speed-up | peak GiB dense / L2A |")
-    print("|---|---|---|---|---|")
+    names = args.models.split(",")
+    print(
+        "| N | "
+        + " | ".join(f"{m} step" for m in names)
+        + " | dense / l2a | peak GiB "
+        + " / ".join(names)
+        + " |"
+    )
+    print("|---" * (len(names) + 3) + "|")
     for r in rows:
-        d, a = r["dense"], r["l2a"]
-        print(
-            f"| {r['seq_len']} | {d['step_s']:.2f} s | {a['step_s']:.2f} s | "
-            f"{d['step_s'] / a['step_s']:.2f}x | {d['peak_mem_gib']:.1f} / {a['peak_mem_gib']:.1f} |"
-        )
+        speedup = f"{r['dense']['step_s'] / r['l2a']['step_s']:.2f}x" if "dense" in r and "l2a" in r else "-"
+        steps = " | ".join(f"{r[m]['step_s']:.2f} s" for m in names)
+        peaks = " / ".join(f"{r[m]['peak_mem_gib']:.1f}" for m in names)
+        print(f"| {r['seq_len']} | {steps} | {speedup} | {peaks} |")
     return rows
 
 
@@ -304,6 +360,17 @@ def main() -> None:
     parser.add_argument(
         "--sparsity", type=float, default=0.9, help="dense mode: fraction of tokens not routed"
     )
+    parser.add_argument(
+        "--models",
+        default="dense,l2a",
+        help="dense mode: comma list of dense, l2a (fixed random routing), l2a-local (force_route=none), "
+        "l2a-all (force_route=all)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="dense mode: record each model's last step with the torch profiler (--out/profile-MODEL-N.txt)",
+    )
     parser.add_argument("--config", default="configs/qwen3-8b-128k.yaml", help="recipe mode: the recipe")
     parser.add_argument("--set", action="append", default=[], help="recipe mode: config override KEY=VALUE")
     parser.add_argument("--seq-lens", default="16384,32768")
@@ -323,6 +390,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_training")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of the script")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - {"dense", "l2a", "l2a-local", "l2a-all"})
+    if unknown:
+        parser.error(f"--models: unknown model(s) {unknown}; choose from dense, l2a, l2a-local, l2a-all")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_training.py needs a CUDA device (--device cpu only smoke-tests the script)")
     out = Path(args.out)

@@ -24,7 +24,8 @@ def conditional_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed causal attention; arguments as `l2a.ops.conditional_attention` (already validated there)."""
     _flash.check_supported(q)
-    return conditional_attention_op(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+    out, lse, *_rows = conditional_attention_op(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+    return out, lse
 
 
 def sliding_window_attention_triton(

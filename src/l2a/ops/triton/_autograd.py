@@ -33,13 +33,17 @@ def conditional_attention_op(
     key_offset: int,
     cu_seqlens: torch.Tensor | None,
     key_start: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out, lse and the compact row lists idx, lo, hi, count (saved for the backward, not differentiable)."""
     return conditional_attention_fwd(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
 
 
 @conditional_attention_op.register_fake
 def _(q, k, v, active, scale, key_offset, cu_seqlens, key_start):
-    return _fake_out_lse(q)
+    b, n, hq, _ = q.shape
+    lists = 1 if active.dim() == 2 else hq
+    idx, lo, hi = (q.new_empty((b, lists, n), dtype=torch.int32) for _ in range(3))
+    return (*_fake_out_lse(q), idx, lo, hi, q.new_empty((b, lists), dtype=torch.int32))
 
 
 @torch.library.custom_op("l2a::conditional_attention_backward", mutates_args=())
@@ -52,31 +56,31 @@ def conditional_attention_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     active: torch.Tensor,
+    idx: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    count: torch.Tensor,
     scale: float,
-    key_offset: int,
-    cu_seqlens: torch.Tensor | None,
-    key_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return conditional_attention_bwd(
-        dout, dlse, q, k, v, out, lse, active, scale, key_offset, cu_seqlens, key_start
-    )
+    return conditional_attention_bwd(dout, dlse, q, k, v, out, lse, active, idx, lo, hi, count, scale)
 
 
 @conditional_attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, active, scale, key_offset, cu_seqlens, key_start):
+def _(dout, dlse, q, k, v, out, lse, active, idx, lo, hi, count, scale):
     return _fake_grads(q, k, v)
 
 
 def _conditional_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, active, scale, key_offset, cu_seqlens, key_start = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], active, cu_seqlens, key_start)
-    ctx.scale, ctx.key_offset = scale, key_offset
+    q, k, v, active, scale, *_ = inputs
+    ctx.save_for_backward(q, k, v, *output, active)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.scale = scale
 
 
-def _conditional_backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple:
-    q, k, v, out, lse, active, cu_seqlens, key_start = ctx.saved_tensors
+def _conditional_backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None, *_rows: Any) -> tuple:
+    q, k, v, out, lse, idx, lo, hi, count, active = ctx.saved_tensors
     dq, dk, dv = conditional_attention_backward_op(
-        dout, dlse, q, k, v, out, lse, active, ctx.scale, ctx.key_offset, cu_seqlens, key_start
+        dout, dlse, q, k, v, out, lse, active, idx, lo, hi, count, ctx.scale
     )
     return dq, dk, dv, None, None, None, None, None
 

@@ -231,7 +231,7 @@ def compact_rows(
         return Rows(idx, lo[:, None].contiguous(), hi[:, None].contiguous(), count, 1, group, span)
     lists = active[:, None, :] if active.dim() == 2 else active.permute(0, 2, 1)
     slot = torch.cumsum(lists, dim=-1, dtype=torch.int32)
-    count = slot[..., -1].contiguous()
+    count = slot[..., -1].clone()  # its own storage: the conditional op returns it
     dest = torch.where(lists, slot - 1, n).long()
     token = torch.arange(n, device=lo.device, dtype=torch.int32).expand_as(lists)
     idx = torch.zeros(*lists.shape[:-1], n + 1, device=lo.device, dtype=torch.int32)
