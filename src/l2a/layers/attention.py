@@ -21,6 +21,9 @@ from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import Router
 from l2a.ops import attention_with_kvcache
 
+# more tokens than this: q/k/v projections as one GEMM (`AttentionProjections.project_kv`)
+FUSE_MIN_TOKENS = 16
+
 
 class AttentionProjections(nn.Module):
     """q/k/v/o projections of one attention branch (and Qwen3's per-head q/k RMSNorms).
@@ -62,10 +65,23 @@ class AttentionProjections(nn.Module):
         return apply_rotary(q, cos, sin)
 
     def project_kv(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (B, N, hidden) -> rotated keys and values, each (B, N, Hkv, D)."""
-        return self.rotate_kv(self.k_proj(h), self.v_proj(h), cos, sin)
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, with_q: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """h (B, N, hidden) -> rotated keys and values, each (B, N, Hkv, D); with_q: (q, k, v), the
+        rotated queries (B, N, Hq, D) first.
+
+        More than FUSE_MIN_TOKENS tokens (prefill, training) go through one GEMM over the concatenated
+        weights: h is read (and cast under autocast) once, and its gradient is one GEMM. Fewer (decode) keep
+        separate GEMMs, which read each weight once instead of concatenating it every step."""
+        projections = (self.q_proj, self.k_proj, self.v_proj) if with_q else (self.k_proj, self.v_proj)
+        if h.shape[:-1].numel() > FUSE_MIN_TOKENS and not torch.compiler.is_compiling():
+            weight = torch.cat([m.weight for m in projections])
+            bias = None if projections[0].bias is None else torch.cat([m.bias for m in projections])
+            outputs = nn.functional.linear(h, weight, bias).split([m.out_features for m in projections], -1)
+        else:
+            outputs = [m(h) for m in projections]
+        k, v = self.rotate_kv(outputs[-2], outputs[-1], cos, sin)
+        return (self.rotate_q(outputs[0], cos, sin), k, v) if with_q else (k, v)
 
     def rotate_kv(
         self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -95,8 +111,7 @@ class LocalAttention(AttentionProjections):
         key_start: int (B,) absolute position of each row's first valid token (left padding).
         """
         cos, sin = position_embeddings
-        q = self.project_q(h, cos, sin)
-        k, v = self.project_kv(h, cos, sin)
+        q, k, v = self.project_kv(h, cos, sin, with_q=True)
         if layer_cache is not None and layer_cache.static_step(h.shape[1]):
             k_ring, v_ring, filled = layer_cache.step_local(k, v)
             out = attention_with_kvcache(
