@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from l2a.ops.norm import rms_norm
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as in Qwen2/Qwen3/Llama: `weight * x / sqrt(mean(x^2) + eps)`."""
@@ -16,11 +18,8 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # CUDA: one fused kernel each way instead of ~6 float32 passes (`l2a.ops.norm.rms_norm`)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

@@ -1,5 +1,6 @@
 """Attention ops on tensors: routed (conditional) causal attention, sliding-window attention and
-all-or-here attention (AHA: per token and head, full or window attention).
+all-or-here attention (AHA: per token and head, full or window attention); and RMSNorm (`rms_norm`, a
+fused kernel on CUDA).
 
 Importing this package does not import Triton; the Triton backend loads on first use.
 """
@@ -7,10 +8,12 @@ Importing this package does not import Triton; the Triton backend loads on first
 from l2a.ops.aha import all_or_here_attention
 from l2a.ops.attention import conditional_attention, sliding_window_attention
 from l2a.ops.kvcache import attention_with_kvcache
+from l2a.ops.norm import rms_norm
 
 __all__ = [
     "all_or_here_attention",
     "attention_with_kvcache",
     "conditional_attention",
+    "rms_norm",
     "sliding_window_attention",
 ]

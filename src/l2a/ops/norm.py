@@ -1,0 +1,43 @@
+"""RMSNorm as an op: a fused Triton kernel on CUDA, the plain PyTorch formula elsewhere.
+
+Legend: (..., H) any leading dimensions, H the normalised (last) dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2a.ops import _checks
+from l2a.ops.attention import _triton_available
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2/Qwen3/Llama's RMSNorm: `weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`, in float32."""
+    input_dtype = x.dtype
+    xf = x.to(torch.float32)
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(input_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto") -> torch.Tensor:
+    """x (..., H), weight (H,) -> (..., H) in the promoted dtype of x and weight (as `rms_norm_reference`).
+
+    backend: "auto" (the fused Triton kernel for CUDA tensors of float16 / bfloat16 / float32 when triton is
+    installed, else PyTorch), "triton" or "torch". The kernel keeps a float32 rstd (M,) for its backward
+    instead of the PyTorch formula's intermediates.
+    """
+    _checks.check_backend(backend)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    use_triton = backend == "triton" or (
+        backend == "auto"
+        and x.device.type == "cuda"
+        and x.dtype in _checks.TRITON_DTYPES
+        and weight.dtype in _checks.TRITON_DTYPES
+        and _triton_available()
+    )
+    if not use_triton:
+        return rms_norm_reference(x, weight, eps)
+    from l2a.ops.triton.rmsnorm import rms_norm_op
+
+    return rms_norm_op(x, weight, float(eps))[0]
