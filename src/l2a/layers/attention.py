@@ -212,6 +212,8 @@ class GlobalAttention(AttentionProjections):
         q_rows = self.project_q(
             h.flatten(0, 1)[rows][None], cos.flatten(0, 1)[rows][None], sin.flatten(0, 1)[rows][None]
         )[0]
+        if torch.is_autocast_enabled(h.device.type):  # the op casts q anyway: scatter the cast rows only
+            q_rows = q_rows.to(torch.get_autocast_dtype(h.device.type))
         q = (
             q_rows.new_zeros(flat, *q_rows.shape[1:])
             .index_copy(0, rows, q_rows)

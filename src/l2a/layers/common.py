@@ -7,6 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from l2a.ops.norm import rms_norm
+from l2a.ops.rotary import apply_rotary as rotary
 
 
 class RMSNorm(nn.Module):
@@ -41,13 +42,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in the ops layout: x (B, N, H, D), cos/sin (B, N, D)."""
-    cos = cos.unsqueeze(2)
-    sin = sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
+    """Rotary position embedding in the ops layout: x (B, N, H, D), cos/sin (B, N, D); on CUDA one fused
+    kernel each way (`l2a.ops.rotary.apply_rotary`)."""
+    return rotary(x, cos, sin)

@@ -1,0 +1,102 @@
+"""Fused rotary position embedding (forward and backward): one program per token, all heads.
+
+`out = x * cos + rotate_half(x) * sin` with rotate_half(x) = (-x2, x1) over the two halves of the head dim,
+in float32, stored in the promoted dtype of x and cos (as the PyTorch formula). Legend: B batch, N tokens,
+H heads, D head dim (even).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(
+    X, COS, SIN, Y, stride_xb, stride_xn, stride_xh, stride_cb, stride_cn, stride_yb, stride_yn, stride_yh,
+    n_tokens, n_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr,
+):  # fmt: skip
+    """Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2. BACKWARD (X = dy, Y = dx): the transpose,
+    dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tokens
+    t = pid % n_tokens
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, HALF)
+    hmask = heads[:, None] < n_heads
+    c_base = COS + b * stride_cb + t * stride_cn
+    s_base = SIN + b * stride_cb + t * stride_cn
+    c1 = tl.load(c_base + cols).to(tl.float32)[None, :]
+    c2 = tl.load(c_base + HALF + cols).to(tl.float32)[None, :]
+    s1 = tl.load(s_base + cols).to(tl.float32)[None, :]
+    s2 = tl.load(s_base + HALF + cols).to(tl.float32)[None, :]
+    x_off = b * stride_xb + t * stride_xn + heads[:, None] * stride_xh + cols[None, :]
+    x1 = tl.load(X + x_off, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + HALF, mask=hmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    y_off = b * stride_yb + t * stride_yn + heads[:, None] * stride_yh + cols[None, :]
+    tl.store(Y + y_off, y1.to(Y.dtype.element_ty), mask=hmask)
+    tl.store(Y + y_off + HALF, y2.to(Y.dtype.element_ty), mask=hmask)
+
+
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype, backward: bool):
+    b, n, h, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = cos.expand(b, n, d)
+    sin = sin.expand(b, n, d)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty(b, n, h, d, dtype=out_dtype, device=x.device)
+    if y.numel():
+        _rotary_kernel[(b * n,)](
+            x, cos, sin, y, *x.stride()[:3], *cos.stride()[:2], *y.stride()[:3], n, h,
+            HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), BACKWARD=backward,
+            num_warps=4 if h * d >= 1024 else 1,
+        )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("l2a::rotary", mutates_args=())
+def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, N, H, D), cos/sin (B or 1, N, D) -> (B, N, H, D) in the promoted dtype."""
+    return _launch(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), backward=False)
+
+
+@rotary_op.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))
+
+
+@torch.library.custom_op("l2a::rotary_backward", mutates_args=())
+def rotary_backward_op(
+    dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dtype: torch.dtype
+) -> torch.Tensor:
+    return _launch(dy, cos, sin, x_dtype, backward=True)
+
+
+@rotary_backward_op.register_fake
+def _(dy, cos, sin, x_dtype):
+    return dy.new_empty(dy.shape, dtype=x_dtype)
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    cos, sin = ctx.saved_tensors
+    return rotary_backward_op(dy, cos, sin, ctx.x_dtype), None, None
+
+
+rotary_op.register_autograd(_backward, setup_context=_setup)
