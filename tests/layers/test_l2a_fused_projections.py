@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from l2a.layers import LocalAttention
-from l2a.layers.attention import FUSE_MIN_TOKENS
+from l2a.layers.common import FUSE_MIN_TOKENS, GatedMLP, RMSNorm
 
 HIDDEN, HQ, HKV, D = 32, 4, 2, 8
 
@@ -94,3 +94,37 @@ def test_few_tokens_use_the_separate_modules():
         m.register_forward_hook(lambda *_: calls.append(1))
     attn.project_kv(h, angles.cos(), angles.sin(), with_q=True)
     assert len(calls) == 3
+
+
+def test_fused_gate_up_equals_separate_projections():
+    torch.manual_seed(0)
+    mlp = GatedMLP(HIDDEN, 24, "silu", bias=True).double()
+    x = torch.randn(2, FUSE_MIN_TOKENS, HIDDEN, dtype=torch.float64, requires_grad=True)
+    calls = []
+    mlp.gate_proj.register_forward_hook(lambda *_: calls.append(1))
+    got = mlp(x)
+    assert not calls  # one GEMM over the concatenated gate/up weights
+    want = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    leaves = [x, *mlp.parameters()]
+    for g, e in zip(
+        torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves), strict=True
+    ):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("feeds_linear", [True, False], ids=["feeds-linear", "plain"])
+def test_norm_feeding_linears_gives_the_autocast_dtype(feeds_linear):
+    norm = RMSNorm(HIDDEN, feeds_linear=feeds_linear)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, HIDDEN, requires_grad=True)
+    linear = torch.nn.Linear(HIDDEN, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+        out = linear(y)
+    assert y.dtype == (torch.bfloat16 if feeds_linear else torch.float32)
+    # the linear layer sees the same bf16 input either way
+    expected = norm.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(y.float(), expected.bfloat16().float() if feeds_linear else expected)
+    assert out.dtype == torch.bfloat16

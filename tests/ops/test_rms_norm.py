@@ -69,3 +69,19 @@ def test_compiles_fullgraph():
     want = torch.autograd.grad(rms_norm_reference(x, weight, 1e-5).square().sum(), (x, weight))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_out_dtype_is_written_directly():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 64, generator=g).to(DEVICE).requires_grad_()
+    weight = torch.randn(64, generator=g).to(DEVICE).requires_grad_()
+    y = rms_norm(x, weight, 1e-6, out_dtype=torch.bfloat16, backend="triton")
+    assert y.dtype == torch.bfloat16
+    ref = rms_norm_reference(x, weight, 1e-6)
+    torch.testing.assert_close(y, ref.to(torch.bfloat16))
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, torch.bfloat16)
+    got = torch.autograd.grad(y, (x, weight), dy)
+    want = torch.autograd.grad(ref, (x, weight), dy.float())
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

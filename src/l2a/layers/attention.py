@@ -17,12 +17,9 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
-from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
+from l2a.layers.common import FUSE_MIN_TOKENS, GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import Router
 from l2a.ops import attention_with_kvcache
-
-# more tokens than this: q/k/v projections as one GEMM (`AttentionProjections.project_kv`)
-FUSE_MIN_TOKENS = 16
 
 
 class AttentionProjections(nn.Module):
@@ -259,15 +256,17 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.config = config
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, feeds_linear=True)
         self.local_attn = LocalAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, feeds_linear=True
+        )
         self.mlp = GatedMLP(
             config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias
         )
         self.has_global = layer_idx in config.global_layers
         if self.has_global:
-            self.global_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.global_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, feeds_linear=True)
             self.router = Router(
                 config.hidden_size,
                 1,

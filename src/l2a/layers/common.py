@@ -9,18 +9,27 @@ from transformers.activations import ACT2FN
 from l2a.ops.norm import rms_norm
 from l2a.ops.rotary import apply_rotary as rotary
 
+# more tokens than this: projections that read the same input run as one GEMM over concatenated weights
+FUSE_MIN_TOKENS = 16
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as in Qwen2/Qwen3/Llama: `weight * x / sqrt(mean(x^2) + eps)`."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, feeds_linear: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        # the output only enters linear layers: under autocast produce it in the autocast dtype, which is
+        # what each of them would cast it to (one float32 pass and one cast per consumer fewer)
+        self.feeds_linear = feeds_linear
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # CUDA: one fused kernel each way instead of ~6 float32 passes (`l2a.ops.norm.rms_norm`)
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        device_type = hidden_states.device.type
+        cast = self.feeds_linear and torch.is_autocast_enabled(device_type)
+        out_dtype = torch.get_autocast_dtype(device_type) if cast else None
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -39,6 +48,15 @@ class GatedMLP(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() > FUSE_MIN_TOKENS and not torch.compiler.is_compiling():
+            # prefill / training: gate and up as one GEMM (x read and cast once, one dX GEMM); decode keeps
+            # two, which read each weight once instead of concatenating them every step
+            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            bias = (
+                None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
+            )
+            gate, up = nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+            return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -19,8 +19,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * (xf * torch.rsqrt(variance + eps)).to(input_dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str = "auto") -> torch.Tensor:
-    """x (..., H), weight (H,) -> (..., H) in the promoted dtype of x and weight (as `rms_norm_reference`).
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x (..., H), weight (H,) -> (..., H) in the promoted dtype of x and weight (as `rms_norm_reference`),
+    or cast to `out_dtype` (the kernel writes it directly: one pass instead of two).
 
     backend: "auto" (the fused Triton kernel for CUDA tensors of float16 / bfloat16 / float32 when triton is
     installed, else PyTorch), "triton" or "torch". The kernel keeps a float32 rstd (M,) for its backward
@@ -37,7 +45,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
         and _triton_available()
     )
     if not use_triton:
-        return rms_norm_reference(x, weight, eps)
+        y = rms_norm_reference(x, weight, eps)
+        return y if out_dtype is None else y.to(out_dtype)
     from l2a.ops.triton.rmsnorm import rms_norm_op
 
-    return rms_norm_op(x, weight, float(eps))[0]
+    return rms_norm_op(x, weight, float(eps), out_dtype)[0]

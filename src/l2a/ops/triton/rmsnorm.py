@@ -67,11 +67,17 @@ def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (..., H) in the promoted dtype of x and weight; rstd float32 (M,)."""
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if out_dtype is None else out_dtype
+
+
+def rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (..., H) in out_dtype (default: the promoted dtype of x and weight); rstd float32 (M,)."""
     x2 = _rows2d(x)
     m, h = x2.shape
-    y = torch.empty(m, h, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    y = torch.empty(m, h, dtype=_out_dtype(x, weight, out_dtype), device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block, warps = _block(h)
     if m:
@@ -102,13 +108,15 @@ def rms_norm_bwd(
 
 
 @torch.library.custom_op("l2a::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_fwd(x, weight, eps)
+def rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_fwd(x, weight, eps, out_dtype)
 
 
 @rms_norm_op.register_fake
-def _(x, weight, eps):
-    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+def _(x, weight, eps, out_dtype):
+    y = x.new_empty(x.shape, dtype=_out_dtype(x, weight, out_dtype))
     return y, x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
@@ -125,14 +133,14 @@ def _(dy, x, weight, rstd):
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, weight, _ = inputs
+    x, weight, *_ = inputs
     ctx.save_for_backward(x, weight, output[1])
 
 
 def _backward(ctx: Any, dy: torch.Tensor, _drstd: Any) -> tuple:
     x, weight, rstd = ctx.saved_tensors
     dx, dweight = rms_norm_backward_op(dy, x, weight, rstd)
-    return dx, dweight, None
+    return dx, dweight, None, None
 
 
 rms_norm_op.register_autograd(_backward, setup_context=_setup)
