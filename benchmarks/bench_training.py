@@ -227,11 +227,31 @@ def _write_profile(prof: torch.profiler.profile, path: Path, step_s: float) -> N
     """CUDA time of the profiled step by op (self time, so nothing is counted twice), by op and input shapes
     (which GEMM is which), and the sum of kernel time against the step's wall time (GPU idle = the rest)."""
     by_op = prof.key_averages()
-    on_device = [e for e in by_op if e.device_type != torch.autograd.DeviceType.CPU]
-    kernel_s = sum(e.self_device_time_total for e in on_device) / 1e6
+    kernels = sorted(
+        (
+            e
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+        ),
+        key=lambda e: e.time_range.start,
+    )
+    kernel_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    # GPU idle: gaps between consecutive kernels, charged to the kernel that ends the gap
+    gaps: dict[str, float] = {}
+    busy_until = kernels[0].time_range.end if kernels else 0
+    for e in kernels[1:]:
+        gap = e.time_range.start - busy_until
+        if gap > 20:  # µs; shorter gaps are launch spacing
+            key = f"{e.name[:70]} (after {e.cpu_parent.name[:40] if e.cpu_parent else '?'})"
+            gaps[key] = gaps.get(key, 0.0) + gap
+        busy_until = max(busy_until, e.time_range.end)
+    span_s = (busy_until - kernels[0].time_range.start) / 1e6 if kernels else 0.0
     lines = [
-        f"step wall {step_s:.3f} s (under the profiler), CUDA kernel time {kernel_s:.3f} s, "
-        f"GPU idle {max(step_s - kernel_s, 0.0):.3f} s",
+        f"step wall {step_s:.3f} s (under the profiler), kernel span {span_s:.3f} s, CUDA kernel time "
+        f"{kernel_s:.3f} s, GPU idle gaps > 20 us {sum(gaps.values()) / 1e6:.3f} s",
+        "",
+        "largest idle gaps by the kernel that ends them (ms):",
+        *(f"  {t / 1e3:9.2f}  {k}" for k, t in sorted(gaps.items(), key=lambda kv: -kv[1])[:25]),
         "",
         by_op.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70),
         prof.key_averages(group_by_input_shape=True).table(

@@ -147,9 +147,9 @@ class GlobalAttention(AttentionProjections):
 
     q_proj, q_norm, RoPE and o_proj run on the routed tokens only when more than `COMPACT_MIN_TOKENS`
     tokens come in (prefill, training). Sizing that gather reads the routed count on the host: one sync per
-    layer and forward, never in a decode step (few tokens: every row is projected, the attention kernel
-    skips the unrouted ones) and never under `torch.compile` (the same masked form, so the graph has no
-    data-dependent shape).
+    layer and forward (on CUDA a wait for that count alone, copied while the k/v projection runs), never in
+    a decode step (few tokens: every row is projected, the attention kernel skips the unrouted ones) and
+    never under `torch.compile` (the same masked form, so the graph has no data-dependent shape).
     """
 
     COMPACT_MIN_TOKENS = 16
@@ -173,19 +173,23 @@ class GlobalAttention(AttentionProjections):
             steps' one GEMM, `L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens.
         """
         cos, sin = position_embeddings
-        if projected is None:
-            k, v = self.project_kv(h, cos, sin)
-        else:
-            k, v = self.rotate_kv(projected[1], projected[2], cos, sin)
         routed = active if active.dim() == 2 else active.any(-1)
         b, n = routed.shape
         if projected is not None and n > self.COMPACT_MIN_TOKENS:
             raise ValueError(f"projected q/k/v are for at most {self.COMPACT_MIN_TOKENS} tokens, got {n}")
+        compact = n > self.COMPACT_MIN_TOKENS and not torch.compiler.is_compiling()
+        static = layer_cache is not None and layer_cache.static_step(n)
+        # the routed count travels to the host while the GPU runs the k/v projection (see `_count_to_host`)
+        pending = _count_to_host(routed) if compact and not static else None
+        if projected is None:
+            k, v = self.project_kv(h, cos, sin)
+        else:
+            k, v = self.rotate_kv(projected[1], projected[2], cos, sin)
 
         def all_queries() -> torch.Tensor:
             return self.project_q(h, cos, sin) if projected is None else self.rotate_q(projected[0], cos, sin)
 
-        if layer_cache is not None and layer_cache.static_step(n):
+        if static:
             k_all, v_all, filled = layer_cache.step_global(k, v)
             q = all_queries()
             out = attention_with_kvcache(
@@ -200,11 +204,11 @@ class GlobalAttention(AttentionProjections):
             return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
         if layer_cache is not None:
             k, v = layer_cache.update_global(k, v)
-        if n <= self.COMPACT_MIN_TOKENS or torch.compiler.is_compiling():
+        if not compact:
             q = all_queries()
             out = self._attend(q, k, v, active, cu_seqlens, key_start)
             return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
-        rows = routed.flatten().nonzero().squeeze(1)  # the one host sync (see the class docstring)
+        rows = _routed_rows(routed, pending)  # the one host sync (see the class docstring)
         flat = b * n
         q_rows = self.project_q(
             h.flatten(0, 1)[rows][None], cos.flatten(0, 1)[rows][None], sin.flatten(0, 1)[rows][None]
@@ -230,6 +234,28 @@ class GlobalAttention(AttentionProjections):
         if gate.dim() == out.dim() - 1:
             return self.o_proj((out * gate.unsqueeze(-1)).flatten(-2))
         return self.o_proj(out.flatten(-2)) * gate.unsqueeze(-1)
+
+
+def _count_to_host(routed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
+    """CUDA: start copying the number of routed tokens of `routed` (B, N) to pinned host memory and record an
+    event after it (None elsewhere). `_routed_rows` then waits for that copy only, while the work queued
+    after it (the k/v projection) keeps the GPU busy; reading the count directly would drain the queue."""
+    if routed.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+    host.copy_(routed.sum(dtype=torch.int64), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _routed_rows(routed: torch.Tensor, pending: tuple[torch.Tensor, torch.cuda.Event] | None) -> torch.Tensor:
+    """Flat indices (int64) of the routed tokens of `routed` (B, N), in order."""
+    if pending is None:
+        return routed.flatten().nonzero().squeeze(1)
+    host, event = pending
+    event.synchronize()
+    return torch.nonzero_static(routed.flatten(), size=int(host)).squeeze(1)
 
 
 class L2ADecoderLayer(GradientCheckpointingLayer):
