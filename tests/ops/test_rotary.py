@@ -70,3 +70,18 @@ def test_shapes_are_checked():
         apply_rotary(
             x, torch.ones(1, 4, 6, device=DEVICE), torch.ones(1, 4, 6, device=DEVICE), backend="triton"
         )
+
+
+def test_out_dtype_is_written_directly():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 6, 2, 8, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    angles = torch.rand(1, 6, 8, generator=g).to(DEVICE) * 9
+    y = apply_rotary(x, angles.cos(), angles.sin(), out_dtype=torch.bfloat16, backend="triton")
+    ref = rotary_reference(x, angles.cos(), angles.sin())
+    assert y.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    torch.testing.assert_close(y, ref.to(torch.bfloat16))
+    dy = torch.randn(y.shape, generator=g).to(DEVICE, torch.bfloat16)
+    (got,) = torch.autograd.grad(y, x, dy)
+    (want,) = torch.autograd.grad(ref, x, dy.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)

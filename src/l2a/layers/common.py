@@ -61,6 +61,9 @@ class GatedMLP(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in the ops layout: x (B, N, H, D), cos/sin (B, N, D); on CUDA one fused
-    kernel each way (`l2a.ops.rotary.apply_rotary`)."""
-    return rotary(x, cos, sin)
+    """Rotary position embedding of queries / keys in the ops layout: x (B, N, H, D), cos/sin (B, N, D); on
+    CUDA one fused kernel each way (`l2a.ops.rotary.apply_rotary`). Under autocast the result is in the
+    autocast dtype, which the attention ops would cast it to."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    return rotary(x, cos, sin, out_dtype=torch.get_autocast_dtype(device_type) if autocast else None)

@@ -18,10 +18,15 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Rotary embedding in the ops layout: x (B, N, H, D), cos/sin (B, N, D) -> (B, N, H, D) in the promoted
-    dtype of x and cos (as `rotary_reference`).
+    dtype of x and cos (as `rotary_reference`), or cast to `out_dtype` (the kernel writes it directly).
 
     backend: "auto" (the fused Triton kernel for CUDA tensors of float16 / bfloat16 / float32 when triton is
     installed, D / 2 is a power of two and cos/sin need no gradient, else PyTorch), "triton" or "torch".
@@ -44,7 +49,8 @@ def apply_rotary(
         and _triton_available()
     )
     if not use_triton:
-        return rotary_reference(x, cos, sin)
+        y = rotary_reference(x, cos, sin)
+        return y if out_dtype is None else y.to(out_dtype)
     if cos.requires_grad or sin.requires_grad or half & (half - 1):
         raise ValueError(
             "rotary: the Triton kernel needs D / 2 a power of two and takes no gradient for cos/sin, got "
@@ -52,4 +58,4 @@ def apply_rotary(
         )
     from l2a.ops.triton.rotary import rotary_op
 
-    return rotary_op(x, cos, sin)
+    return rotary_op(x, cos, sin, out_dtype)

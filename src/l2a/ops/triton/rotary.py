@@ -65,15 +65,21 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
     return y
 
 
+def _out_dtype(x: torch.Tensor, cos: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    return torch.promote_types(x.dtype, cos.dtype) if out_dtype is None else out_dtype
+
+
 @torch.library.custom_op("l2a::rotary", mutates_args=())
-def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, N, H, D), cos/sin (B or 1, N, D) -> (B, N, H, D) in the promoted dtype."""
-    return _launch(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), backward=False)
+def rotary_op(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """x (B, N, H, D), cos/sin (B or 1, N, D) -> (B, N, H, D) in out_dtype (default: the promoted dtype)."""
+    return _launch(x, cos, sin, _out_dtype(x, cos, out_dtype), backward=False)
 
 
 @rotary_op.register_fake
-def _(x, cos, sin):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))
+def _(x, cos, sin, out_dtype):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, cos, out_dtype))
 
 
 @torch.library.custom_op("l2a::rotary_backward", mutates_args=())
@@ -89,14 +95,14 @@ def _(dy, cos, sin, x_dtype):
 
 
 def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, cos, sin = inputs
+    x, cos, sin, _ = inputs
     ctx.save_for_backward(cos, sin)
     ctx.x_dtype = x.dtype
 
 
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
     cos, sin = ctx.saved_tensors
-    return rotary_backward_op(dy, cos, sin, ctx.x_dtype), None, None
+    return rotary_backward_op(dy, cos, sin, ctx.x_dtype), None, None, None
 
 
 rotary_op.register_autograd(_backward, setup_context=_setup)
