@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from l2a.ops.activation import swiglu
 from l2a.ops.norm import rms_norm
 from l2a.ops.rotary import apply_rotary as rotary
 
@@ -46,6 +47,7 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[hidden_act]
+        self.silu = hidden_act in ("silu", "swish")  # SwiGLU: one fused kernel on CUDA (`l2a.ops.swiglu`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() > FUSE_MIN_TOKENS and not torch.compiler.is_compiling():
@@ -55,7 +57,10 @@ class GatedMLP(nn.Module):
             bias = (
                 None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
             )
-            gate, up = nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+            gate_up = nn.functional.linear(x, weight, bias)
+            if self.silu:
+                return self.down_proj(swiglu(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
