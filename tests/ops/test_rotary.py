@@ -76,12 +76,16 @@ def test_out_dtype_is_written_directly():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 6, 2, 8, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
     angles = torch.rand(1, 6, 8, generator=g).to(DEVICE) * 9
-    y = apply_rotary(x, angles.cos(), angles.sin(), out_dtype=torch.bfloat16, backend="triton")
-    ref = rotary_reference(x, angles.cos(), angles.sin())
-    assert y.dtype == torch.bfloat16 and ref.dtype == torch.float32
-    torch.testing.assert_close(y, ref.to(torch.bfloat16))
+    cos, sin = angles.cos(), angles.sin()
+    y = apply_rotary(x, cos, sin, out_dtype=torch.bfloat16, backend="triton")
+    assert y.dtype == torch.bfloat16 and rotary_reference(x, cos, sin).dtype == torch.float32
     dy = torch.randn(y.shape, generator=g).to(DEVICE, torch.bfloat16)
     (got,) = torch.autograd.grad(y, x, dy)
-    (want,) = torch.autograd.grad(ref, x, dy.float())
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want)
+    # float64 oracle (the bf16 autograd of the PyTorch formula rounds its two gradient terms separately,
+    # which can cancel: it is no reference at this precision)
+    x64 = x.detach().double().requires_grad_()
+    y64 = _float64_rotary(x64, cos, sin)
+    (want,) = torch.autograd.grad(y64, x64, dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
