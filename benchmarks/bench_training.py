@@ -30,6 +30,7 @@ tokens/s per step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -39,6 +40,7 @@ import torch
 import transformers
 
 import l2a
+from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary
 from l2a.layers.router import RoutingDecision
 from l2a.models.conversion import l2a_config_from_base
 from l2a.training import CheckpointConfig, LoggingConfig, OptimConfig, RouterConfig, TrainConfig, train
@@ -138,6 +140,44 @@ class FixedRouting(torch.nn.Module):
         hard = self.routed[:, : hidden_states.shape[1]].expand_as(decision.hard)
         gate = hard.to(hidden_states.dtype) + (decision.soft - decision.soft.detach()).to(hidden_states.dtype)
         return RoutingDecision(soft=decision.soft, hard=hard, gate=gate)
+
+
+def use_l2a_elementwise_kernels(model: transformers.Qwen2ForCausalLM) -> None:
+    """The dense model with the elementwise work of the L2A layers: its decoder norms, MLPs and final norm
+    replaced by l2a's modules (fused RMSNorm writing the autocast dtype into linears, gate/up as one GEMM,
+    fused SwiGLU; same weights), for a dense reference with equal non-attention kernels. RoPE: see
+    `l2a_rope_in_qwen2`."""
+    for layer in model.model.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            old = getattr(layer, name)
+            norm = RMSNorm(old.weight.numel(), eps=old.variance_epsilon, feeds_linear=True)
+            norm.load_state_dict(old.state_dict())
+            setattr(layer, name, norm.to(old.weight.device, old.weight.dtype))
+        old = layer.mlp
+        mlp = GatedMLP(old.hidden_size, old.intermediate_size, model.config.hidden_act)
+        mlp.load_state_dict(old.state_dict())
+        layer.mlp = mlp.to(old.down_proj.weight.device, old.down_proj.weight.dtype)
+    old = model.model.norm
+    norm = RMSNorm(old.weight.numel(), eps=old.variance_epsilon)
+    norm.load_state_dict(old.state_dict())
+    model.model.norm = norm.to(old.weight.device, old.weight.dtype)
+
+
+@contextlib.contextmanager
+def l2a_rope_in_qwen2():
+    """Within the block HF Qwen2 attention applies RoPE with l2a's fused kernel (the L2A layers' RoPE)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def rope(q, k, cos, sin, unsqueeze_dim=1):
+        # HF layout (B, H, N, D) -> the ops layout (B, N, H, D) as views, and back
+        return tuple(apply_rotary(t.transpose(1, 2), cos, sin).transpose(1, 2) for t in (q, k))
+
+    saved = modeling_qwen2.apply_rotary_pos_emb
+    modeling_qwen2.apply_rotary_pos_emb = rope
+    try:
+        yield
+    finally:
+        modeling_qwen2.apply_rotary_pos_emb = saved
 
 
 def qwen25_15b_config(vocab: int) -> transformers.Qwen2Config:
@@ -296,9 +336,12 @@ def run_dense_comparison(args: argparse.Namespace, out: Path) -> list[dict]:
                     model.config.force_route = "none" if name == "l2a-local" else "all"
             else:
                 model = base
+                if name == "dense-fused":
+                    use_l2a_elementwise_kernels(model)
             model.float()  # fp32 master weights under bf16 autocast, as `l2a train` loads them
             profile_to = out / f"profile-{name}-{seq_len}.txt" if args.profile else None
-            row[name] = _timed_train(model, config, data, warmup=1, profile_to=profile_to)
+            with l2a_rope_in_qwen2() if name == "dense-fused" else contextlib.nullcontext():
+                row[name] = _timed_train(model, config, data, warmup=1, profile_to=profile_to)
             print(
                 f"  N={seq_len} {name}: {row[name]['step_s']:.2f} s/step, "
                 f"{row[name]['peak_mem_gib']:.1f} GiB",
@@ -311,13 +354,17 @@ def run_dense_comparison(args: argparse.Namespace, out: Path) -> list[dict]:
     print(
         "| N | "
         + " | ".join(f"{m} step" for m in names)
-        + " | dense / l2a | peak GiB "
+        + " | dense[-fused] / l2a | peak GiB "
         + " / ".join(names)
         + " |"
     )
     print("|---" * (len(names) + 3) + "|")
     for r in rows:
-        speedup = f"{r['dense']['step_s'] / r['l2a']['step_s']:.2f}x" if "dense" in r and "l2a" in r else "-"
+        speedup = " / ".join(
+            f"{r[d]['step_s'] / r['l2a']['step_s']:.2f}x"
+            for d in ("dense", "dense-fused")
+            if d in r and "l2a" in r
+        )
         steps = " | ".join(f"{r[m]['step_s']:.2f} s" for m in names)
         peaks = " / ".join(f"{r[m]['peak_mem_gib']:.1f}" for m in names)
         print(f"| {r['seq_len']} | {steps} | {speedup} | {peaks} |")
@@ -383,8 +430,8 @@ def main() -> None:
     parser.add_argument(
         "--models",
         default="dense,l2a",
-        help="dense mode: comma list of dense, l2a (fixed random routing), l2a-local (force_route=none), "
-        "l2a-all (force_route=all)",
+        help="dense mode: comma list of dense, dense-fused (dense with the L2A layers' norm/RoPE/SwiGLU "
+        "kernels), l2a (fixed random routing), l2a-local (force_route=none), l2a-all (force_route=all)",
     )
     parser.add_argument(
         "--profile",
@@ -410,9 +457,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_training")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of the script")
     args = parser.parse_args()
-    unknown = sorted(set(args.models.split(",")) - {"dense", "l2a", "l2a-local", "l2a-all"})
+    unknown = sorted(set(args.models.split(",")) - {"dense", "dense-fused", "l2a", "l2a-local", "l2a-all"})
     if unknown:
-        parser.error(f"--models: unknown model(s) {unknown}; choose from dense, l2a, l2a-local, l2a-all")
+        parser.error(
+            f"--models: unknown model(s) {unknown}; choose from dense, dense-fused, l2a, l2a-local, l2a-all"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_training.py needs a CUDA device (--device cpu only smoke-tests the script)")
     out = Path(args.out)
