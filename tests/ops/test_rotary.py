@@ -89,3 +89,16 @@ def test_out_dtype_is_written_directly():
     (want,) = torch.autograd.grad(y64, x64, dy.double())
     torch.testing.assert_close(y.double(), y64, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_compiles_fullgraph():
+    x = torch.randn(1, 5, 2, 8, device=DEVICE, requires_grad=True)
+    angles = torch.rand(1, 5, 8, device=DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+
+    def f(t):
+        return apply_rotary(t, cos, sin, backend="triton").square().sum()
+
+    (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), x)
+    (want,) = torch.autograd.grad(rotary_reference(x, cos, sin).square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

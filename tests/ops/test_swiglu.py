@@ -37,3 +37,14 @@ def test_kernel_matches_float64(shape, dtype, tol):
 def test_odd_width_is_an_error():
     with pytest.raises(ValueError, match="even"):
         swiglu(torch.randn(2, 7, device=DEVICE))
+
+
+def test_compiles_fullgraph():
+    gate_up = torch.randn(3, 2, 24, device=DEVICE, requires_grad=True)
+
+    def f(t):
+        return swiglu(t, backend="triton").square().sum()
+
+    (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(gate_up), gate_up)
+    (want,) = torch.autograd.grad(swiglu_reference(gate_up).square().sum(), gate_up)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
