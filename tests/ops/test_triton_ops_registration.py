@@ -83,3 +83,22 @@ def test_strided_inputs_match_contiguous_ones() -> None:
     grads_c = torch.autograd.grad(out_c, (qc, kc, vc), dout)
     torch.testing.assert_close(out, out_c)
     torch.testing.assert_close(grad, torch.cat(grads_c, dim=2))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rotary", "swiglu"])
+def test_elementwise_ops_pass_opcheck(op: str) -> None:
+    from l2a.ops.triton.rmsnorm import rms_norm_op
+    from l2a.ops.triton.rotary import rotary_op
+    from l2a.ops.triton.swiglu import swiglu_op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 2, 16, generator=g).to(DEVICE).requires_grad_()
+    if op == "rms_norm":
+        weight = torch.randn(16, generator=g).to(DEVICE).requires_grad_()
+        torch.library.opcheck(rms_norm_op, (x, weight, 1e-6, torch.bfloat16))
+        torch.library.opcheck(rms_norm_op, (x, weight, 1e-6, None))
+    elif op == "rotary":
+        angles = torch.rand(2, 6, 16, generator=g).to(DEVICE)
+        torch.library.opcheck(rotary_op, (x, angles.cos(), angles.sin(), None))
+    else:
+        torch.library.opcheck(swiglu_op, (x,))
