@@ -19,6 +19,10 @@ peak memory of each.
 
     python benchmarks/bench_training.py --mode dense --seq-lens 65536,131072 --out runs/bench_dense
 
+`--models` picks the models of that comparison (also `dense-fused`, the dense model with the L2A layers'
+fused norm/RoPE/SwiGLU kernels, and the `l2a-local` / `l2a-all` variants); `--profile` records each model's
+last step with the torch profiler (CUDA time by op and by op and shapes, GPU idle gaps) in `--out`.
+
 `--mode recipe`: one or more steps of a training recipe (`--config`, e.g. configs/qwen3-8b-128k.yaml) through
 `l2a.training.train`, on a Qwen3-8B-shaped L2A model with random weights built on the GPU in bf16 (trainable
 parameters then cast to fp32 masters), on random packed documents of `data.seq_len` tokens: peak memory and
