@@ -7,6 +7,10 @@
 #   eval:    issue 5's GPU runs: the demo model and two longer-trained models, trained and evaluated at several
 #            lengths (eval_runs.tgz).
 #   train:   training throughput with the current kernels.
+#   pending: what session 7 (2026-12-01) could not run (docs/benchmarks.md, sections "session 7"): the new
+#            fused ops' GPU tests, the 1.5B training step against dense HF with and without the same fused
+#            elementwise kernels and the 1.5B-shape TTFT with them (~7 minutes).
+#   recipe8b: the Qwen3-8B recipe's first two steps (the second's tokens/s was never measured; ~4 minutes).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -32,6 +36,24 @@ kernel_table() {  # one process per N, so that a slow or failing size leaves the
 }
 
 case "${1:-kernels}" in
+pending)
+  timeout 150 python -m pytest -q -rf --tb=short -p no:cacheprovider tests/ops/test_rms_norm.py \
+    tests/ops/test_rotary.py tests/ops/test_swiglu.py tests/models/test_l2a_gpu.py > "$OUT/gputest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -15
+  timeout 200 python benchmarks/bench_training.py --mode dense --models dense,dense-fused,l2a \
+    --seq-lens 65536,131072 --steps 2 --vocab 151936 --window 4096 --out "$OUT/train" > "$OUT/train.log" 2>&1
+  grep -E "^\|" "$OUT/train.log" | tail -8 || tail -5 "$OUT/train.log"
+  timeout 90 python benchmarks/bench_inference.py --shape 1.5b --ttft-only --prompts 65536,131072 \
+    --variants dense,l2a --out "$OUT/ttft" > "$OUT/ttft.log" 2>&1
+  grep -E "^\|" "$OUT/ttft.log" | tail -6 || tail -5 "$OUT/ttft.log"
+  ;;
+recipe8b)
+  # the Qwen3-8B recipe, two steps (the second: steady-state tokens/s); needs liger-kernel (carry its wheel)
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 240 python benchmarks/bench_training.py \
+    --mode recipe --config configs/qwen3-8b-128k.yaml --steps 2 --set grad_accum_steps=1 \
+    --out "$OUT/recipe" > "$OUT/recipe.log" 2>&1
+  grep -E "^\||peak|tokens/s" "$OUT/recipe.log" | tail -6 || tail -5 "$OUT/recipe.log"
+  ;;
 tests)
   gpu_tests "${TESTS_TIMEOUT:-400}"
   ;;
