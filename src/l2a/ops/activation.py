@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from l2a.ops import _checks
-from l2a.ops.attention import _triton_available
+from l2a.ops.attention import _use_triton_elementwise
 
 
 def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
@@ -27,13 +27,7 @@ def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         raise ValueError(
             f"swiglu: the last dimension holds gate and up, so it must be even, got {gate_up.shape[-1]}"
         )
-    use_triton = backend == "triton" or (
-        backend == "auto"
-        and gate_up.device.type == "cuda"
-        and gate_up.dtype in _checks.TRITON_DTYPES
-        and _triton_available()
-    )
-    if not use_triton:
+    if not _use_triton_elementwise(backend, gate_up, gate_up.dtype in _checks.TRITON_DTYPES):
         return swiglu_reference(gate_up)
     from l2a.ops.triton.swiglu import swiglu_op
 

@@ -35,6 +35,17 @@ def _autocast(
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def _use_triton_elementwise(backend: str, x: torch.Tensor, supported: bool) -> bool:
+    """Backend choice of the fused elementwise ops (norm, rotary, SwiGLU): "torch" -> PyTorch; "triton" -> the
+    kernel (triton must be installed); "auto" -> the kernel for CUDA tensors it `supported`s, when triton is
+    installed (PyTorch otherwise, silently: the reference formula is exact). `backend` is checked already."""
+    if backend == "triton":
+        if not _triton_available():
+            raise ImportError("backend='triton' needs the `triton` package: pip install 'l2a[triton]'")
+        return True
+    return backend == "auto" and x.device.type == "cuda" and supported and _triton_available()
+
+
 def _use_triton(backend: str, q: torch.Tensor) -> bool:
     """backend="auto": Triton for CUDA tensors it supports; PyTorch elsewhere, with a warning on CUDA."""
     _checks.check_backend(backend)

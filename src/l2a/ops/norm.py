@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from l2a.ops import _checks
-from l2a.ops.attention import _triton_available
+from l2a.ops.attention import _use_triton_elementwise
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,14 +37,8 @@ def rms_norm(
     _checks.check_backend(backend)
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    use_triton = backend == "triton" or (
-        backend == "auto"
-        and x.device.type == "cuda"
-        and x.dtype in _checks.TRITON_DTYPES
-        and weight.dtype in _checks.TRITON_DTYPES
-        and _triton_available()
-    )
-    if not use_triton:
+    supported = x.dtype in _checks.TRITON_DTYPES and weight.dtype in _checks.TRITON_DTYPES
+    if not _use_triton_elementwise(backend, x, supported):
         y = rms_norm_reference(x, weight, eps)
         return y if out_dtype is None else y.to(out_dtype)
     from l2a.ops.triton.rmsnorm import rms_norm_op

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from l2a.ops import _checks
-from l2a.ops.attention import _triton_available
+from l2a.ops.attention import _use_triton_elementwise
 
 
 def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -38,17 +38,14 @@ def apply_rotary(
             f"{tuple(cos.shape)}, {tuple(sin.shape)}"
         )
     half = x.shape[-1] // 2
-    use_triton = backend == "triton" or (
-        backend == "auto"
-        and x.device.type == "cuda"
-        and half & (half - 1) == 0
+    supported = (
+        half & (half - 1) == 0
         and x.dtype in _checks.TRITON_DTYPES
         and cos.dtype in _checks.TRITON_DTYPES
         and sin.dtype == cos.dtype
         and not (cos.requires_grad or sin.requires_grad)
-        and _triton_available()
     )
-    if not use_triton:
+    if not _use_triton_elementwise(backend, x, supported):
         y = rotary_reference(x, cos, sin)
         return y if out_dtype is None else y.to(out_dtype)
     if cos.requires_grad or sin.requires_grad or half & (half - 1):
