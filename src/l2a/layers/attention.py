@@ -17,7 +17,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
-from l2a.layers.common import FUSE_MIN_TOKENS, GatedMLP, RMSNorm, apply_rotary
+from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary, fused_linear, fuses_projections
 from l2a.layers.router import Router
 from l2a.ops import attention_with_kvcache
 
@@ -71,10 +71,8 @@ class AttentionProjections(nn.Module):
         weights: h is read (and cast under autocast) once, and its gradient is one GEMM. Fewer (decode) keep
         separate GEMMs, which read each weight once instead of concatenating it every step."""
         projections = (self.q_proj, self.k_proj, self.v_proj) if with_q else (self.k_proj, self.v_proj)
-        if h.shape[:-1].numel() > FUSE_MIN_TOKENS and not torch.compiler.is_compiling():
-            weight = torch.cat([m.weight for m in projections])
-            bias = None if projections[0].bias is None else torch.cat([m.bias for m in projections])
-            outputs = nn.functional.linear(h, weight, bias).split([m.out_features for m in projections], -1)
+        if fuses_projections(h):
+            outputs = fused_linear(h, projections).split([m.out_features for m in projections], -1)
         else:
             outputs = [m(h) for m in projections]
         k, v = self.rotate_kv(outputs[-2], outputs[-1], cos, sin)

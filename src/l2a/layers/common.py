@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -12,6 +14,21 @@ from l2a.ops.rotary import apply_rotary as rotary
 
 # more tokens than this: projections that read the same input run as one GEMM over concatenated weights
 FUSE_MIN_TOKENS = 16
+
+
+def fuses_projections(x: torch.Tensor) -> bool:
+    """Whether projections of x (..., hidden) run as one GEMM (`fused_linear`): prefill and training (x read
+    and cast once, one dX GEMM); not decode steps (separate GEMMs read each weight once instead of
+    concatenating them every step) and not under torch.compile."""
+    return x.shape[:-1].numel() > FUSE_MIN_TOKENS and not torch.compiler.is_compiling()
+
+
+def fused_linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
+    """x (..., in) -> the outputs of `layers` side by side (..., sum of out_features), one GEMM over their
+    concatenated weights (all with a bias or all without)."""
+    weight = torch.cat([m.weight for m in layers])
+    bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    return nn.functional.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
@@ -50,14 +67,8 @@ class GatedMLP(nn.Module):
         self.silu = hidden_act in ("silu", "swish")  # SwiGLU: one fused kernel on CUDA (`l2a.ops.swiglu`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() > FUSE_MIN_TOKENS and not torch.compiler.is_compiling():
-            # prefill / training: gate and up as one GEMM (x read and cast once, one dX GEMM); decode keeps
-            # two, which read each weight once instead of concatenating them every step
-            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            bias = (
-                None if self.gate_proj.bias is None else torch.cat([self.gate_proj.bias, self.up_proj.bias])
-            )
-            gate_up = nn.functional.linear(x, weight, bias)
+        if fuses_projections(x):
+            gate_up = fused_linear(x, (self.gate_proj, self.up_proj))
             if self.silu:
                 return self.down_proj(swiglu(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
