@@ -14,6 +14,10 @@
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
+# liger-kernel (the fused LM loss) from a carried wheel, where one is carried: `carry: [".whl"]`
+if ls .whl/liger_kernel-*.whl > /dev/null 2>&1 && ! python -c "import liger_kernel" 2> /dev/null; then
+  pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel-*.whl && export PYTHONPATH=src:/tmp/site
+fi
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
