@@ -216,6 +216,31 @@ def time_eager(step: DecodeStep, warmup: int, steps: int) -> float:
     return (sync_time() - t0) / steps
 
 
+def host_profile(step: DecodeStep, steps: int, path: Path) -> float:
+    """Host side of eager steps: ms to enqueue one step (no synchronisation inside the timed loop, so a
+    host-bound step shows its host time) and a cProfile of `steps` steps by own time, written to `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    sync_time()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    enqueue_ms = (time.perf_counter() - t0) / steps * 1e3
+    sync_time()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    sync_time()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+    path.write_text(f"{steps} eager steps, {enqueue_ms:.2f} ms per step to enqueue (unprofiled)\n{text.getvalue()}")
+    return enqueue_ms
+
+
 def time_graph(step: DecodeStep, warmup: int, steps: int) -> float:
     """Capture one step in a CUDA graph (after warm-up steps on a side stream), time its replays."""
     stream = torch.cuda.Stream()
@@ -271,7 +296,7 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
     """TTFT and TPOT of one variant for every prompt length and batch size; rows go to `emit`."""
     kind = "dense" if variant == "dense" else "l2a"
     modes = [m for m in args.modes if m != "graph" or DEVICE == "cuda"]
-    total = args.warmup + args.steps + 3
+    total = args.warmup + args.steps + 3 + (2 * args.steps if args.host_profile else 0)
     for n in args.prompts:
         max_len = n + len(modes) * total + 8
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=DEVICE)
@@ -304,6 +329,10 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                     try:
                         if mode == "eager":
                             row["tpot_eager_ms"] = time_eager(step, args.warmup, args.steps) * 1e3
+                            if args.host_profile and n == args.prompts[0] and b == args.batches[0]:
+                                row["host_enqueue_ms"] = host_profile(
+                                    step, args.steps, args.out / f"host_{args.shape}_{variant}.txt"
+                                )
                         elif mode == "graph":
                             row["tpot_graph_ms"] = time_graph(step, args.warmup, args.steps) * 1e3
                         else:
@@ -420,6 +449,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--budget-s", type=float, default=1e9, help="no new compiled run after this many s")
     parser.add_argument("--profile", action="store_true", help="profile the first compiled configuration")
+    parser.add_argument(
+        "--host-profile", action="store_true",
+        help="eager mode, first prompt and batch: host enqueue time per step and a cProfile (host_*.txt)",
+    )  # fmt: skip
     parser.add_argument("--ttft-only", action="store_true", help="prefill (batch 1) only, no decode steps")
     parser.add_argument("--check", action="store_true", help="first check cached decoding == recomputation")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_inference"))

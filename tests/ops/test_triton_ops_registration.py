@@ -102,3 +102,30 @@ def test_elementwise_ops_pass_opcheck(op: str) -> None:
         torch.library.opcheck(rotary_op, (x, angles.cos(), angles.sin(), None))
     else:
         torch.library.opcheck(swiglu_op, (x,))
+
+
+
+def test_eager_calls_without_gradient_skip_the_custom_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_flash.dispatch`: eager calls that need no gradient launch the kernel directly (the custom op's
+    dispatch costs host time); calls that need one go through the op, which holds the autograd formula."""
+    from l2a.ops import rms_norm
+    from l2a.ops.triton import rmsnorm
+
+    class OpCalled(Exception):
+        pass
+
+    def op(*_args):
+        raise OpCalled
+
+    monkeypatch.setattr(rmsnorm, "rms_norm_op", op)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(16, generator=g, dtype=torch.float64)
+    expected = weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    xt, wt = x.float().to(DEVICE), weight.float().to(DEVICE)
+    with torch.no_grad():
+        y = rms_norm(xt, wt.requires_grad_(), 1e-6, backend="triton")
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert rms_norm(xt, wt.detach(), 1e-6, backend="triton").shape == x.shape  # no input needs a gradient
+    with pytest.raises(OpCalled):
+        rms_norm(xt, wt.detach().requires_grad_(), 1e-6, backend="triton")

@@ -29,6 +29,7 @@ def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         )
     if not _use_triton_elementwise(backend, gate_up, gate_up.dtype in _checks.TRITON_DTYPES):
         return swiglu_reference(gate_up)
-    from l2a.ops.triton.swiglu import swiglu_op
+    from l2a.ops.triton._flash import dispatch
+    from l2a.ops.triton.swiglu import swiglu_fwd, swiglu_op
 
-    return swiglu_op(gate_up)
+    return dispatch(swiglu_op, swiglu_fwd, gate_up)

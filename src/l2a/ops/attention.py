@@ -122,9 +122,11 @@ def conditional_attention(
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if _use_triton(backend, q):
         from l2a.ops.triton import conditional_attention_triton
+        from l2a.ops.triton._flash import dispatch
 
         if (decode := _decode_kernels(q, k, v, cu_seqlens)) is not None:
-            out, lse = decode.decode_attention_op(q, k, v, active, scale, key_offset, 0, key_start)
+            args = (q, k, v, active, scale, key_offset, 0, key_start)
+            out, lse = dispatch(decode.decode_attention_op, decode.decode_attention_fwd, *args)
         else:
             out, lse = conditional_attention_triton(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
     else:
@@ -162,9 +164,11 @@ def sliding_window_attention(
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if _use_triton(backend, q):
         from l2a.ops.triton import sliding_window_attention_triton
+        from l2a.ops.triton._flash import dispatch
 
         if (decode := _decode_kernels(q, k, v, cu_seqlens)) is not None:
-            out, lse = decode.decode_attention_op(q, k, v, None, scale, 0, window, key_start)
+            args = (q, k, v, None, scale, 0, window, key_start)
+            out, lse = dispatch(decode.decode_attention_op, decode.decode_attention_fwd, *args)
         else:
             out, lse = sliding_window_attention_triton(q, k, v, window, scale, cu_seqlens, key_start)
     else:

@@ -72,11 +72,11 @@ def attention_with_kvcache(
         raise ValueError(f"a ring cache of {s} slots needs a window with window + N - 1 <= {s}, got {window}")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if _use_triton(backend, q):
-        from l2a.ops.triton.decode import decode_attention_op
+        from l2a.ops.triton._flash import dispatch
+        from l2a.ops.triton.decode import decode_attention_fwd, decode_attention_op
 
-        out, _ = decode_attention_op(
-            q, k_cache, v_cache, active, scale, 0, window or 0, key_start, cache_seqlen, ring
-        )
+        args = (q, k_cache, v_cache, active, scale, 0, window or 0, key_start, cache_seqlen, ring)
+        out, _ = dispatch(decode_attention_op, decode_attention_fwd, *args)
         return out
     kpos = slot_positions(cache_seqlen, s, ring)
     # unwritten slots hold arbitrary bits (NaN even): zero them, as 0 weight x NaN is NaN

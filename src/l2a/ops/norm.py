@@ -41,6 +41,7 @@ def rms_norm(
     if not _use_triton_elementwise(backend, x, supported):
         y = rms_norm_reference(x, weight, eps)
         return y if out_dtype is None else y.to(out_dtype)
-    from l2a.ops.triton.rmsnorm import rms_norm_op
+    from l2a.ops.triton._flash import dispatch
+    from l2a.ops.triton.rmsnorm import rms_norm_fwd, rms_norm_op
 
-    return rms_norm_op(x, weight, float(eps), out_dtype)[0]
+    return dispatch(rms_norm_op, rms_norm_fwd, x, weight, float(eps), out_dtype)[0]

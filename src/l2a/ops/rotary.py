@@ -53,6 +53,7 @@ def apply_rotary(
             "rotary: the Triton kernel needs D / 2 a power of two and takes no gradient for cos/sin, got "
             f"D = {x.shape[-1]}, cos/sin requires_grad {cos.requires_grad}/{sin.requires_grad}"
         )
-    from l2a.ops.triton.rotary import rotary_op
+    from l2a.ops.triton._flash import dispatch
+    from l2a.ops.triton.rotary import rotary_fwd, rotary_op
 
-    return rotary_op(x, cos, sin, out_dtype)
+    return dispatch(rotary_op, rotary_fwd, x, cos, sin, out_dtype)

@@ -10,6 +10,8 @@ import torch
 
 from l2a.ops.triton import _flash
 from l2a.ops.triton._autograd import conditional_attention_op, sliding_window_attention_op
+from l2a.ops.triton.conditional import conditional_attention_fwd
+from l2a.ops.triton.sliding_window import sliding_window_attention_fwd
 
 
 def conditional_attention_triton(
@@ -24,7 +26,8 @@ def conditional_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed causal attention; arguments as `l2a.ops.conditional_attention` (already validated there)."""
     _flash.check_supported(q)
-    out, lse, *_rows = conditional_attention_op(q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+    args = (q, k, v, active, scale, key_offset, cu_seqlens, key_start)
+    out, lse, *_rows = _flash.dispatch(conditional_attention_op, conditional_attention_fwd, *args)
     return out, lse
 
 
@@ -39,7 +42,8 @@ def sliding_window_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding-window attention; arguments as `l2a.ops.sliding_window_attention` (already validated there)."""
     _flash.check_supported(q)
-    return sliding_window_attention_op(q, k, v, window, scale, cu_seqlens, key_start)
+    args = (q, k, v, window, scale, cu_seqlens, key_start)
+    return _flash.dispatch(sliding_window_attention_op, sliding_window_attention_fwd, *args)
 
 
 __all__ = ["conditional_attention_triton", "sliding_window_attention_triton"]

@@ -43,6 +43,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dispatch(op, launch, *args):
+    """Run a Triton op: eager code where no tensor argument needs a gradient calls its launcher `launch`
+    directly, everything else (autograd, torch.compile) goes through the custom op `op`; both take `args`.
+
+    The custom op's Python dispatch (autograd wrapper, redispatch, output aliasing checks) cost ~0.1 ms of
+    host time per call on the H200 machine's CPU, far more than a kernel launch: with 9 such calls per
+    layer it made eager decode steps host-bound (docs/benchmarks.md, session 8)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return op(*args)
+    return launch(*args)
+
+
 @dataclass(frozen=True)
 class Config:
     block_m: int

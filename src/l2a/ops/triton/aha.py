@@ -301,4 +301,5 @@ def all_or_here_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AHA in one pass; arguments as `l2a.ops.all_or_here_attention` (already validated there)."""
     _flash.check_supported(q)
-    return all_or_here_attention_op(q, k, v, active, window, scale, cu_seqlens, key_start)
+    args = (q, k, v, active, window, scale, cu_seqlens, key_start)
+    return _flash.dispatch(all_or_here_attention_op, all_or_here_attention_fwd, *args)

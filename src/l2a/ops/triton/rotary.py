@@ -69,12 +69,18 @@ def _out_dtype(x: torch.Tensor, cos: torch.Tensor, out_dtype: torch.dtype | None
     return torch.promote_types(x.dtype, cos.dtype) if out_dtype is None else out_dtype
 
 
-@torch.library.custom_op("l2a::rotary", mutates_args=())
-def rotary_op(
+def rotary_fwd(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None
 ) -> torch.Tensor:
     """x (B, N, H, D), cos/sin (B or 1, N, D) -> (B, N, H, D) in out_dtype (default: the promoted dtype)."""
     return _launch(x, cos, sin, _out_dtype(x, cos, out_dtype), backward=False)
+
+
+@torch.library.custom_op("l2a::rotary", mutates_args=())
+def rotary_op(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None
+) -> torch.Tensor:
+    return rotary_fwd(x, cos, sin, out_dtype)
 
 
 @rotary_op.register_fake

@@ -44,8 +44,7 @@ def _grid(m: int, width: int) -> tuple[int, int]:
     return m, triton.cdiv(width, _BLOCK)
 
 
-@torch.library.custom_op("l2a::swiglu", mutates_args=())
-def swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up (..., 2F) -> silu(gate) * up (..., F) in gate_up's dtype."""
     gu = _rows2d(gate_up)
     m, width = gu.shape[0], gu.shape[1] // 2
@@ -56,6 +55,11 @@ def swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
             num_warps=1 if interpreting() else 4,
         )  # fmt: skip
     return y.view(*gate_up.shape[:-1], width)
+
+
+@torch.library.custom_op("l2a::swiglu", mutates_args=())
+def swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
+    return swiglu_fwd(gate_up)
 
 
 @swiglu_op.register_fake
