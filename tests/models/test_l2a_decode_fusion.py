@@ -1,7 +1,10 @@
-"""Decode steps with the global branch's router and q/k/v projections fused into one GEMM
-(`L2ADecoderLayer.decode_weights`) against the unfused modules, and the fused copies' life cycle."""
+"""Decode steps with the global branch's k/v projections fused into one GEMM (`L2ADecoderLayer.decode_weights`)
+and q/o projected on routed rows only (`l2a.ops.routed_linear`) against the plain modules (every row
+projected, the output masked), and the fused copies' life cycle."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -91,7 +94,7 @@ def test_fused_weights_follow_parameter_changes_and_training(tiny_l2a, monkeypat
     layer = model.model.layers[0]
     first = layer._decode_weights[1]
     attn = layer.global_attn
-    rows = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim
+    rows = 2 * attn.num_kv_heads * attn.head_dim
     assert first.shape[0] % L2ADecoderLayer.DECODE_ROWS_MULTIPLE == 0 and not first[rows:].any()
     with torch.no_grad():  # in place: the version counter changes, the storage does not
         layer.global_attn.k_proj.weight.mul_(1.5)
@@ -121,3 +124,39 @@ def test_local_only_decoding_makes_no_fused_weights(tiny_l2a):
     ids, mask = _batch()
     _decode(model, ids, mask, PROMPT + STEPS)
     assert all(layer._decode_weights is None for layer in model.model.layers)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_routed_rows_kernel_in_decode_steps_equals_the_plain_modules(tiny_l2a, monkeypatch, static):
+    """With the Triton backend the decode steps' q/o projections run the routed-rows kernel (steps with and
+    without routed rows), and the logits equal the plain modules' (every row projected)."""
+    pytest.importorskip("triton")
+    from l2a.ops.triton import routed_linear
+
+    device = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    model = tiny_l2a("qwen2", window=4, base=dict(hidden_size=64, head_dim=32, num_hidden_layers=2)).to(
+        device
+    )
+    model.config.attention_backend = "triton"
+    ids, mask = (t.to(device) for t in _batch())
+    tokens = torch.randint(1, 300, (2, STEPS), device=device)
+    rows_routed = []
+    real = routed_linear.routed_linear_fwd
+    monkeypatch.setattr(
+        routed_linear,
+        "routed_linear_fwd",
+        lambda x, w, b, a: rows_routed.append(int(a.sum())) or real(x, w, b, a),
+    )
+    max_length = PROMPT + STEPS if static else None
+    fused, fused_hard = _decode(model, ids, mask, max_length, tokens=tokens)
+    assert 0 in rows_routed and max(rows_routed) > 0, "steps with and without routed rows must both occur"
+    monkeypatch.setattr(L2ADecoderLayer, "FUSE_DECODE", False)
+    rows_routed.clear()
+    plain, plain_hard = _decode(model, ids, mask, max_length, tokens=tokens)
+    assert not rows_routed
+    assert torch.equal(fused_hard, plain_hard)
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)

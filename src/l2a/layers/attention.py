@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from l2a.layers.attention_ops import conditional_attention, sliding_window_attention
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary, fused_linear, fuses_projections
 from l2a.layers.router import Router
-from l2a.ops import attention_with_kvcache
+from l2a.ops import attention_with_kvcache, routed_linear
 
 
 class AttentionProjections(nn.Module):
@@ -146,8 +146,10 @@ class GlobalAttention(AttentionProjections):
     q_proj, q_norm, RoPE and o_proj run on the routed tokens only when more than `COMPACT_MIN_TOKENS`
     tokens come in (prefill, training). Sizing that gather reads the routed count on the host: one sync per
     layer and forward (on CUDA a wait for that count alone, copied while the k/v projection runs), never in
-    a decode step (few tokens: every row is projected, the attention kernel skips the unrouted ones) and
-    never under `torch.compile` (the same masked form, so the graph has no data-dependent shape).
+    a decode step and never under `torch.compile` (the same masked form, so the graph has no data-dependent
+    shape). Decode steps (`projected` given) run q_proj and o_proj through `l2a.ops.routed_linear`, whose
+    kernel reads those weights only when a row of the step is routed (the attention kernel skips unrouted
+    rows too): a step that routes no token pays the k/v projection and a few launches.
     """
 
     COMPACT_MIN_TOKENS = 16
@@ -162,13 +164,13 @@ class GlobalAttention(AttentionProjections):
         cu_seqlens: torch.Tensor | None = None,
         key_start: torch.Tensor | None = None,
         layer_cache: Any | None = None,
-        projected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """h (B, N, hidden); active bool and gate float, (B, N) or (B, N, Hq) -> (B, N, hidden).
 
         With a cache the keys/values of every token are appended to the global cache first.
-        projected: q, k, v already projected from h, (B, N, Hq * D), (B, N, Hkv * D) twice (the decode
-            steps' one GEMM, `L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens.
+        projected: k, v already projected from h, (B, N, Hkv * D) each (the decode steps' one GEMM,
+            `L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens, no gradient.
         """
         cos, sin = position_embeddings
         routed = active if active.dim() == 2 else active.any(-1)
@@ -182,10 +184,18 @@ class GlobalAttention(AttentionProjections):
         if projected is None:
             k, v = self.project_kv(h, cos, sin)
         else:
-            k, v = self.rotate_kv(projected[1], projected[2], cos, sin)
+            k, v = self.rotate_kv(projected[0], projected[1], cos, sin)
+        decode = projected is not None and active.dim() == 2  # token-wise: routed-rows q/o projections
 
         def all_queries() -> torch.Tensor:
-            return self.project_q(h, cos, sin) if projected is None else self.rotate_q(projected[0], cos, sin)
+            if decode:
+                return self.rotate_q(self._routed_rows(h, self.q_proj, routed), cos, sin)
+            return self.project_q(h, cos, sin)
+
+        def output(out: torch.Tensor) -> torch.Tensor:
+            if decode:  # in inference the gate is the hard decision: 1 on routed rows
+                return self._routed_rows(out.flatten(-2), self.o_proj, routed)
+            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
 
         if static:
             k_all, v_all, filled = layer_cache.step_global(k, v)
@@ -199,13 +209,12 @@ class GlobalAttention(AttentionProjections):
                 key_start=key_start,
                 backend=self.config.attention_backend,
             )
-            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
+            return output(out)
         if layer_cache is not None:
             k, v = layer_cache.update_global(k, v)
         if not compact:
             q = all_queries()
-            out = self._attend(q, k, v, active, cu_seqlens, key_start)
-            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
+            return output(self._attend(q, k, v, active, cu_seqlens, key_start))
         rows = _routed_rows(routed, pending)  # the one host sync (see the class docstring)
         flat = b * n
         q_rows = self.project_q(
@@ -226,6 +235,12 @@ class GlobalAttention(AttentionProjections):
         return conditional_attention(
             q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.config.attention_backend
         )
+
+    def _routed_rows(self, x: torch.Tensor, linear: nn.Linear, routed: torch.Tensor) -> torch.Tensor:
+        """linear(x) on the rows where `routed` (B, N), 0 elsewhere (decode steps)."""
+        if x.dtype != linear.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return torch.where(routed[..., None], linear(x), 0.0)
+        return routed_linear(x, linear.weight, linear.bias, routed, backend=self.config.attention_backend)
 
     def _gated_output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """out (..., Hq, D), gate (...) or (..., Hq) -> o_proj of the gated heads (..., hidden)."""
@@ -267,10 +282,10 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
     Layers outside `config.global_layers` have no router / global branch (local-only, e.g. after pruning).
 
     Decode steps (a cached inference forward of at most `GlobalAttention.COMPACT_MIN_TOKENS` tokens, no
-    gradient) run the global q/k/v projections as one GEMM over concatenated weights (`decode_weights`;
-    `FUSE_DECODE = False` turns that off). They cannot share a GEMM with the local projections (the global
-    branch reads the residual stream after local attention); the router keeps its own module, so that its
-    decision is computed by `Router.forward` alone.
+    gradient) run the global k/v projections as one GEMM over concatenated weights (`decode_weights`;
+    `FUSE_DECODE = False` turns that off) and q/o on the routed rows only (`GlobalAttention`). They cannot
+    share a GEMM with the local projections (the global branch reads the residual stream after local
+    attention); the router keeps its own module, so that its decision is computed by `Router.forward` alone.
     """
 
     FUSE_DECODE = True
@@ -310,19 +325,20 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
     _decode_weights: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Weight (R, hidden) and bias (R,) (or None) of the decode steps' one GEMM: the global q, k, v
+        """Weight (R, hidden) and bias (R,) (or None) of the decode steps' one GEMM: the global k and v
         projections concatenated, then zero rows up to R, the next multiple of `DECODE_ROWS_MULTIPLE` (an
-        H200 profile of 4609 rows, q/k/v and the router's row at the 7B shape: cuBLAS fell back to a GEMV
-        kernel at 1.9 TB/s, twice the time of the separate projections' GEMMs).
+        H200 profile of 4609 rows, then q/k/v and the router's row at the 7B shape: cuBLAS fell back to a
+        GEMV kernel at 1.9 TB/s, twice the time of the separate projections' GEMMs). q is projected on the
+        routed rows only (`l2a.ops.routed_linear`), so it is not part of this GEMM.
 
         Inference-only copies, made on first use and remade when a source parameter changed (in place: its
         version counter; or replaced, moved, cast: its storage); dropped by a forward in training mode.
-        Memory: those weights once more (Qwen2.5-7B shape: 16.5 M parameters per layer, 0.92 GB in bf16).
+        Memory: those weights once more (Qwen2.5-7B shape: 3.7 M parameters per layer, 0.21 GB in bf16).
         Under torch.compile no copy is made or checked (the compiled step uses the one the eager prompt
         forward made; None if there is none).
         """
         attn = self.global_attn
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        projections = (attn.k_proj, attn.v_proj)
         if torch.compiler.is_compiling():
             return None if self._decode_weights is None else self._decode_weights[1:]
         sources = [p for m in projections for p in (m.weight, m.bias) if p is not None]
@@ -334,8 +350,8 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                 pad = -sum(w.shape[0] for w in rows) % self.DECODE_ROWS_MULTIPLE
                 weight = torch.cat(rows + [rows[0].new_zeros(pad, rows[0].shape[1])])
                 bias = None
-                if attn.q_proj.bias is not None:
-                    bias = torch.cat([m.bias for m in projections] + [attn.q_proj.bias.new_zeros(pad)])
+                if attn.k_proj.bias is not None:
+                    bias = torch.cat([m.bias for m in projections] + [attn.k_proj.bias.new_zeros(pad)])
             torch._dynamo.mark_static_address(weight)  # compiled steps (CUDA graphs) read it in place
             if bias is not None:
                 torch._dynamo.mark_static_address(bias)
@@ -344,20 +360,19 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
 
     def _decode_projections(
         self, g: torch.Tensor, layer_cache: Any | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The decode steps' one GEMM: g (B, N, hidden) -> q, k, v (projected, not rotated); None where it
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The decode steps' one GEMM: g (B, N, hidden) -> k, v (projected, not rotated); None where it
         does not apply (training, gradients, many tokens, no cache)."""
         if self.training or not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
             return None
         fused = self.decode_weights()  # made at the prompt too, so that compiled steps find it
         if fused is None or g.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
             return None
-        attn = self.global_attn
-        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        q, k, v, _ = nn.functional.linear(g, *fused).split(
-            [q_size, kv_size, kv_size, fused[0].shape[0] - q_size - 2 * kv_size], -1
+        kv_size = self.global_attn.num_kv_heads * self.global_attn.head_dim
+        k, v, _ = nn.functional.linear(g, *fused).split(
+            [kv_size, kv_size, fused[0].shape[0] - 2 * kv_size], -1
         )
-        return q, k, v
+        return k, v
 
     def forward(
         self,
