@@ -237,7 +237,9 @@ def host_profile(step: DecodeStep, steps: int, path: Path) -> float:
     sync_time()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
-    path.write_text(f"{steps} eager steps, {enqueue_ms:.2f} ms per step to enqueue (unprofiled)\n{text.getvalue()}")
+    path.write_text(
+        f"{steps} eager steps, {enqueue_ms:.2f} ms per step to enqueue (unprofiled)\n{text.getvalue()}"
+    )
     return enqueue_ms
 
 

@@ -1,6 +1,6 @@
-"""Decode steps with the global branch's k/v projections fused into one GEMM (`L2ADecoderLayer.decode_weights`)
-and q/o projected on routed rows only (`l2a.ops.routed_linear`) against the plain modules (every row
-projected, the output masked), and the fused copies' life cycle."""
+"""Decode steps with the global branch's k/v projections fused into one GEMM
+(`L2ADecoderLayer.decode_weights`) and q/o projected on routed rows only (`l2a.ops.routed_linear`) against
+the plain modules (every row projected, the output masked), and the fused copies' life cycle."""
 
 from __future__ import annotations
 

@@ -104,7 +104,6 @@ def test_elementwise_ops_pass_opcheck(op: str) -> None:
         torch.library.opcheck(swiglu_op, (x,))
 
 
-
 def test_eager_calls_without_gradient_skip_the_custom_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_flash.dispatch`: eager calls that need no gradient launch the kernel directly (the custom op's
     dispatch costs host time); calls that need one go through the op, which holds the autograd formula."""

@@ -56,8 +56,9 @@ def routed_linear(
     supported = x.dtype in _checks.TRITON_DTYPES and not needs_grad and rows <= ROUTED_LINEAR_MAX_ROWS
     if backend == "triton" and not supported:
         raise ValueError(
-            f"routed_linear: the Triton kernel is forward-only (no gradient), for float16 / bfloat16 / float32 "
-            f"and at most {ROUTED_LINEAR_MAX_ROWS} rows; got {x.dtype}, {rows} rows, gradient {needs_grad}"
+            "routed_linear: the Triton kernel is forward-only (no gradient), for float16 / bfloat16 / "
+            f"float32 and at most {ROUTED_LINEAR_MAX_ROWS} rows; got {x.dtype}, {rows} rows, "
+            f"gradient {needs_grad}"
         )
     if not _use_triton_elementwise(backend, x, supported):
         return routed_linear_reference(x, weight, bias, active)

@@ -1,10 +1,10 @@
 """Linear layer on the routed rows of a decode step: y = x @ W^T + b where a row is routed, 0 elsewhere.
 
-Program p computes BLOCK_N output columns for all M rows (few: `l2a.ops.linear.ROUTED_LINEAR_MAX_ROWS`). It reads the
-routing flags first; when no row is routed it writes its zeros and exits without reading the weight, so a
-step in which no token of the batch is routed costs one small launch instead of a weight read (the global
-branch's q and o projections are ~50 MB per layer at the Qwen2.5-7B shape; ~90 % of the decode steps of a
-layer route no token). Forward only; the op exists so that torch.compile keeps it in graph.
+Program p computes BLOCK_N output columns for all M rows (few: `l2a.ops.linear.ROUTED_LINEAR_MAX_ROWS`).
+It reads the routing flags first; when no row is routed it writes its zeros and exits without reading the
+weight, so a step in which no token of the batch is routed costs one small launch instead of a weight read
+(the global branch's q and o projections are ~50 MB per layer at the Qwen2.5-7B shape; ~90 % of the decode
+steps of a layer route no token). Forward only; the op exists so that torch.compile keeps it in graph.
 """
 
 from __future__ import annotations
