@@ -328,6 +328,8 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                     if mode == "compiled" and time.perf_counter() - START > args.budget_s:
                         row["compiled_error"] = "not run (--budget-s)"
                         continue
+                    if mode == "compiled" and args.compiled_batches and b not in args.compiled_batches:
+                        continue
                     try:
                         if mode == "eager":
                             row["tpot_eager_ms"] = time_eager(step, args.warmup, args.steps) * 1e3
@@ -442,6 +444,10 @@ def main() -> None:
     parser.add_argument(
         "--modes", type=lambda s: s.split(","), default=["eager", "graph", "compiled"],
         help="comma-separated: eager, graph (CUDA graph capture), compiled (torch.compile reduce-overhead)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compiled-batches", type=lambda s: [int(x) for x in s.split(",")], default=[],
+        help="compiled mode only at these batch sizes (default: all of --batches)",
     )  # fmt: skip
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--window", type=int, default=4096)

@@ -149,7 +149,7 @@ def test_routed_rows_kernel_in_decode_steps_equals_the_plain_modules(tiny_l2a, m
     monkeypatch.setattr(
         routed_linear,
         "routed_linear_fwd",
-        lambda x, w, b, a: rows_routed.append(int(a.sum())) or real(x, w, b, a),
+        lambda x, w, b, a, *r: rows_routed.append(int(a.sum())) or real(x, w, b, a, *r),
     )
     max_length = PROMPT + STEPS if static else None
     fused, fused_hard = _decode(model, ids, mask, max_length, tokens=tokens)
@@ -160,3 +160,27 @@ def test_routed_rows_kernel_in_decode_steps_equals_the_plain_modules(tiny_l2a, m
     assert not rows_routed
     assert torch.equal(fused_hard, plain_hard)
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a, arch):
+    """Static steps through the Triton kernels (k rotated inside the cache write, routed-rows q/o with the
+    residual added in the kernel, decode attention) against the PyTorch path (RoPE formula, index_copy_,
+    masked float attention, plain modules), from the same prompt cache contents."""
+    pytest.importorskip("triton")
+    device = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    model = tiny_l2a(arch, window=4, base=dict(hidden_size=64, head_dim=32, num_hidden_layers=2)).to(device)
+    ids, mask = (t.to(device) for t in _batch())
+    tokens = torch.randint(1, 300, (2, STEPS), device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        model.config.attention_backend = backend
+        results[backend] = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    (got, got_hard), (want, want_hard) = results["triton"], results["torch"]
+    assert want_hard.any() and not want_hard.all()
+    assert torch.equal(got_hard, want_hard)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -85,3 +85,66 @@ def test_ring_too_small_for_the_window_is_refused():
     q, k = torch.randn(1, 2, 2, 8), torch.randn(1, 10, 2, 8)
     with pytest.raises(ValueError, match="ring cache of 10 slots"):
         attention_with_kvcache(q, k, k, torch.tensor([12]), window=10, ring=True)
+
+
+# (B, N, S, Hkv, D, slots, rotate, dtype)
+WRITE_CASES = [
+    (2, 1, 12, 2, 64, [7], True, torch.float32),
+    (2, 3, 9, 3, 32, [8, 0, 1], True, torch.float32),  # ring slots that wrap, Hkv not a power of two
+    (1, 2, 6, 1, 128, [2, 3], False, torch.float32),
+    (2, 2, 10, 2, 64, [4, 5], True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", WRITE_CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-D{c[4]}-{c[7]}-rot{c[6]}")
+def test_write_kv_cache_matches_float64_rotary_and_copy(case, backend) -> None:
+    """k rotated (RoPE written out in float64) into its slots, v copied; every other slot untouched."""
+    from l2a.ops.kvcache import write_kv_cache
+
+    b, n, s, h, d, slots, rotate, dtype = case
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for _ in range(2))
+    angles = torch.rand(1, n, d // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    caches = [torch.randn(b, s, h, d, generator=g, dtype=torch.float64) for _ in range(2)]
+    to = dict(device=DEVICE, dtype=dtype)
+    k_cache, v_cache = (c.to(**to) for c in caches)
+    before = [c.clone() for c in (k_cache, v_cache)]
+    idx = torch.tensor(slots, device=DEVICE)
+    rope = (cos.to(**to), sin.to(**to)) if rotate else (None, None)
+    with torch.no_grad():
+        write_kv_cache(k_cache, v_cache, idx, k.to(**to), v.to(**to), *rope, backend=backend)
+    kq, vq = k.to(dtype).double(), v.to(dtype).double()
+    if rotate:
+        c, s_ = cos.to(dtype).double()[:, :, None], sin.to(dtype).double()[:, :, None]
+        k1, k2 = kq[..., : d // 2], kq[..., d // 2 :]
+        kq = kq * c + torch.cat([-k2, k1], -1) * s_
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(k_cache[:, slots].double().cpu(), kq, **tol)
+    torch.testing.assert_close(v_cache[:, slots].double().cpu(), vq, rtol=0, atol=0)
+    others = [j for j in range(s) if j not in slots]
+    for got, old in zip((k_cache, v_cache), before, strict=True):
+        assert torch.equal(got[:, others], old[:, others])
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(k=torch.zeros(2, 1, 2, 8)), "k, v must be"),
+        (dict(k_cache=torch.zeros(2, 9, 3, 16)), "k, v must be"),
+        (dict(slots=torch.zeros(1, dtype=torch.int32)), "slots must be int64"),
+        (dict(cos=torch.zeros(1, 1, 16), sin=None), "cos and sin"),
+    ],
+)
+def test_write_kv_cache_bad_inputs_name_the_problem(change, message) -> None:
+    from l2a.ops.kvcache import write_kv_cache
+
+    args = dict(
+        k_cache=torch.zeros(2, 9, 2, 16), v_cache=torch.zeros(2, 9, 2, 16),
+        slots=torch.zeros(1, dtype=torch.int64), k=torch.zeros(2, 1, 2, 16), v=torch.zeros(2, 1, 2, 16),
+        cos=None, sin=None,
+    )  # fmt: skip
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        write_kv_cache(**args)

@@ -22,9 +22,9 @@ def _inputs(rows: int, k: int, n: int, dtype: torch.dtype, bias: bool, seed: int
     return x, w, b
 
 
-def _reference(x, w, b, active):
-    y = x @ w.T + (0 if b is None else b)
-    return y * active[:, None].double()
+def _reference(x, w, b, active, residual=None):
+    y = (x @ w.T + (0 if b is None else b)) * active[:, None].double()
+    return y if residual is None else y + residual
 
 
 triton_only = pytest.mark.skipif(
@@ -34,16 +34,18 @@ triton_only = pytest.mark.skipif(
 
 @triton_only
 @pytest.mark.parametrize(
-    "rows,k,n,routing,bias,dtype",
+    "rows,k,n,routing,bias,residual,dtype",
     [
-        (1, 96, 40, "all", True, torch.float32),  # K and N not multiples of the blocks
-        (3, 64, 48, "mixed", False, torch.float32),
-        (8, 64, 32, "none", True, torch.float32),  # no row routed: zeros, the weight unread
-        (5, 128, 64, "mixed", True, torch.bfloat16),
-        (17, 32, 16, "mixed", False, torch.float32),  # a 32-row tile
+        (1, 96, 40, "all", True, False, torch.float32),  # K and N not multiples of the blocks
+        (3, 64, 48, "mixed", False, False, torch.float32),
+        (8, 64, 32, "none", True, False, torch.float32),  # no row routed: zeros, the weight unread
+        (8, 64, 32, "none", True, True, torch.float32),  # no row routed: the residual itself
+        (5, 128, 64, "mixed", True, False, torch.bfloat16),
+        (5, 128, 64, "mixed", False, True, torch.bfloat16),
+        (17, 32, 16, "mixed", False, True, torch.float32),  # a 32-row tile
     ],
 )
-def test_matches_float64_reference(rows, k, n, routing, bias, dtype) -> None:
+def test_matches_float64_reference(rows, k, n, routing, bias, residual, dtype) -> None:
     pytest.importorskip("triton")
     x, w, b = _inputs(rows, k, n, dtype, bias)
     active = {
@@ -51,17 +53,23 @@ def test_matches_float64_reference(rows, k, n, routing, bias, dtype) -> None:
         "none": torch.zeros(rows, dtype=torch.bool),
         "mixed": torch.arange(rows) % 3 == 1,
     }[routing]
+    r = (
+        torch.randn(rows, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        if residual
+        else None
+    )
     to = dict(device=DEVICE, dtype=dtype)
     with torch.no_grad():
         y = routed_linear(
-            x.to(**to), w.to(**to), None if b is None else b.to(**to), active.to(DEVICE), backend="triton"
-        )
+            x.to(**to), w.to(**to), None if b is None else b.to(**to), active.to(DEVICE),
+            residual=None if r is None else r.to(**to), backend="triton",
+        )  # fmt: skip
     assert y.dtype == dtype and y.shape == (rows, n)
-    expected = _reference(
-        x.to(dtype).double(), w.to(dtype).double(), None if b is None else b.to(dtype).double(), active
-    )
+    rounded = [None if t is None else t.to(dtype).double() for t in (x, w, b, r)]
+    expected = _reference(*rounded[:3], active, rounded[3])
     torch.testing.assert_close(y.double().cpu(), expected, **TOL[dtype])
-    assert (y[~active.to(DEVICE)] == 0).all()  # exact zeros on unrouted rows
+    unrouted = y[~active.to(DEVICE)].cpu()  # exactly 0, or exactly the residual, on unrouted rows
+    assert torch.equal(unrouted, torch.zeros_like(unrouted) if r is None else r.to(dtype)[~active])
 
 
 @triton_only
@@ -101,6 +109,7 @@ def test_torch_backend_and_gradients_use_the_reference() -> None:
         (dict(active=torch.ones(4)), "active must be bool"),
         (dict(active=torch.ones(3, dtype=torch.bool)), "active must be bool"),
         (dict(weight=torch.zeros(8, 16, dtype=torch.float64)), "one dtype"),
+        (dict(residual=torch.zeros(4, 7)), "residual must be"),
     ],
 )
 def test_bad_inputs_name_the_problem(kwargs, message) -> None:
@@ -112,7 +121,7 @@ def test_bad_inputs_name_the_problem(kwargs, message) -> None:
     )
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):
-        routed_linear(args["x"], args["weight"], args["bias"], args["active"])
+        routed_linear(args["x"], args["weight"], args["bias"], args["active"], residual=args.get("residual"))
 
 
 def test_triton_backend_refuses_many_rows_or_gradients() -> None:

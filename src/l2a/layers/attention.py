@@ -70,23 +70,24 @@ class AttentionProjections(nn.Module):
         More than FUSE_MIN_TOKENS tokens (prefill, training) go through one GEMM over the concatenated
         weights: h is read (and cast under autocast) once, and its gradient is one GEMM. Fewer (decode) keep
         separate GEMMs, which read each weight once instead of concatenating it every step."""
-        projections = (self.q_proj, self.k_proj, self.v_proj) if with_q else (self.k_proj, self.v_proj)
-        if fuses_projections(h):
-            outputs = fused_linear(h, projections).split([m.out_features for m in projections], -1)
-        else:
-            outputs = [m(h) for m in projections]
-        k, v = self.rotate_kv(outputs[-2], outputs[-1], cos, sin)
+        outputs = self.project(h, with_q=with_q)
+        k, v = self.kv_heads(outputs[-2], outputs[-1])
+        k = apply_rotary(k, cos, sin)
         return (self.rotate_q(outputs[0], cos, sin), k, v) if with_q else (k, v)
 
-    def rotate_kv(
-        self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected keys and values (B, N, Hkv * D) -> rotated keys and values, each (B, N, Hkv, D)."""
+    def project(self, h: torch.Tensor, *, with_q: bool = False) -> list[torch.Tensor]:
+        """h (B, N, hidden) -> the projections [q,] k, v, (B, N, H * D) each, not rotated (`project_kv`)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj) if with_q else (self.k_proj, self.v_proj)
+        if fuses_projections(h):
+            return list(fused_linear(h, projections).split([m.out_features for m in projections], -1))
+        return [m(h) for m in projections]
+
+    def kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values (B, N, Hkv * D) -> (k_norm-ed) keys and values, each (B, N, Hkv, D),
+        not rotated."""
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return apply_rotary(k, cos, sin), v
+        return (k if self.k_norm is None else self.k_norm(k)), v
 
 
 class LocalAttention(AttentionProjections):
@@ -106,9 +107,14 @@ class LocalAttention(AttentionProjections):
         key_start: int (B,) absolute position of each row's first valid token (left padding).
         """
         cos, sin = position_embeddings
-        q, k, v = self.project_kv(h, cos, sin, with_q=True)
+        backend = self.config.attention_backend
         if layer_cache is not None and layer_cache.static_step(h.shape[1]):
-            k_ring, v_ring, filled = layer_cache.step_local(k, v)
+            q, k, v = self.project(h, with_q=True)
+            # the keys are rotated inside the cache write (one kernel for rotation and both writes)
+            k_ring, v_ring, filled = layer_cache.step_local(
+                *self.kv_heads(k, v), rotary=(cos, sin), backend=backend
+            )
+            q = self.rotate_q(q, cos, sin)
             out = attention_with_kvcache(
                 q,
                 k_ring,
@@ -117,9 +123,10 @@ class LocalAttention(AttentionProjections):
                 window=self.config.sliding_window,
                 ring=True,
                 key_start=key_start,
-                backend=self.config.attention_backend,
+                backend=backend,
             )
             return self.o_proj(out.flatten(-2))
+        q, k, v = self.project_kv(h, cos, sin, with_q=True)
         if layer_cache is not None:
             k, v, first_position = layer_cache.update_local(k, v)
             if key_start is not None:
@@ -165,12 +172,15 @@ class GlobalAttention(AttentionProjections):
         key_start: torch.Tensor | None = None,
         layer_cache: Any | None = None,
         projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h (B, N, hidden); active bool and gate float, (B, N) or (B, N, Hq) -> (B, N, hidden).
 
         With a cache the keys/values of every token are appended to the global cache first.
         projected: k, v already projected from h, (B, N, Hkv * D) each (the decode steps' one GEMM,
             `L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens, no gradient.
+        residual: (B, N, hidden) or None; given, the result is `residual + branch output` (decode steps
+            add it inside the o projection's kernel).
         """
         cos, sin = position_embeddings
         routed = active if active.dim() == 2 else active.any(-1)
@@ -181,10 +191,7 @@ class GlobalAttention(AttentionProjections):
         static = layer_cache is not None and layer_cache.static_step(n)
         # the routed count travels to the host while the GPU runs the k/v projection (see `_count_to_host`)
         pending = _count_to_host(routed) if compact and not static else None
-        if projected is None:
-            k, v = self.project_kv(h, cos, sin)
-        else:
-            k, v = self.rotate_kv(projected[0], projected[1], cos, sin)
+        k, v = self.kv_heads(*(self.project(h) if projected is None else projected))
         decode = projected is not None and active.dim() == 2  # token-wise: routed-rows q/o projections
 
         def all_queries() -> torch.Tensor:
@@ -194,11 +201,13 @@ class GlobalAttention(AttentionProjections):
 
         def output(out: torch.Tensor) -> torch.Tensor:
             if decode:  # in inference the gate is the hard decision: 1 on routed rows
-                return self._routed_rows(out.flatten(-2), self.o_proj, routed)
-            return torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
+                return self._routed_rows(out.flatten(-2), self.o_proj, routed, residual)
+            y = torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
+            return y if residual is None else residual + y
 
-        if static:
-            k_all, v_all, filled = layer_cache.step_global(k, v)
+        if static:  # the keys are rotated inside the cache write
+            backend = self.config.attention_backend
+            k_all, v_all, filled = layer_cache.step_global(k, v, rotary=(cos, sin), backend=backend)
             q = all_queries()
             out = attention_with_kvcache(
                 q,
@@ -210,6 +219,7 @@ class GlobalAttention(AttentionProjections):
                 backend=self.config.attention_backend,
             )
             return output(out)
+        k = apply_rotary(k, cos, sin)
         if layer_cache is not None:
             k, v = layer_cache.update_global(k, v)
         if not compact:
@@ -229,18 +239,27 @@ class GlobalAttention(AttentionProjections):
         )
         out = self._attend(q, k, v, active, cu_seqlens, key_start).flatten(0, 1)[rows]
         y_rows = self._gated_output(out, gate.flatten(0, 1)[rows])
-        return y_rows.new_zeros(flat, y_rows.shape[-1]).index_copy(0, rows, y_rows).view(b, n, -1)
+        y = y_rows.new_zeros(flat, y_rows.shape[-1]).index_copy(0, rows, y_rows).view(b, n, -1)
+        return y if residual is None else residual + y
 
     def _attend(self, q, k, v, active, cu_seqlens, key_start) -> torch.Tensor:
         return conditional_attention(
             q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.config.attention_backend
         )
 
-    def _routed_rows(self, x: torch.Tensor, linear: nn.Linear, routed: torch.Tensor) -> torch.Tensor:
-        """linear(x) on the rows where `routed` (B, N), 0 elsewhere (decode steps)."""
-        if x.dtype != linear.weight.dtype or torch.is_autocast_enabled(x.device.type):
-            return torch.where(routed[..., None], linear(x), 0.0)
-        return routed_linear(x, linear.weight, linear.bias, routed, backend=self.config.attention_backend)
+    def _routed_rows(
+        self, x: torch.Tensor, linear: nn.Linear, routed: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """linear(x) on the rows where `routed` (B, N), 0 elsewhere, plus `residual` (decode steps)."""
+        if (
+            x.dtype != linear.weight.dtype
+            or torch.is_autocast_enabled(x.device.type)
+            or (residual is not None and residual.dtype != x.dtype)
+        ):
+            y = torch.where(routed[..., None], linear(x), 0.0)
+            return y if residual is None else residual + y
+        backend = self.config.attention_backend
+        return routed_linear(x, linear.weight, linear.bias, routed, residual=residual, backend=backend)
 
     def _gated_output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """out (..., Hq, D), gate (...) or (..., Hq) -> o_proj of the gated heads (..., hidden)."""
@@ -419,7 +438,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             elif skip and layer_cache is not None:
                 skip = False  # the cache keeps global K/V for later routed steps
             if not skip:
-                hidden_states = hidden_states + self.global_attn(
+                hidden_states = self.global_attn(
                     g,
                     position_embeddings,
                     active,
@@ -428,6 +447,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                     key_start=key_start,
                     layer_cache=layer_cache,
                     projected=self._decode_projections(g, layer_cache),
+                    residual=hidden_states,
                 )
             soft, hard = decision.soft, decision.hard
         residual = hidden_states

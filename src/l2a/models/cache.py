@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from l2a.ops.kvcache import write_kv_cache
+
 # Spare local slots and global growth step, in tokens.
 LOCAL_SLACK = 256
 GLOBAL_CHUNK = 4096
@@ -268,21 +270,25 @@ class L2ALayerCache:
         self.seen_tokens = n
         return k, v, 0
 
-    def step_local(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Static step: write k, v (B, N, Hkv, D) into the ring; return the ring (B, S, Hkv, D) and the new
-        fill level int32 (1,)."""
-        self.local.keys.index_copy_(1, self.static.ring, k)
-        self.local.values.index_copy_(1, self.static.ring, v)
+    def step_local(
+        self, k: torch.Tensor, v: torch.Tensor, rotary: tuple | None = None, backend: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static step: write k, v (B, N, Hkv, D) into the ring, k rotated first by `rotary` = (cos, sin)
+        when given (one kernel on CUDA: `l2a.ops.kvcache.write_kv_cache`); return the ring (B, S, Hkv, D)
+        and the new fill level int32 (1,)."""
+        cos, sin = rotary or (None, None)
+        write_kv_cache(self.local.keys, self.local.values, self.static.ring, k, v, cos, sin, backend=backend)
         return self.local.keys, self.local.values, self.static.filled
 
     def step_global(
-        self, k: torch.Tensor, v: torch.Tensor
+        self, k: torch.Tensor, v: torch.Tensor, rotary: tuple | None = None, backend: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Static step: write k, v into the global buffer (B, max_length, Hkv, D); return it and the new fill
-        level."""
-        self.global_.keys.index_copy_(1, self.static.index, k)
-        self.global_.values.index_copy_(1, self.static.index, v)
-        return self.global_.keys, self.global_.values, self.static.filled
+        """Static step: write k, v into the global buffer (B, max_length, Hkv, D) as `step_local`; return
+        it and the new fill level."""
+        cos, sin = rotary or (None, None)
+        buf = self.global_
+        write_kv_cache(buf.keys, buf.values, self.static.index, k, v, cos, sin, backend=backend)
+        return buf.keys, buf.values, self.static.filled
 
     def get_seq_length(self) -> int:
         # static mode: the fill level lives on the device (reading it synchronises; no step calls this)

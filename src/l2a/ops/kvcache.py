@@ -13,8 +13,9 @@ import math
 import torch
 
 from l2a.ops import _checks
-from l2a.ops.attention import _use_triton
+from l2a.ops.attention import _use_triton, _use_triton_elementwise
 from l2a.ops.reference import masked_attention
+from l2a.ops.rotary import rotary_reference
 
 
 def slot_positions(cache_seqlen: torch.Tensor, slots: int, ring: bool) -> torch.Tensor:
@@ -95,3 +96,69 @@ def attention_with_kvcache(
         else:
             allowed = allowed[:, None] & active.permute(0, 2, 1)[:, :, :, None]
     return masked_attention(q, k_cache, v_cache, allowed, scale)[0]
+
+
+def write_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Write new keys and values into preallocated caches in place: k_cache[:, slots[t]] = k[:, t] (rotated
+    by cos/sin first when given, as `l2a.ops.rotary.apply_rotary`), v_cache[:, slots[t]] = v[:, t].
+
+    Args:
+        k_cache, v_cache: (B, S, Hkv, D), written in place (cast to their dtype).
+        slots: int64 (N,) slot of each new token, on the device (the same for every batch row).
+        k, v: (B, N, Hkv, D). cos, sin: (B or 1, N, D), or None (k written as it is).
+        backend: "auto" (one Triton kernel for CUDA tensors of float16 / bfloat16 / float32 with D / 2 a
+            power of two, no gradient; else PyTorch: `apply_rotary` and two `index_copy_`), "triton", "torch".
+    """
+    _checks.check_backend(backend)
+    b, n, h, d = k.shape if k.dim() == 4 else (None,) * 4
+    if (
+        k.dim() != 4
+        or v.shape != k.shape
+        or k_cache.shape != v_cache.shape
+        or k_cache.dim() != 4
+        or (k_cache.shape[0], *k_cache.shape[2:]) != (b, h, d)
+    ):
+        raise ValueError(
+            "write_kv_cache: k, v must be (B, N, Hkv, D) and the caches (B, S, Hkv, D), got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    if slots.shape != (n,) or slots.dtype != torch.int64:
+        raise ValueError(
+            f"write_kv_cache: slots must be int64 of shape ({n},), got {slots.dtype} {tuple(slots.shape)}"
+        )
+    if (cos is None) != (sin is None) or (
+        cos is not None and (cos.shape != sin.shape or cos.shape[-2:] != (n, d))
+    ):
+        raise ValueError("write_kv_cache: cos and sin must both be given, each (B or 1, N, D), or both None")
+    half = d // 2
+    supported = (
+        half & (half - 1) == 0
+        and d % 2 == 0
+        and all(t.dtype in _checks.TRITON_DTYPES for t in (k, v, k_cache, v_cache))
+        and (cos is None or (cos.dtype in _checks.TRITON_DTYPES and sin.dtype == cos.dtype))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, cos, sin) if t is not None))
+    )
+    if backend == "triton" and not supported:
+        raise ValueError(
+            "write_kv_cache: the Triton kernel needs D / 2 a power of two, 16/32-bit floats and no gradient"
+        )
+    if not _use_triton_elementwise(backend, k, supported):
+        if cos is not None:
+            k = rotary_reference(k, cos, sin)
+        k_cache.index_copy_(1, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(1, slots, v.to(v_cache.dtype))
+        return
+    from l2a.ops.triton._flash import dispatch
+    from l2a.ops.triton.rotary import write_kv_cache_fwd, write_kv_cache_op
+
+    dispatch(write_kv_cache_op, write_kv_cache_fwd, k_cache, v_cache, slots, k, v, cos, sin)

@@ -15,10 +15,15 @@ ROUTED_LINEAR_MAX_ROWS = 64
 
 
 def routed_linear_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, active: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    active: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`where(active, linear(x, weight, bias), 0)`: x (..., K), active bool (...) -> (..., N)."""
-    return torch.where(active[..., None], torch.nn.functional.linear(x, weight, bias), 0.0)
+    """`residual + where(active, linear(x, weight, bias), 0)`: x (..., K), active bool (...) -> (..., N)."""
+    y = torch.where(active[..., None], torch.nn.functional.linear(x, weight, bias), 0.0)
+    return y if residual is None else residual + y
 
 
 def routed_linear(
@@ -27,10 +32,12 @@ def routed_linear(
     bias: torch.Tensor | None,
     active: torch.Tensor,
     *,
+    residual: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """x (..., K), weight (N, K), bias (N,) or None, active bool (...) -> (..., N) in x's dtype:
-    `x @ weight.T + bias` on the rows where `active`, 0 on the others.
+    `x @ weight.T + bias` on the rows where `active`, 0 on the others; plus `residual` (..., N) when given
+    (the kernel adds it in float32 before rounding).
 
     backend: "auto" (the Triton kernel for CUDA tensors of float16 / bfloat16 / float32 with at most
     `ROUTED_LINEAR_MAX_ROWS` rows when no gradient is needed and triton is installed, else PyTorch),
@@ -51,7 +58,16 @@ def routed_linear(
         )
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError(f"routed_linear: x, weight and bias need one dtype, got {x.dtype} and {weight.dtype}")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if residual is not None and (
+        residual.shape != (*x.shape[:-1], weight.shape[0]) or residual.dtype != x.dtype
+    ):
+        raise ValueError(
+            f"routed_linear: residual must be {x.dtype} of shape {(*x.shape[:-1], weight.shape[0])}, got "
+            f"{residual.dtype} {tuple(residual.shape)}"
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual)
+    )
     rows = x.shape[:-1].numel()
     supported = x.dtype in _checks.TRITON_DTYPES and not needs_grad and rows <= ROUTED_LINEAR_MAX_ROWS
     if backend == "triton" and not supported:
@@ -61,9 +77,10 @@ def routed_linear(
             f"gradient {needs_grad}"
         )
     if not _use_triton_elementwise(backend, x, supported):
-        return routed_linear_reference(x, weight, bias, active)
+        return routed_linear_reference(x, weight, bias, active, residual)
     from l2a.ops.triton._flash import dispatch
     from l2a.ops.triton.routed_linear import routed_linear_fwd, routed_linear_op
 
-    y = dispatch(routed_linear_op, routed_linear_fwd, x.reshape(rows, -1), weight, bias, active.reshape(rows))
-    return y.view(*x.shape[:-1], weight.shape[0])
+    flat_residual = None if residual is None else residual.reshape(rows, -1)
+    args = (x.reshape(rows, -1), weight, bias, active.reshape(rows), flat_residual)
+    return dispatch(routed_linear_op, routed_linear_fwd, *args).view(*x.shape[:-1], weight.shape[0])
