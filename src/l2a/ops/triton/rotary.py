@@ -91,10 +91,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
     b, n, h, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cos = cos.expand(b, n, d)
-    sin = sin.expand(b, n, d)
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _tables(cos, sin, b, n, d)
     y = torch.empty(b, n, h, d, dtype=out_dtype, device=x.device)
     if y.numel():
         _rotary_kernel[(b * n,)](
@@ -103,6 +100,14 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
             num_warps=4 if h * d >= 1024 else 1,
         )  # fmt: skip
     return y
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor, b: int, n: int, d: int) -> tuple[torch.Tensor, ...]:
+    """cos/sin (B or 1, N, D) -> (B, N, D) views with unit last stride and one stride pattern for both."""
+    cos, sin = cos.expand(b, n, d), sin.expand(b, n, d)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
 
 
 def _out_dtype(x: torch.Tensor, cos: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
@@ -169,12 +174,7 @@ def write_kv_cache_fwd(
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     rotate = cos is not None
-    if rotate:
-        cos, sin = cos.expand(b, n, d), sin.expand(b, n, d)
-        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-            cos, sin = cos.contiguous(), sin.contiguous()
-    else:
-        cos = sin = k
+    cos, sin = _tables(cos, sin, b, n, d) if rotate else (k, k)
     if b * n:
         _rotary_cache_write_kernel[(b * n,)](
             k, v, cos, sin, slots, k_cache, v_cache, *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2],
