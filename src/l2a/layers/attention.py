@@ -186,7 +186,7 @@ class GlobalAttention(AttentionProjections):
         routed = active if active.dim() == 2 else active.any(-1)
         b, n = routed.shape
         if projected is not None and n > self.COMPACT_MIN_TOKENS:
-            raise ValueError(f"projected q/k/v are for at most {self.COMPACT_MIN_TOKENS} tokens, got {n}")
+            raise ValueError(f"projected k/v are for at most {self.COMPACT_MIN_TOKENS} tokens, got {n}")
         compact = n > self.COMPACT_MIN_TOKENS and not torch.compiler.is_compiling()
         static = layer_cache is not None and layer_cache.static_step(n)
         # the routed count travels to the host while the GPU runs the k/v projection (see `_count_to_host`)
