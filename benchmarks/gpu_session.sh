@@ -10,7 +10,9 @@
 #   pending: what session 7 (2026-12-01) could not run (docs/benchmarks.md, sections "session 7"): the new
 #            fused ops' GPU tests, the 1.5B training step against dense HF with and without the same fused
 #            elementwise kernels and the 1.5B-shape TTFT with them (~7 minutes).
-#   recipe8b: the Qwen3-8B recipe's first two steps (the second's tokens/s was never measured; ~4 minutes).
+#   recipe8b: the Qwen3-8B recipe's first two steps (the second: steady-state tokens/s; ~2.5 minutes).
+#   infer128 / infer64: issue 11's decode and TTFT table at 128K / 64K (Qwen2.5-7B shape, dense / L2A /
+#            local-only, batch 1 and 8, eager / graph / compiled, the GPU exactness check first; ~6 minutes each).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -57,6 +59,13 @@ recipe8b)
     --mode recipe --config configs/qwen3-8b-128k.yaml --steps 2 --set grad_accum_steps=1 \
     --out "$OUT/recipe" > "$OUT/recipe.log" 2>&1
   grep -E "^\||peak|tokens/s" "$OUT/recipe.log" | tail -6 || tail -5 "$OUT/recipe.log"
+  ;;
+infer128 | infer64)
+  n=131072
+  [ "$1" = infer64 ] && n=65536
+  timeout 500 python benchmarks/bench_inference.py --check --shape 7b --prompts $n --batches 1,8 \
+    --modes eager,graph,compiled --steps 10 --warmup 2 --host-profile --budget-s 400 --out "$OUT/$1" > "$OUT/$1.log" 2>&1
+  grep -E "^\||check:" "$OUT/$1.log" | tail -5 || tail -5 "$OUT/$1.log"
   ;;
 tests)
   gpu_tests "${TESTS_TIMEOUT:-400}"
@@ -113,7 +122,7 @@ multigpu)
   timeout 500 python benchmarks/check_multi_gpu.py --world 2 --out "$OUT/multi_gpu" 2>&1 | grep -v "shards"
   ;;
 *)
-  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh tests|kernels|table|eval|train|multigpu" >&2
+  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh tests|kernels|table|eval|train|pending|recipe8b|infer128|infer64|multigpu" >&2
   exit 2
   ;;
 esac
