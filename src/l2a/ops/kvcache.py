@@ -15,7 +15,7 @@ import torch
 from l2a.ops import _checks
 from l2a.ops.attention import _use_triton, _use_triton_elementwise
 from l2a.ops.reference import masked_attention
-from l2a.ops.rotary import rotary_reference
+from l2a.ops.rotary import rotary_reference, triton_supported
 
 
 def slot_positions(cache_seqlen: torch.Tensor, slots: int, ring: bool) -> torch.Tensor:
@@ -140,12 +140,11 @@ def write_kv_cache(
         cos is not None and (cos.shape != sin.shape or cos.shape[-2:] != (n, d))
     ):
         raise ValueError("write_kv_cache: cos and sin must both be given, each (B or 1, N, D), or both None")
-    half = d // 2
+    tables = (cos, sin) if cos is not None else (k, k)  # without rotation only D and the dtypes matter
     supported = (
-        half & (half - 1) == 0
-        and d % 2 == 0
-        and all(t.dtype in _checks.TRITON_DTYPES for t in (k, v, k_cache, v_cache))
-        and (cos is None or (cos.dtype in _checks.TRITON_DTYPES and sin.dtype == cos.dtype))
+        d % 2 == 0
+        and triton_supported(k, *tables)
+        and all(t.dtype in _checks.TRITON_DTYPES for t in (v, k_cache, v_cache))
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, cos, sin) if t is not None))
     )
     if backend == "triton" and not supported:

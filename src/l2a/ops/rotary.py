@@ -17,6 +17,19 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return x * cos.unsqueeze(2) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(2)
 
 
+def triton_supported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the RoPE kernels take these tensors: D / 2 a power of two, 16/32-bit floats, cos/sin without
+    gradient (also the cache-write kernel's condition, `l2a.ops.kvcache.write_kv_cache`)."""
+    half = x.shape[-1] // 2
+    return (
+        half & (half - 1) == 0
+        and x.dtype in _checks.TRITON_DTYPES
+        and cos.dtype in _checks.TRITON_DTYPES
+        and sin.dtype == cos.dtype
+        and not (cos.requires_grad or sin.requires_grad)
+    )
+
+
 def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -38,14 +51,7 @@ def apply_rotary(
             f"{tuple(cos.shape)}, {tuple(sin.shape)}"
         )
     half = x.shape[-1] // 2
-    supported = (
-        half & (half - 1) == 0
-        and x.dtype in _checks.TRITON_DTYPES
-        and cos.dtype in _checks.TRITON_DTYPES
-        and sin.dtype == cos.dtype
-        and not (cos.requires_grad or sin.requires_grad)
-    )
-    if not _use_triton_elementwise(backend, x, supported):
+    if not _use_triton_elementwise(backend, x, triton_supported(x, cos, sin)):
         y = rotary_reference(x, cos, sin)
         return y if out_dtype is None else y.to(out_dtype)
     if cos.requires_grad or sin.requires_grad or half & (half - 1):
