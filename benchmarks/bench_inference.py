@@ -243,8 +243,37 @@ def host_profile(step: DecodeStep, steps: int, path: Path) -> float:
     return enqueue_ms
 
 
-def time_graph(step: DecodeStep, warmup: int, steps: int) -> float:
-    """Capture one step in a CUDA graph (after warm-up steps on a side stream), time its replays."""
+def profile_kernels(run, path: Path, label: str, elapsed: float, repeats: int = 4) -> None:
+    """GPU time per kernel of `repeats` calls of `run` (torch.profiler), written to `path`: the profiler's
+    table, then one line per kernel with its launches and microseconds per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        sync_time()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    launches = sum(e.count for e in events) / repeats
+    busy = sum(e.self_device_time_total for e in events) / repeats
+    lines = [
+        f"{repeats} {label} steps, {elapsed * 1e3:.3f} ms per step untraced; per step {launches:.0f} kernel "
+        f"launches, {busy / 1e3:.3f} ms of kernel time",
+        f"{'launches/step':>13} {'us/step':>9} {'us/launch':>9}  kernel",
+    ]
+    for e in events:
+        lines.append(
+            f"{e.count / repeats:13.1f} {e.self_device_time_total / repeats:9.1f} "
+            f"{e.self_device_time_total / max(e.count, 1):9.2f}  {e.key[:110]}"
+        )
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.write_text("\n".join(lines) + "\n\n" + table)
+
+
+def time_graph(step: DecodeStep, warmup: int, steps: int, profile: Path | None = None) -> float:
+    """Capture one step in a CUDA graph (after warm-up steps on a side stream), time its replays; with
+    `profile`, the kernels of 4 more replays (`profile_kernels`)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -260,6 +289,8 @@ def time_graph(step: DecodeStep, warmup: int, steps: int) -> float:
     for _ in range(steps):
         graph.replay()
     elapsed = (sync_time() - t0) / steps
+    if profile is not None:
+        profile_kernels(graph.replay, profile, "graph", elapsed)
     del graph
     return elapsed
 
@@ -281,15 +312,7 @@ def time_compiled(
         compiled()
     elapsed = (sync_time() - t0) / steps
     if profile is not None:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(4):
-                compiled()
-            sync_time()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-        profile.write_text(f"4 compiled steps, {elapsed * 1e3:.2f} ms per step untraced\n{table}")
+        profile_kernels(compiled, profile, "compiled", elapsed)
     return compile_s, elapsed
 
 
@@ -298,7 +321,7 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
     """TTFT and TPOT of one variant for every prompt length and batch size; rows go to `emit`."""
     kind = "dense" if variant == "dense" else "l2a"
     modes = [m for m in args.modes if m != "graph" or DEVICE == "cuda"]
-    total = args.warmup + args.steps + 3 + (2 * args.steps if args.host_profile else 0)
+    total = args.warmup + args.steps + 3 + (2 * args.steps if args.host_profile else 0) + 4 * args.profile
     for n in args.prompts:
         max_len = n + len(modes) * total + 8
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=DEVICE)
@@ -324,6 +347,8 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                 cache = static_cache_for_batch(kind, model, prompt_cache, b, n, max_len)
                 tokens = torch.randint(0, model.config.vocab_size, (b, len(modes) * total), device=DEVICE)
                 step = DecodeStep(kind, model, cache, tokens, n)
+                first = n == args.prompts[0] and b == args.batches[0] and args.profile
+                stem = f"profile_{args.shape}_{variant}_{n // 1024}k_b{b}"
                 for mode in modes:
                     if mode == "compiled" and time.perf_counter() - START > args.budget_s:
                         row["compiled_error"] = "not run (--budget-s)"
@@ -338,10 +363,10 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                                     step, args.steps, args.out / f"host_{args.shape}_{variant}.txt"
                                 )
                         elif mode == "graph":
-                            row["tpot_graph_ms"] = time_graph(step, args.warmup, args.steps) * 1e3
+                            target = args.out / f"{stem}_{mode}.txt" if first else None
+                            row["tpot_graph_ms"] = time_graph(step, args.warmup, args.steps, target) * 1e3
                         else:
-                            first = n == args.prompts[0] and b == args.batches[0] and args.profile
-                            target = args.out / f"profile_{args.shape}_{variant}.txt" if first else None
+                            target = args.out / f"{stem}_{mode}.txt" if first else None
                             row["compile_s"], tpot = time_compiled(step, args.warmup, args.steps, target)
                             row["tpot_compiled_ms"] = tpot * 1e3
                         if kind == "l2a" and variant == "l2a":
@@ -456,7 +481,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--budget-s", type=float, default=1e9, help="no new compiled run after this many s")
-    parser.add_argument("--profile", action="store_true", help="profile the first compiled configuration")
+    parser.add_argument(
+        "--profile", action="store_true", help="kernels of the first configuration (graph, compiled)"
+    )
     parser.add_argument(
         "--host-profile", action="store_true",
         help="eager mode, first prompt and batch: host enqueue time per step and a cProfile (host_*.txt)",
