@@ -167,19 +167,39 @@ def test_routed_rows_kernel_in_decode_steps_equals_the_plain_modules(tiny_l2a, m
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
 )
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a, arch):
-    """Static steps through the Triton kernels (k rotated inside the cache write, routed-rows q/o with the
-    residual added in the kernel, decode attention) against the PyTorch path (RoPE formula, index_copy_,
-    masked float attention, plain modules), from the same prompt cache contents."""
+def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a, arch, monkeypatch):
+    """Static steps through the Triton kernels (global k/v projected, rotated and written into the cache
+    in one kernel and q rotated inside its routed-rows projection where the model has no q/k norms; else k
+    rotated inside the cache write; routed-rows q/o with the residual added in the kernel, decode
+    attention) against the PyTorch path (RoPE formula, index_copy_, masked float attention, plain
+    modules), from the same prompt cache contents."""
     pytest.importorskip("triton")
+    from l2a.ops.triton import routed_linear
+
     device = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     model = tiny_l2a(arch, window=4, base=dict(hidden_size=64, head_dim=32, num_hidden_layers=2)).to(device)
     ids, mask = (t.to(device) for t in _batch())
     tokens = torch.randint(1, 300, (2, STEPS), device=device)
+    launches = {"kv": 0, "rotary_q": 0}
+    real_kv, real_rows = routed_linear.linear_kv_cache_fwd, routed_linear.routed_linear_fwd
+
+    def count_kv(*args):
+        launches["kv"] += 1
+        return real_kv(*args)
+
+    def count_rows(*args):
+        launches["rotary_q"] += args[5] is not None  # cos
+        return real_rows(*args)
+
+    monkeypatch.setattr(routed_linear, "linear_kv_cache_fwd", count_kv)
+    monkeypatch.setattr(routed_linear, "routed_linear_fwd", count_rows)
     results = {}
     for backend in ("triton", "torch"):
         model.config.attention_backend = backend
         results[backend] = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    # qwen2: every static step of both layers; q also at the prompt (<= 16 tokens take the decode path)
+    fused = dict(kv=STEPS * 2, rotary_q=(STEPS + 1) * 2) if arch == "qwen2" else dict(kv=0, rotary_q=0)
+    assert launches == fused
     (got, got_hard), (want, want_hard) = results["triton"], results["torch"]
     assert want_hard.any() and not want_hard.all()
     assert torch.equal(got_hard, want_hard)

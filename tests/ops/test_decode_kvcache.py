@@ -148,3 +148,75 @@ def test_write_kv_cache_bad_inputs_name_the_problem(change, message) -> None:
     args.update(change)
     with pytest.raises(ValueError, match=message):
         write_kv_cache(**args)
+
+
+# (B, N, S, Hkv, D, slots, rotate, bias, dtype)
+PROJECT_CASES = [
+    (2, 1, 12, 2, 64, [7], True, True, torch.float32),
+    (1, 3, 9, 3, 32, [8, 0, 1], True, False, torch.float32),  # ring slots that wrap, Hkv = 3
+    (2, 2, 6, 1, 16, [2, 3], False, True, torch.float32),
+    (2, 2, 10, 2, 128, [4, 5], True, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case", PROJECT_CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-Hkv{c[3]}-D{c[4]}-{c[8]}-rot{c[6]}-bias{c[7]}"
+)
+def test_project_kv_cache_matches_float64(case, backend) -> None:
+    """Keys and values projected from x in float64, keys rotated (RoPE written out), into their slots;
+    every other slot untouched."""
+    from l2a.ops.kvcache import project_kv_cache
+
+    b, n, s, h, d, slots, rotate, bias, dtype = case
+    g = torch.Generator().manual_seed(4)
+    hidden = 40
+    x = torch.randn(b, n, hidden, generator=g, dtype=torch.float64)
+    w = torch.randn(2 * h * d, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+    bb = torch.randn(2 * h * d, generator=g, dtype=torch.float64) if bias else None
+    angles = torch.rand(b, n, d // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    to = dict(device=DEVICE, dtype=dtype)
+    k_cache, v_cache = (torch.randn(b, s, h, d, generator=g, dtype=torch.float64).to(**to) for _ in range(2))
+    before = [c.clone() for c in (k_cache, v_cache)]
+    rope = (cos.to(**to), sin.to(**to)) if rotate else (None, None)
+    with torch.no_grad():
+        project_kv_cache(
+            k_cache, v_cache, torch.tensor(slots, device=DEVICE), x.to(**to), w.to(**to),
+            None if bb is None else bb.to(**to), *rope, backend=backend,
+        )  # fmt: skip
+    xr, wr = x.to(dtype).double(), w.to(dtype).double()
+    kv = (xr @ wr.T + (0 if bb is None else bb.to(dtype).double())).view(b, n, 2 * h, d)
+    k, v = kv[:, :, :h], kv[:, :, h:]
+    if rotate:
+        c, s_ = cos.to(dtype).double()[:, :, None], sin.to(dtype).double()[:, :, None]
+        k = k * c + torch.cat([-k[..., d // 2 :], k[..., : d // 2]], -1) * s_
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(k_cache[:, slots].double().cpu(), k, **tol)
+    torch.testing.assert_close(v_cache[:, slots].double().cpu(), v, **tol)
+    others = [j for j in range(s) if j not in slots]
+    for got, old in zip((k_cache, v_cache), before, strict=True):
+        assert torch.equal(got[:, others], old[:, others])
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(weight=torch.zeros(63, 8)), "weight"),
+        (dict(x=torch.zeros(1, 1, 8)), "x must be"),
+        (dict(bias=torch.zeros(5)), "bias must have"),
+        (dict(slots=torch.zeros(2, dtype=torch.int64)), "slots must be"),
+        (dict(cos=torch.zeros(1, 1, 16)), "cos and sin"),
+        (dict(weight=torch.zeros(64, 8, dtype=torch.float64)), "one dtype"),
+    ],
+)
+def test_project_kv_cache_bad_inputs_name_the_problem(change, message) -> None:
+    from l2a.ops.kvcache import project_kv_cache
+
+    args = dict(
+        k_cache=torch.zeros(2, 9, 2, 16), v_cache=torch.zeros(2, 9, 2, 16),
+        slots=torch.zeros(1, dtype=torch.int64), x=torch.zeros(2, 1, 8), weight=torch.zeros(64, 8),
+    )  # fmt: skip
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        project_kv_cache(**args)

@@ -137,3 +137,63 @@ def test_triton_backend_refuses_many_rows_or_gradients() -> None:
             torch.ones(rows, dtype=torch.bool),
             backend="triton",
         )
+
+
+def _rope64(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
+    """float64 RoPE of y (B, T, H * D) by cos/sin (B or 1, T, D): (y1 c1 - y2 s1, y2 c2 + y1 s2)."""
+    y = y.unflatten(-1, (-1, d))
+    y1, y2 = y[..., : d // 2], y[..., d // 2 :]
+    c, s = cos[:, :, None], sin[:, :, None]
+    c1, c2, s1, s2 = c[..., : d // 2], c[..., d // 2 :], s[..., : d // 2], s[..., d // 2 :]
+    return torch.cat([y1 * c1 - y2 * s1, y2 * c2 + y1 * s2], -1).flatten(-2)
+
+
+@triton_only
+@pytest.mark.parametrize(
+    "b,t,heads,d,routing,bias,table_rows,dtype",
+    [
+        (1, 1, 3, 32, "all", True, 1, torch.float32),
+        (2, 3, 2, 64, "mixed", False, 2, torch.float32),  # per-row tables
+        (3, 1, 4, 16, "none", True, 1, torch.float32),
+        (2, 2, 2, 128, "mixed", True, 2, torch.bfloat16),
+    ],
+)
+def test_rotary_epilogue_matches_float64(b, t, heads, d, routing, bias, table_rows, dtype) -> None:
+    """The queries' projection with RoPE in the kernel: each head of D columns rotated, independent
+    tables per row or broadcast, unrouted rows exactly 0."""
+    pytest.importorskip("triton")
+    rows, k = b * t, 48
+    x, w, bb = _inputs(rows, k, heads * d, dtype, bias, seed=2)
+    g = torch.Generator().manual_seed(9)
+    angles = torch.rand(table_rows, t, d // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    active = {"all": torch.ones(rows, dtype=torch.bool), "none": torch.zeros(rows, dtype=torch.bool)}.get(
+        routing, torch.arange(rows) % 2 == 0
+    )
+    to = dict(device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        y = routed_linear(
+            x.view(b, t, k).to(**to), w.to(**to), None if bb is None else bb.to(**to),
+            active.view(b, t).to(DEVICE), rotary=(cos.to(**to), sin.to(**to)), backend="triton",
+        )  # fmt: skip
+    xr, wr = x.to(dtype).double().view(b, t, k), w.to(dtype).double()
+    lin = xr @ wr.T + (0 if bb is None else bb.to(dtype).double())
+    expected = _rope64(lin, cos.to(dtype).double(), sin.to(dtype).double(), d)
+    expected = expected * active.view(b, t, 1).double()
+    torch.testing.assert_close(y.double().cpu(), expected, **TOL[dtype])
+    unrouted = y[~active.view(b, t).to(DEVICE)]
+    assert torch.equal(unrouted, torch.zeros_like(unrouted))
+
+
+def test_rotary_torch_backend_matches_float64_and_bad_tables_are_refused() -> None:
+    x, w, _ = _inputs(2, 16, 32, torch.float64, False)
+    angles = torch.rand(1, 2, 4, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    active = torch.tensor([[True, False]])
+    y = routed_linear(x.view(1, 2, 16), w, None, active, rotary=(cos, sin), backend="torch")
+    expected = _rope64((x @ w.T).view(1, 2, 32), cos, sin, 8) * active[..., None].double()
+    torch.testing.assert_close(y, expected)
+    with pytest.raises(ValueError, match="rotary needs"):
+        routed_linear(x, w, None, active.view(2), rotary=(cos, sin))  # x not (B, T, K)
+    with pytest.raises(ValueError, match="rotary needs"):
+        routed_linear(x.view(1, 2, 16), w[:30], None, active, rotary=(cos, sin))  # N not a multiple of D

@@ -171,30 +171,50 @@ class GlobalAttention(AttentionProjections):
         cu_seqlens: torch.Tensor | None = None,
         key_start: torch.Tensor | None = None,
         layer_cache: Any | None = None,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h (B, N, hidden); active bool and gate float, (B, N) or (B, N, Hq) -> (B, N, hidden).
 
         With a cache the keys/values of every token are appended to the global cache first.
-        projected: k, v already projected from h, (B, N, Hkv * D) each (the decode steps' one GEMM,
-            `L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens, no gradient.
+        kv_weights: the decode steps' k/v weight (R, hidden) and bias (R,) or None: the k rows, the v rows,
+            then zero rows (`L2ADecoderLayer.decode_weights`); at most `COMPACT_MIN_TOKENS` tokens, no
+            gradient. A static step without k_norm projects, rotates and writes k/v into the cache in one
+            kernel (`l2a.ops.kvcache.project_kv_cache`), other steps run one GEMM.
         residual: (B, N, hidden) or None; given, the result is `residual + branch output` (decode steps
             add it inside the o projection's kernel).
         """
         cos, sin = position_embeddings
         routed = active if active.dim() == 2 else active.any(-1)
         b, n = routed.shape
-        if projected is not None and n > self.COMPACT_MIN_TOKENS:
-            raise ValueError(f"projected k/v are for at most {self.COMPACT_MIN_TOKENS} tokens, got {n}")
+        if kv_weights is not None and n > self.COMPACT_MIN_TOKENS:
+            raise ValueError(f"decode k/v weights are for at most {self.COMPACT_MIN_TOKENS} tokens, got {n}")
         compact = n > self.COMPACT_MIN_TOKENS and not torch.compiler.is_compiling()
         static = layer_cache is not None and layer_cache.static_step(n)
         # the routed count travels to the host while the GPU runs the k/v projection (see `_count_to_host`)
         pending = _count_to_host(routed) if compact and not static else None
-        k, v = self.kv_heads(*(self.project(h) if projected is None else projected))
-        decode = projected is not None and active.dim() == 2  # token-wise: routed-rows q/o projections
+        decode = kv_weights is not None and active.dim() == 2  # token-wise: routed-rows q/o projections
+        backend = self.config.attention_backend
+        if static and kv_weights is not None and self.k_norm is None:
+            kv = 2 * self.num_kv_heads * self.head_dim
+            weight, bias = kv_weights[0][:kv], None if kv_weights[1] is None else kv_weights[1][:kv]
+            cache = layer_cache.step_global_projected(h, weight, bias, rotary=(cos, sin), backend=backend)
+        else:
+            if kv_weights is None:
+                k, v = self.kv_heads(*self.project(h))
+            else:
+                kv_size = self.num_kv_heads * self.head_dim
+                projected = nn.functional.linear(h, *kv_weights)
+                k, v = self.kv_heads(
+                    *projected.split([kv_size, kv_size, projected.shape[-1] - 2 * kv_size], -1)[:2]
+                )
+            # static steps rotate the keys inside the cache write
+            cache = layer_cache.step_global(k, v, rotary=(cos, sin), backend=backend) if static else None
 
         def all_queries() -> torch.Tensor:
+            if decode and self.q_norm is None:  # RoPE inside the projection's kernel
+                q = self._routed_rows(h, self.q_proj, routed, rotary=(cos, sin))
+                return q.unflatten(-1, (self.num_heads, self.head_dim))
             if decode:
                 return self.rotate_q(self._routed_rows(h, self.q_proj, routed), cos, sin)
             return self.project_q(h, cos, sin)
@@ -205,18 +225,10 @@ class GlobalAttention(AttentionProjections):
             y = torch.where(routed[..., None], self._gated_output(out, gate), 0.0)
             return y if residual is None else residual + y
 
-        if static:  # the keys are rotated inside the cache write
-            backend = self.config.attention_backend
-            k_all, v_all, filled = layer_cache.step_global(k, v, rotary=(cos, sin), backend=backend)
-            q = all_queries()
+        if static:
+            k_all, v_all, filled = cache
             out = attention_with_kvcache(
-                q,
-                k_all,
-                v_all,
-                filled,
-                active=active,
-                key_start=key_start,
-                backend=self.config.attention_backend,
+                all_queries(), k_all, v_all, filled, active=active, key_start=key_start, backend=backend
             )
             return output(out)
         k = apply_rotary(k, cos, sin)
@@ -248,18 +260,29 @@ class GlobalAttention(AttentionProjections):
         )
 
     def _routed_rows(
-        self, x: torch.Tensor, linear: nn.Linear, routed: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        linear: nn.Linear,
+        routed: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """linear(x) on the rows where `routed` (B, N), 0 elsewhere, plus `residual` (decode steps)."""
+        """linear(x) (its heads rotated by `rotary` = (cos, sin) when given) on the rows where `routed`
+        (B, N), 0 elsewhere, plus `residual` (decode steps)."""
         if (
             x.dtype != linear.weight.dtype
             or torch.is_autocast_enabled(x.device.type)
             or (residual is not None and residual.dtype != x.dtype)
         ):
-            y = torch.where(routed[..., None], linear(x), 0.0)
+            y = linear(x)
+            if rotary is not None:
+                y = apply_rotary(y.unflatten(-1, (-1, self.head_dim)), *rotary).flatten(-2)
+            y = torch.where(routed[..., None], y, 0.0)
             return y if residual is None else residual + y
         backend = self.config.attention_backend
-        return routed_linear(x, linear.weight, linear.bias, routed, residual=residual, backend=backend)
+        return routed_linear(
+            x, linear.weight, linear.bias, routed, residual=residual, rotary=rotary, backend=backend
+        )
 
     def _gated_output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """out (..., Hq, D), gate (...) or (..., Hq) -> o_proj of the gated heads (..., hidden)."""
@@ -377,21 +400,17 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             self._decode_weights = (key, weight, bias)
         return self._decode_weights[1:]
 
-    def _decode_projections(
+    def _decode_kv_weights(
         self, g: torch.Tensor, layer_cache: Any | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The decode steps' one GEMM: g (B, N, hidden) -> k, v (projected, not rotated); None where it
-        does not apply (training, gradients, many tokens, no cache)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The decode steps' k/v weights (`decode_weights`) for g (B, N, hidden); None where they do not
+        apply (training, gradients, many tokens, no cache)."""
         if self.training or not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
             return None
         fused = self.decode_weights()  # made at the prompt too, so that compiled steps find it
         if fused is None or g.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
             return None
-        kv_size = self.global_attn.num_kv_heads * self.global_attn.head_dim
-        k, v, _ = nn.functional.linear(g, *fused).split(
-            [kv_size, kv_size, fused[0].shape[0] - 2 * kv_size], -1
-        )
-        return k, v
+        return fused
 
     def forward(
         self,
@@ -446,7 +465,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                     cu_seqlens=cu_seqlens,
                     key_start=key_start,
                     layer_cache=layer_cache,
-                    projected=self._decode_projections(g, layer_cache),
+                    kv_weights=self._decode_kv_weights(g, layer_cache),
                     residual=hidden_states,
                 )
             soft, hard = decision.soft, decision.hard

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from l2a.ops.kvcache import write_kv_cache
+from l2a.ops.kvcache import project_kv_cache, write_kv_cache
 
 # Spare local slots and global growth step, in tokens.
 LOCAL_SLACK = 256
@@ -288,6 +288,22 @@ class L2ALayerCache:
         cos, sin = rotary or (None, None)
         buf = self.global_
         write_kv_cache(buf.keys, buf.values, self.static.index, k, v, cos, sin, backend=backend)
+        return buf.keys, buf.values, self.static.filled
+
+    def step_global_projected(
+        self,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rotary: tuple | None = None,
+        backend: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static step: project h (B, N, hidden) by weight (2 Hkv D, hidden) and bias into keys and values,
+        rotate the keys by `rotary` and write both into the global buffer (one kernel on CUDA:
+        `l2a.ops.kvcache.project_kv_cache`); return the buffer and the new fill level as `step_global`."""
+        cos, sin = rotary or (None, None)
+        buf = self.global_
+        project_kv_cache(buf.keys, buf.values, self.static.index, h, weight, bias, cos, sin, backend=backend)
         return buf.keys, buf.values, self.static.filled
 
     def get_seq_length(self) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from l2a.ops import _checks
 from l2a.ops.attention import _use_triton, _use_triton_elementwise
+from l2a.ops.linear import ROUTED_LINEAR_MAX_ROWS, rotary_tiles_supported
 from l2a.ops.reference import masked_attention
 from l2a.ops.rotary import rotary_reference, triton_supported
 
@@ -161,3 +162,82 @@ def write_kv_cache(
     from l2a.ops.triton.rotary import write_kv_cache_fwd, write_kv_cache_op
 
     dispatch(write_kv_cache_op, write_kv_cache_fwd, k_cache, v_cache, slots, k, v, cos, sin)
+
+
+def project_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Project the new tokens' keys and values and write them into preallocated caches in place: `k, v =
+    split(x @ weight.T + bias)`, then `write_kv_cache(k_cache, v_cache, slots, k, v, cos, sin)`.
+
+    Args:
+        k_cache, v_cache: (B, S, Hkv, D), written in place.
+        slots: int64 (N,) slot of each new token (the same for every batch row).
+        x: (B, N, K) the new tokens' (normalised) hidden states.
+        weight: (2 Hkv D, K), the key rows then the value rows; bias: (2 Hkv D,) or None; x's dtype.
+        cos, sin: (B or 1, N, D) rotate the keys, or None.
+        backend: "auto" (one Triton kernel for the projection, the keys' RoPE and both writes, for CUDA
+            tensors of float16 / bfloat16 / float32 with D / 2 a power of two, D >= 16, at most
+            `l2a.ops.linear.ROUTED_LINEAR_MAX_ROWS` rows B * N and no gradient; else PyTorch), "triton",
+            "torch".
+    """
+    _checks.check_backend(backend)
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            "project_kv_cache: the caches must be (B, S, Hkv, D), got "
+            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    b, _, h, d = k_cache.shape
+    if x.dim() != 3 or x.shape[0] != b or weight.shape != (2 * h * d, x.shape[-1]):
+        raise ValueError(
+            f"project_kv_cache: x must be ({b}, N, K) and weight (2 * Hkv * D, K) = ({2 * h * d}, K) for "
+            f"caches {tuple(k_cache.shape)}, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (2 * h * d,):
+        raise ValueError(f"project_kv_cache: bias must have shape ({2 * h * d},), got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"project_kv_cache: x, weight and bias need one dtype, got {x.dtype}, {weight.dtype}")
+    n = x.shape[1]
+    if slots.shape != (n,) or slots.dtype != torch.int64:
+        raise ValueError(
+            f"project_kv_cache: slots must be int64 of shape ({n},), got {slots.dtype} {tuple(slots.shape)}"
+        )
+    if (cos is None) != (sin is None) or (
+        cos is not None and (cos.shape != sin.shape or cos.dim() != 3 or cos.shape[-2:] != (n, d))
+    ):
+        raise ValueError(
+            "project_kv_cache: cos and sin must both be given, each (B or 1, N, D), or both None"
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, cos, sin)
+    )
+    tables = (cos, sin) if cos is not None else (k_cache, k_cache)  # without rotation: D and dtypes only
+    supported = (
+        not needs_grad
+        and b * n <= ROUTED_LINEAR_MAX_ROWS
+        and x.dtype in _checks.TRITON_DTYPES
+        and all(t.dtype in _checks.TRITON_DTYPES for t in (k_cache, v_cache))
+        and rotary_tiles_supported(x, *tables)
+    )
+    if backend == "triton" and not supported:
+        raise ValueError(
+            "project_kv_cache: the Triton kernel needs D / 2 a power of two with D >= 16, 16/32-bit floats, "
+            f"at most {ROUTED_LINEAR_MAX_ROWS} rows and no gradient"
+        )
+    if not _use_triton_elementwise(backend, x, supported):
+        k, v = torch.nn.functional.linear(x, weight, bias).unflatten(-1, (2 * h, d)).split(h, dim=-2)
+        write_kv_cache(k_cache, v_cache, slots, k, v, cos, sin, backend="torch")
+        return
+    from l2a.ops.triton._flash import dispatch
+    from l2a.ops.triton.routed_linear import linear_kv_cache_fwd, linear_kv_cache_op
+
+    dispatch(linear_kv_cache_op, linear_kv_cache_fwd, k_cache, v_cache, slots, x, weight, bias, cos, sin)

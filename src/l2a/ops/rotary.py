@@ -18,9 +18,10 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def triton_supported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether the RoPE kernels take these tensors: D / 2 a power of two, 16/32-bit floats, cos/sin without
-    gradient (also the cache-write kernel's condition, `l2a.ops.kvcache.write_kv_cache`)."""
-    half = x.shape[-1] // 2
+    """Whether the RoPE kernels take these tensors: D / 2 a power of two (D: cos's last dim), 16/32-bit
+    floats, cos/sin without gradient (also the cache-write kernel's condition,
+    `l2a.ops.kvcache.write_kv_cache`, and with D >= 16 the projection kernels' RoPE epilogue)."""
+    half = cos.shape[-1] // 2
     return (
         half & (half - 1) == 0
         and x.dtype in _checks.TRITON_DTYPES

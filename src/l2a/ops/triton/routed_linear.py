@@ -1,11 +1,19 @@
-"""Linear layer on the routed rows of a decode step: y = x @ W^T + b where a row is routed, 0 elsewhere
-(plus a residual, when one is given: the decoder layer's residual add in the same pass).
+"""Decode-step projections: a few rows (batch x new tokens) times a weight, bandwidth-bound.
 
-Program p computes BLOCK_N output columns for all M rows (few: `l2a.ops.linear.ROUTED_LINEAR_MAX_ROWS`).
-It reads the routing flags first; when no row is routed it writes its zeros and exits without reading the
-weight, so a step in which no token of the batch is routed costs one small launch instead of a weight read
-(the global branch's q and o projections are ~50 MB per layer at the Qwen2.5-7B shape; ~90 % of the decode
-steps of a layer route no token). Forward only; the op exists so that torch.compile keeps it in graph.
+`_routed_linear_kernel`: y = x @ W^T + b where a row is routed, 0 elsewhere (plus a residual, when one is
+given: the decoder layer's residual add in the same pass), optionally rotated by RoPE (the queries). Program
+p computes BLOCK_N output columns for all M rows (few: `l2a.ops.linear.ROUTED_LINEAR_MAX_ROWS`). It reads
+the routing flags first; when no row is routed it writes its zeros and exits without reading the weight, so
+a step in which no token of the batch is routed costs one small launch instead of a weight read (the global
+branch's q and o projections are ~50 MB per layer at the Qwen2.5-7B shape; ~90 % of the decode steps of a
+layer route no token).
+
+`_linear_kv_cache_kernel`: the new tokens' keys and values projected by one weight ([W_k; W_v]), the keys
+rotated, both written into their cache slots: the decode step's k/v GEMM, RoPE and cache write in one launch.
+
+RoPE epilogues: a program's BLOCK_N columns are BLOCK_N / 2 columns of one head's first half interleaved
+with their partners of the second half (`_rotary_columns`), so that each program rotates its own pairs.
+Forward only; the ops exist so that torch.compile keeps them in graph.
 """
 
 from __future__ import annotations
@@ -15,30 +23,16 @@ import triton
 import triton.language as tl
 
 from l2a.ops.triton._flash import _dot_precision, _mma, interpreting
+from l2a.ops.triton.rotary import _tables
 
 
 @triton.jit
-def _routed_linear_kernel(
-    X, W, BIAS, ACT, RES, Y, m, n_out, k_in, stride_xm, stride_wn, stride_rm, stride_ym,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _rows_times_weight(
+    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < m
-    live = (tl.load(ACT + rows, mask=row_ok, other=0) != 0) & row_ok
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_out
-    y_ptrs = Y + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
-    y_mask = row_ok[:, None] & col_ok[None, :]
+    """(BLOCK_M, BLOCK_N) float32: X[rows] @ W[cols]^T; rows that are not `live` read as 0."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if HAS_RESIDUAL:
-        r_ptrs = RES + rows[:, None].to(tl.int64) * stride_rm + cols[None, :]
-        residual = tl.load(r_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    else:
-        residual = acc
-    if tl.max(live.to(tl.int32), 0) == 0:
-        tl.store(y_ptrs, residual.to(Y.dtype.element_ty), mask=y_mask)
-        return  # no routed row: the weight is not read
     w_rows = W + cols[:, None].to(tl.int64) * stride_wn
     for start in range(0, k_in, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
@@ -48,10 +42,109 @@ def _routed_linear_kernel(
         )
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(x, tl.trans(w), acc, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _rotary_columns(pid, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program pid's columns (BLOCK_N,) in a RoPE epilogue, and its head: column 2j is head * D + j0 + j,
+    column 2j + 1 its partner D / 2 further (BLOCK_N divides D); also j0, the first of its half-columns."""
+    per_head = HEAD_DIM // BLOCK_N
+    head = pid // per_head
+    j0 = (pid % per_head) * (BLOCK_N // 2)
+    i = tl.arange(0, BLOCK_N)
+    return head * HEAD_DIM + j0 + i // 2 + (i % 2) * (HEAD_DIM // 2), head, j0
+
+
+@triton.jit
+def _rotate_pairs(
+    acc, COS, SIN, cs_off, row_ok, j0,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """RoPE of acc (BLOCK_M, BLOCK_N) in `_rotary_columns` order, float32: y1 = x1 c1 - x2 s1,
+    y2 = x2 c2 + x1 s2 (x1 first half, x2 second); cs_off (BLOCK_M,) each row's cos/sin offset."""
+    x1, x2 = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
+    lo = cs_off[:, None] + (j0 + tl.arange(0, BLOCK_N // 2))[None, :]
+    hi = lo + HEAD_DIM // 2
+    mask = row_ok[:, None]
+    c1 = tl.load(COS + lo, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + hi, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + lo, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + hi, mask=mask, other=0.0).to(tl.float32)
+    return tl.reshape(tl.join(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _routed_linear_kernel(
+    X, W, BIAS, ACT, RES, COS, SIN, Y, m, n_out, k_in, n_tokens,
+    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    live = (tl.load(ACT + rows, mask=row_ok, other=0) != 0) & row_ok
+    if ROTARY:
+        cols, _, j0 = _rotary_columns(tl.program_id(0), HEAD_DIM, BLOCK_N)
+    else:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    y_ptrs = Y + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+    y_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = RES + rows[:, None].to(tl.int64) * stride_rm + cols[None, :]
+        residual = tl.load(r_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    else:
+        residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if tl.max(live.to(tl.int32), 0) == 0:
+        tl.store(y_ptrs, residual.to(Y.dtype.element_ty), mask=y_mask)
+        return  # no routed row: the weight is not read
+    acc = _rows_times_weight(
+        X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION
+    )
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ROTARY:
+        cs_off = (rows // n_tokens).to(tl.int64) * stride_cb + (rows % n_tokens) * stride_cn
+        acc = _rotate_pairs(acc, COS, SIN, cs_off, row_ok, j0, HEAD_DIM, BLOCK_M, BLOCK_N)
     acc = tl.where(live[:, None], acc, 0.0) + residual
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _linear_kv_cache_kernel(
+    X, W, BIAS, COS, SIN, SLOTS, KC, VC, m, n_tokens, kv_heads, k_in,
+    stride_xm, stride_wn, stride_cb, stride_cn,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Rows are (batch, token) pairs, b = row // n_tokens; output heads [0, Hkv) are keys, [Hkv, 2 Hkv)
+    values. KC[b, SLOTS[t], h] = rotary(x W_k^T + b_k)[h] (not rotated without ROTATE), VC likewise."""
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    cols, head, j0 = _rotary_columns(tl.program_id(0), HEAD_DIM, BLOCK_N)
+    acc = _rows_times_weight(
+        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+        DOT_PRECISION,
+    )  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
+    b = (rows // n_tokens).to(tl.int64)
+    t = rows % n_tokens
+    slot = tl.load(SLOTS + t, mask=row_ok, other=0).to(tl.int64)
+    d = (cols % HEAD_DIM)[None, :]
+    mask = row_ok[:, None]
+    if head < kv_heads:
+        if ROTATE:
+            acc = _rotate_pairs(
+                acc, COS, SIN, b * stride_cb + t * stride_cn, row_ok, j0, HEAD_DIM, BLOCK_M, BLOCK_N
+            )
+        dst = KC + (b * stride_kcb + slot * stride_kcs + head * stride_kch)[:, None] + d
+        tl.store(dst, acc.to(KC.dtype.element_ty), mask=mask)
+    else:
+        dst = VC + (b * stride_vcb + slot * stride_vcs + (head - kv_heads) * stride_vch)[:, None] + d
+        tl.store(dst, acc.to(VC.dtype.element_ty), mask=mask)
 
 
 def _tiles() -> tuple[int, int, int, int]:
@@ -62,15 +155,23 @@ def _tiles() -> tuple[int, int, int, int]:
     return 16, 256, 4, 4
 
 
+def _rows_block(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
 def routed_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     active: torch.Tensor,
     residual: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    n_tokens: int = 1,
 ) -> torch.Tensor:
     """x (M, K), weight (N, K), bias (N,) or None, active bool (M,), residual (M, N) or None -> y (M, N) in
-    x's dtype, the residual added in float32; arguments already validated (`l2a.ops.routed_linear`)."""
+    x's dtype, the residual added in float32. cos/sin (B, n_tokens, D) (M = B * n_tokens): y's heads of D
+    columns rotated. Arguments already validated (`l2a.ops.routed_linear`)."""
     m, k_in = x.shape
     n_out = weight.shape[0]
     if x.stride(-1) != 1:
@@ -83,13 +184,19 @@ def routed_linear_fwd(
     if y.numel() == 0:
         return y
     block_n, block_k, num_warps, num_stages = _tiles()
+    rotary = cos is not None
+    head_dim = cos.shape[-1] if rotary else block_n
+    if rotary:
+        cos, sin = _tables(cos, sin, m // n_tokens, n_tokens, head_dim)
     act = active.view(torch.uint8) if active.dtype == torch.bool else active
     _routed_linear_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, act.contiguous(),
-        residual if residual is not None else y, y, m, n_out, k_in,
-        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        residual if residual is not None else y, cos if rotary else y, sin if rotary else y, y,
+        m, n_out, k_in, n_tokens, x.stride(0), weight.stride(0),
+        residual.stride(0) if residual is not None else 0, y.stride(0),
+        *(cos.stride()[:2] if rotary else (0, 0)),
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ROTARY=rotary, HEAD_DIM=head_dim,
+        BLOCK_M=_rows_block(m), BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y
@@ -102,10 +209,69 @@ def routed_linear_op(
     bias: torch.Tensor | None,
     active: torch.Tensor,
     residual: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    n_tokens: int = 1,
 ) -> torch.Tensor:
-    return routed_linear_fwd(x, weight, bias, active, residual)
+    return routed_linear_fwd(x, weight, bias, active, residual, cos, sin, n_tokens)
 
 
 @routed_linear_op.register_fake
-def _(x, weight, bias, active, residual=None):
+def _(x, weight, bias, active, residual=None, cos=None, sin=None, n_tokens=1):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear_kv_cache_fwd(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> None:
+    """x (B, N, K), weight (2 Hkv D, K), bias (2 Hkv D,) or None -> keys (rotated when cos/sin (B or 1, N,
+    D) are given) and values written into k_cache, v_cache (B, S, Hkv, D) at slots int64 (N,); arguments
+    already validated (`l2a.ops.kvcache.project_kv_cache`)."""
+    b, n, k_in = x.shape
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    m = b * n
+    if m == 0:
+        return
+    x = x.reshape(m, k_in)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    rotate = cos is not None
+    if rotate:
+        cos, sin = _tables(cos, sin, b, n, head_dim)
+    block_n, block_k, num_warps, num_stages = _tiles()
+    _linear_kv_cache_kernel[(2 * kv_heads * head_dim // block_n,)](
+        x, weight, bias if bias is not None else weight, cos if rotate else x, sin if rotate else x, slots,
+        k_cache, v_cache, m, n, kv_heads, k_in, x.stride(0), weight.stride(0),
+        *(cos.stride()[:2] if rotate else (0, 0)), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        HAS_BIAS=bias is not None, ROTATE=rotate, HEAD_DIM=head_dim,
+        BLOCK_M=_rows_block(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("l2a::linear_kv_cache", mutates_args=("k_cache", "v_cache"))
+def linear_kv_cache_op(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> None:
+    linear_kv_cache_fwd(k_cache, v_cache, slots, x, weight, bias, cos, sin)
+
+
+@linear_kv_cache_op.register_fake
+def _(k_cache, v_cache, slots, x, weight, bias, cos, sin):
+    return None
