@@ -61,7 +61,9 @@ def test_fused_decode_steps_equal_the_unfused_modules(tiny_l2a, monkeypatch, arc
     max_length = PROMPT + STEPS if static else None
     calls = []
     real = L2ADecoderLayer.decode_weights
-    monkeypatch.setattr(L2ADecoderLayer, "decode_weights", lambda self: calls.append(1) or real(self))
+    monkeypatch.setattr(
+        L2ADecoderLayer, "decode_weights", lambda self, branch="global": calls.append(1) or real(self, branch)
+    )
     fused, fused_hard = _decode(model, ids, mask, max_length, tokens=tokens)
     assert calls, "the fused decode path must have run"
     monkeypatch.setattr(L2ADecoderLayer, "FUSE_DECODE", False)
@@ -106,7 +108,9 @@ def test_fused_weights_follow_parameter_changes_and_training(tiny_l2a, monkeypat
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     model.train()
     model(ids, attention_mask=mask, use_cache=False)
-    assert all(layer._decode_weights is None for layer in model.model.layers)
+    assert all(
+        layer._decode_weights is None and layer._local_decode_weights is None for layer in model.model.layers
+    )
 
 
 def test_no_fused_weights_without_a_cache_or_with_gradients(tiny_l2a):
@@ -197,8 +201,9 @@ def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a
     for backend in ("triton", "torch"):
         model.config.attention_backend = backend
         results[backend] = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
-    # qwen2: every static step of both layers; q also at the prompt (<= 16 tokens take the decode path)
-    fused = dict(kv=STEPS * 2, rotary_q=(STEPS + 1) * 2) if arch == "qwen2" else dict(kv=0, rotary_q=0)
+    # qwen2: every static step of both layers and branches; the routed q also at the prompt (<= 16 tokens
+    # take the decode path)
+    fused = dict(kv=STEPS * 2 * 2, rotary_q=(STEPS + 1) * 2) if arch == "qwen2" else dict(kv=0, rotary_q=0)
     assert launches == fused
     (got, got_hard), (want, want_hard) = results["triton"], results["torch"]
     assert want_hard.any() and not want_hard.all()

@@ -101,20 +101,30 @@ class LocalAttention(AttentionProjections):
         cu_seqlens: torch.Tensor | None = None,
         key_start: torch.Tensor | None = None,
         layer_cache: Any | None = None,
+        kv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """h (B, N, hidden) -> (B, N, hidden).
 
         key_start: int (B,) absolute position of each row's first valid token (left padding).
+        kv_weights: the static decode steps' k/v weight (2 Hkv D, hidden) and bias (or None)
+            (`L2ADecoderLayer.decode_weights("local")`): k/v projected, rotated and written into the ring in
+            one kernel (`l2a.ops.kvcache.project_kv_cache`); no k_norm.
         """
         cos, sin = position_embeddings
         backend = self.config.attention_backend
         if layer_cache is not None and layer_cache.static_step(h.shape[1]):
-            q, k, v = self.project(h, with_q=True)
-            # the keys are rotated inside the cache write (one kernel for rotation and both writes)
-            k_ring, v_ring, filled = layer_cache.step_local(
-                *self.kv_heads(k, v), rotary=(cos, sin), backend=backend
-            )
-            q = self.rotate_q(q, cos, sin)
+            if kv_weights is not None:
+                k_ring, v_ring, filled = layer_cache.step_local_projected(
+                    h, *kv_weights, rotary=(cos, sin), backend=backend
+                )
+                q = self.project_q(h, cos, sin)
+            else:
+                q, k, v = self.project(h, with_q=True)
+                # the keys are rotated inside the cache write (one kernel for rotation and both writes)
+                k_ring, v_ring, filled = layer_cache.step_local(
+                    *self.kv_heads(k, v), rotary=(cos, sin), backend=backend
+                )
+                q = self.rotate_q(q, cos, sin)
             out = attention_with_kvcache(
                 q,
                 k_ring,
@@ -365,31 +375,36 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             self._decode_weights = None
 
     _decode_weights: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+    _local_decode_weights: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
-    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Weight (R, hidden) and bias (R,) (or None) of the decode steps' one GEMM: the global k and v
-        projections concatenated, then zero rows up to R, the next multiple of `DECODE_ROWS_MULTIPLE` (an
-        H200 profile of 4609 rows, then q/k/v and the router's row at the 7B shape: cuBLAS fell back to a
-        GEMV kernel at 1.9 TB/s, twice the time of the separate projections' GEMMs). q is projected on the
-        routed rows only (`l2a.ops.routed_linear`), so it is not part of this GEMM.
+    def decode_weights(self, branch: str = "global") -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Weight (R, hidden) and bias (R,) (or None) of a branch's decode-step k/v projection: its k and v
+        projections concatenated. "global": then zero rows up to R, the next multiple of
+        `DECODE_ROWS_MULTIPLE` (an H200 profile of 4609 rows, then q/k/v and the router's row at the 7B
+        shape: cuBLAS fell back to a GEMV kernel at 1.9 TB/s, twice the time of the separate projections'
+        GEMMs); q is projected on the routed rows only (`l2a.ops.routed_linear`). "local": R = 2 Hkv D,
+        for static steps (one kernel projects, rotates and writes k/v, `l2a.ops.kvcache.project_kv_cache`).
 
         Inference-only copies, made on first use and remade when a source parameter changed (in place: its
         version counter; or replaced, moved, cast: its storage); dropped by a forward in training mode.
-        Memory: those weights once more (Qwen2.5-7B shape: 3.7 M parameters per layer, 0.21 GB in bf16).
-        Under torch.compile no copy is made or checked (the compiled step uses the one the eager prompt
-        forward made; None if there is none).
+        Memory: those weights once more (Qwen2.5-7B shape: 3.7 M parameters per layer and branch, 0.21 GB
+        in bf16). Under torch.compile no copy is made or checked (the compiled step uses the one the eager
+        prompt forward made; None if there is none).
         """
-        attn = self.global_attn
-        projections = (attn.k_proj, attn.v_proj)
+        slot = "_decode_weights" if branch == "global" else "_local_decode_weights"
+        attn = self.global_attn if branch == "global" else self.local_attn
+        multiple = self.DECODE_ROWS_MULTIPLE if branch == "global" else 1
+        cached = getattr(self, slot)
         if torch.compiler.is_compiling():
-            return None if self._decode_weights is None else self._decode_weights[1:]
+            return None if cached is None else cached[1:]
+        projections = (attn.k_proj, attn.v_proj)
         sources = [p for m in projections for p in (m.weight, m.bias) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in sources)
-        if self._decode_weights is None or self._decode_weights[0] != key:
-            self._decode_weights = None  # free the old copy first
+        if cached is None or cached[0] != key:
+            setattr(self, slot, None)  # free the old copy first
             with torch.no_grad():
                 rows = [m.weight for m in projections]
-                pad = -sum(w.shape[0] for w in rows) % self.DECODE_ROWS_MULTIPLE
+                pad = -sum(w.shape[0] for w in rows) % multiple
                 weight = torch.cat(rows + [rows[0].new_zeros(pad, rows[0].shape[1])])
                 bias = None
                 if attn.k_proj.bias is not None:
@@ -397,18 +412,22 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             torch._dynamo.mark_static_address(weight)  # compiled steps (CUDA graphs) read it in place
             if bias is not None:
                 torch._dynamo.mark_static_address(bias)
-            self._decode_weights = (key, weight, bias)
-        return self._decode_weights[1:]
+            cached = (key, weight, bias)
+            setattr(self, slot, cached)
+        return cached[1:]
 
     def _decode_kv_weights(
-        self, g: torch.Tensor, layer_cache: Any | None
+        self, branch: str, h: torch.Tensor, layer_cache: Any | None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The decode steps' k/v weights (`decode_weights`) for g (B, N, hidden); None where they do not
-        apply (training, gradients, many tokens, no cache)."""
+        """A branch's decode-step k/v weights (`decode_weights`) for h (B, N, hidden); None where they do
+        not apply (training, gradients, many tokens, no cache; for "local" also a dynamic cache or k_norm,
+        where the separate projections run)."""
         if self.training or not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
             return None
-        fused = self.decode_weights()  # made at the prompt too, so that compiled steps find it
-        if fused is None or g.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
+        if branch == "local" and (self.local_attn.k_norm is not None or layer_cache.get_max_length() < 0):
+            return None
+        fused = self.decode_weights(branch)  # made at the prompt too, so that compiled steps find it
+        if fused is None or h.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
             return None
         return fused
 
@@ -429,18 +448,20 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         global_leakage: compute global attention for every query (still multiplied by the gate), so the
             router also gets a gradient for tokens it switched off.
         """
+        if self.training and (self._decode_weights is not None or self._local_decode_weights is not None):
+            self._decode_weights = self._local_decode_weights = None  # inference-only (`decode_weights`)
         residual = hidden_states
+        h = self.input_layernorm(hidden_states)
         hidden_states = residual + self.local_attn(
-            self.input_layernorm(hidden_states),
+            h,
             position_embeddings,
             cu_seqlens=cu_seqlens,
             key_start=key_start,
             layer_cache=layer_cache,
+            kv_weights=self._decode_kv_weights("local", h, layer_cache),
         )
         soft = hard = None
         if self.has_global:
-            if self.training and self._decode_weights is not None:
-                self._decode_weights = None  # inference-only copies (see decode_weights)
             g = self.global_layernorm(hidden_states)
             random_fraction = getattr(self.config, "random_route_fraction", None)
             decision = self.router(g, self.config.force_route, random_fraction)
@@ -465,7 +486,7 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
                     cu_seqlens=cu_seqlens,
                     key_start=key_start,
                     layer_cache=layer_cache,
-                    kv_weights=self._decode_kv_weights(g, layer_cache),
+                    kv_weights=self._decode_kv_weights("global", g, layer_cache),
                     residual=hidden_states,
                 )
             soft, hard = decision.soft, decision.hard
