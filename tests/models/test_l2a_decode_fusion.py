@@ -178,14 +178,19 @@ def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a
     attention) against the PyTorch path (RoPE formula, index_copy_, masked float attention, plain
     modules), from the same prompt cache contents."""
     pytest.importorskip("triton")
-    from l2a.ops.triton import routed_linear
+    from l2a.ops.triton import rmsnorm, routed_linear
 
     device = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     model = tiny_l2a(arch, window=4, base=dict(hidden_size=64, head_dim=32, num_hidden_layers=2)).to(device)
     ids, mask = (t.to(device) for t in _batch())
     tokens = torch.randint(1, 300, (2, STEPS), device=device)
-    launches = {"kv": 0, "rotary_q": 0}
+    launches = {"kv": 0, "rotary_q": 0, "norm_logits": 0}
     real_kv, real_rows = routed_linear.linear_kv_cache_fwd, routed_linear.routed_linear_fwd
+    real_norm = rmsnorm.rms_norm_logits_fwd
+
+    def count_norm(*args):
+        launches["norm_logits"] += 1
+        return real_norm(*args)
 
     def count_kv(*args):
         launches["kv"] += 1
@@ -197,14 +202,15 @@ def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a
 
     monkeypatch.setattr(routed_linear, "linear_kv_cache_fwd", count_kv)
     monkeypatch.setattr(routed_linear, "routed_linear_fwd", count_rows)
+    monkeypatch.setattr(rmsnorm, "rms_norm_logits_fwd", count_norm)
     results = {}
     for backend in ("triton", "torch"):
         model.config.attention_backend = backend
         results[backend] = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
     # qwen2: every static step of both layers and branches; the routed q also at the prompt (<= 16 tokens
-    # take the decode path)
-    fused = dict(kv=STEPS * 2 * 2, rotary_q=(STEPS + 1) * 2) if arch == "qwen2" else dict(kv=0, rotary_q=0)
-    assert launches == fused
+    # take the decode path), as the global norm with the router's logits (both architectures)
+    kv, rotary_q = (STEPS * 2 * 2, (STEPS + 1) * 2) if arch == "qwen2" else (0, 0)
+    assert launches == dict(kv=kv, rotary_q=rotary_q, norm_logits=(STEPS + 1) * 2)
     (got, got_hard), (want, want_hard) = results["triton"], results["torch"]
     assert want_hard.any() and not want_hard.all()
     assert torch.equal(got_hard, want_hard)

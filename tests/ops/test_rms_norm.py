@@ -85,3 +85,39 @@ def test_out_dtype_is_written_directly():
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,n_proj,tol",
+    [
+        (torch.float32, 1, 1e-5),
+        (torch.float32, 7, 1e-5),
+        (torch.bfloat16, 1, 2e-2),
+        (torch.bfloat16, 4, 2e-2),
+    ],
+    ids=["fp32-R1", "fp32-R7", "bf16-R1", "bf16-R4"],
+)
+def test_norm_and_logits_kernel_matches_float64(dtype, n_proj, tol):
+    """The norm and a router's logits on the normalised rows from one kernel, against float64."""
+    from l2a.ops.norm import rms_norm_and_logits
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 3, 80, generator=g) * 3).to(DEVICE, dtype)
+    weight = (1 + 0.3 * torch.randn(80, generator=g)).to(DEVICE, dtype)
+    proj = (torch.randn(n_proj, 80, generator=g) / 9).to(DEVICE, dtype)
+    with torch.no_grad():
+        y, logits = rms_norm_and_logits(x, weight, 1e-6, proj, backend="triton")
+    want = _float64_norm(x, weight, 1e-6)
+    torch.testing.assert_close(y.double(), want, atol=tol, rtol=tol)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, n_proj)
+    torch.testing.assert_close(logits.double(), want @ proj.double().T, atol=tol * 2, rtol=tol * 2)
+
+
+def test_norm_and_logits_bad_inputs_name_the_problem():
+    from l2a.ops.norm import rms_norm_and_logits
+
+    x, w = torch.zeros(2, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="proj"):
+        rms_norm_and_logits(x, w, 1e-6, torch.zeros(1, 7))
+    with pytest.raises(TypeError, match="proj must be"):
+        rms_norm_and_logits(x, w, 1e-6, torch.zeros(1, 8, dtype=torch.float64))

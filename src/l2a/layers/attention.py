@@ -20,6 +20,7 @@ from l2a.layers.attention_ops import conditional_attention, sliding_window_atten
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary, fused_linear, fuses_projections
 from l2a.layers.router import Router
 from l2a.ops import attention_with_kvcache, routed_linear
+from l2a.ops.norm import rms_norm_and_logits
 
 
 class AttentionProjections(nn.Module):
@@ -431,6 +432,25 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             return None
         return fused
 
+    def _global_norm(
+        self, x: torch.Tensor, layer_cache: Any | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """global_layernorm(x) (B, N, hidden), and in decode steps the router's logits from the same kernel
+        (`l2a.ops.norm.rms_norm_and_logits`), else None (the router projects)."""
+        norm, router = self.global_layernorm, self.router
+        if (
+            self.training
+            or not self.FUSE_DECODE
+            or layer_cache is None
+            or torch.is_grad_enabled()
+            or x.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS
+            or torch.is_autocast_enabled(x.device.type)
+            or router.weight.dtype != torch.promote_types(x.dtype, norm.weight.dtype)
+        ):
+            return norm(x), None
+        backend = self.config.attention_backend
+        return rms_norm_and_logits(x, norm.weight, norm.variance_epsilon, router.weight, backend=backend)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -462,9 +482,9 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         )
         soft = hard = None
         if self.has_global:
-            g = self.global_layernorm(hidden_states)
+            g, logits = self._global_norm(hidden_states, layer_cache)
             random_fraction = getattr(self.config, "random_route_fraction", None)
-            decision = self.router(g, self.config.force_route, random_fraction)
+            decision = self.router(g, self.config.force_route, random_fraction, logits=logits)
             active = torch.ones_like(decision.hard) if global_leakage else decision.hard
             # force_route="none" multiplies the branch by a constant 0: skip it. A cache made under
             # force_route="none" keeps no global K/V (L2ACache), so the layer can never route with it.

@@ -63,8 +63,12 @@ class Router(nn.Module):
         hidden_states: torch.Tensor,
         force: Literal["all", "none", "random"] | None = None,
         random_fraction: float | None = None,
+        logits: torch.Tensor | None = None,
     ) -> RoutingDecision:
         """hidden_states (B, N, hidden) -> RoutingDecision of shape (B, N) or (B, N, out_features).
+
+        logits: float32 (B, N, out_features) `linear(hidden_states, weight)` when already computed (decode
+        steps: by the norm's kernel, `l2a.ops.norm.rms_norm_and_logits`), else None.
 
         `force` ("all" / "none" / "random") overrides the hard decision; the gate is then the constant
         decision (no straight-through gradient), while `soft` still comes from the router. "random" routes
@@ -77,7 +81,13 @@ class Router(nn.Module):
                 f"random_fraction is required with force='random' and only with it, got force={force!r}, "
                 f"random_fraction={random_fraction!r}"
             )
-        logits = nn.functional.linear(hidden_states, self.weight).float()
+        if logits is None:
+            logits = nn.functional.linear(hidden_states, self.weight).float()
+        elif logits.shape != (*hidden_states.shape[:-1], self.out_features) or logits.dtype != torch.float32:
+            raise ValueError(
+                f"router logits must be float32 {(*hidden_states.shape[:-1], self.out_features)}, got "
+                f"{logits.dtype} {tuple(logits.shape)}"
+            )
         if self.offset:
             logits = logits + self.offset
         if self.out_features == 1:

@@ -20,7 +20,12 @@ _BWD_ROWS = 64
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(
+    X, W, Y, RSTD, P, LOGITS, stride_x, stride_y, n_cols, n_proj, eps,
+    BLOCK: tl.constexpr, PROJECT: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Y = RMSNorm(X) W; PROJECT: also LOGITS[row] = Y[row] @ P^T (P (n_proj, H)), float32 values rounded
+    to Y's dtype (what a linear layer on Y returns)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -28,8 +33,15 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: 
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
     xn = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * xn).to(Y.dtype.element_ty), mask=mask)
+    y = (w * xn).to(Y.dtype.element_ty)
+    tl.store(Y + row * stride_y + cols, y, mask=mask)
     tl.store(RSTD + row, rstd)
+    if PROJECT:
+        p_rows = tl.arange(0, BLOCK_P)
+        p_mask = (p_rows < n_proj)[:, None] & mask[None, :]
+        proj = tl.load(P + p_rows[:, None] * n_cols + cols[None, :], mask=p_mask, other=0.0).to(tl.float32)
+        logits = tl.sum(proj * y.to(tl.float32)[None, :], 1).to(Y.dtype.element_ty).to(tl.float32)
+        tl.store(LOGITS + row * n_proj + p_rows, logits, mask=p_rows < n_proj)
 
 
 @triton.jit
@@ -82,9 +94,43 @@ def rms_norm_fwd(
     block, warps = _block(h)
     if m:
         _rms_norm_fwd_kernel[(m,)](
-            x2, weight, y, rstd, x2.stride(0), y.stride(0), h, eps, BLOCK=block, num_warps=warps
-        )
+            x2, weight, y, rstd, y, rstd, x2.stride(0), y.stride(0), h, 0, eps,
+            BLOCK=block, PROJECT=False, BLOCK_P=1, num_warps=warps,
+        )  # fmt: skip
     return y.view(x.shape), rstd
+
+
+def rms_norm_logits_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, proj: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (..., H) in the promoted dtype of x and weight (proj's dtype); logits float32 (..., R) = y @ proj.T
+    rounded to y's dtype, proj (R, H) (`l2a.ops.norm.rms_norm_and_logits`, validated there)."""
+    x2 = _rows2d(x)
+    m, h = x2.shape
+    y = torch.empty(m, h, dtype=_out_dtype(x, weight, None), device=x.device)
+    n_proj = proj.shape[0]
+    logits = torch.empty(m, n_proj, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block, warps = _block(h)
+    if m:
+        _rms_norm_fwd_kernel[(m,)](
+            x2, weight, y, rstd, proj.contiguous(), logits, x2.stride(0), y.stride(0), h, n_proj, eps,
+            BLOCK=block, PROJECT=True, BLOCK_P=triton.next_power_of_2(n_proj), num_warps=warps,
+        )  # fmt: skip
+    return y.view(x.shape), logits.view(*x.shape[:-1], n_proj)
+
+
+@torch.library.custom_op("l2a::rms_norm_logits", mutates_args=())
+def rms_norm_logits_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, proj: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_logits_fwd(x, weight, eps, proj)
+
+
+@rms_norm_logits_op.register_fake
+def _(x, weight, eps, proj):
+    y = x.new_empty(x.shape, dtype=_out_dtype(x, weight, None))
+    return y, x.new_empty(*x.shape[:-1], proj.shape[0], dtype=torch.float32)
 
 
 def rms_norm_bwd(
