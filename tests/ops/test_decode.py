@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from l2a.ops import conditional_attention, sliding_window_attention
-from l2a.ops.reference import conditional_attention_reference, sliding_window_attention_reference
+from l2a.ops.reference import (
+    attention_mask,
+    conditional_attention_reference,
+    masked_attention,
+    sliding_window_attention_reference,
+)
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
@@ -116,3 +121,61 @@ def test_decode_kernel_with_key_offset_equals_reference():
     )
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+
+
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """The launcher's `new_empty` buffers (partials, lse) start as NaN: reading an unwritten partial shows."""
+    real = torch.Tensor.new_empty
+
+    def poisoned(self, *args, **kwargs):
+        t = real(self, *args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+
+
+# (B, N, Nk, Hq, Hkv, window, key_start, key_offset): the routed rows meet many more splits than one merge
+# block holds (interpreter: 32 keys a split, 2 splits a block); the other rows are unrouted, read no partial
+LONG_MERGES = [
+    # splits 1..9: blocks from an odd split; the last block's second split (10) is written by no program
+    (1, 1, 330, 4, 1, None, (45,), 40),
+    (2, 3, 300, 8, 2, 150, (0, 20), 0),  # window starts mid split: splits 4..9 of 10
+    (2, 2, 260, 4, 2, 200, (70, 0), 0),  # key_start or the window cuts the range, by batch row
+]
+
+
+def _long_id(case) -> str:
+    b, n, nk, hq, hkv, window, key_start, key_offset = case
+    parts = [f"B{b}", f"N{n}", f"Nk{nk}", f"Hq{hq}", f"Hkv{hkv}"] + ([f"W{window}"] if window else [])
+    parts += [f"off{key_offset}"] if key_offset else []
+    return "-".join(parts + ["ks" + "_".join(map(str, key_start))])
+
+
+@pytest.mark.parametrize("case", LONG_MERGES, ids=[_long_id(c) for c in LONG_MERGES])
+def test_merge_over_many_split_blocks_equals_float64_reference(case, nan_buffers):
+    b, n, nk, hq, hkv, window, key_start, key_offset = case
+    d = 64
+    gen = torch.Generator().manual_seed(nk + n)
+    q = torch.randn(b, n, hq, d, generator=gen).to(DEVICE)
+    k = torch.randn(b, nk, hkv, d, generator=gen).to(DEVICE)
+    v = torch.randn(b, nk, hkv, d, generator=gen).to(DEVICE)
+    active = torch.rand(b, n, hq, generator=gen) < 0.4
+    active[..., 0], active[..., -1] = True, False
+    ks = torch.tensor(key_start)
+    cpu = torch.device("cpu")
+    allowed = attention_mask(b, n, nk, cpu, key_offset=key_offset, window=window, key_start=ks)
+    allowed = allowed.unsqueeze(1) & active.permute(0, 2, 1)[..., None]  # (B, Hq, N, Nk)
+    # the case is what it claims: some row's keys span more than two merge blocks of splits
+    chunk = decode.split_size(nk, hkv, q.device, decode._tiles(d)[0])
+    splits_met = [len(set((row.nonzero().flatten() // chunk).tolist())) for row in allowed.reshape(-1, nk)]
+    assert max(splits_met) > 2 * decode.merge_block(triton.cdiv(nk, chunk), chunk, window or 0)
+    out, lse = decode.decode_attention_fwd(
+        q, k, v, active.to(DEVICE), d**-0.5, key_offset, window or 0, ks.to(DEVICE)
+    )
+    ref, ref_lse = masked_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), allowed, d**-0.5)
+    torch.testing.assert_close(out.double().cpu(), ref, **TOL[torch.float32])
+    unrouted = ~active.permute(0, 2, 1)  # (B, Hq, N)
+    assert torch.equal(lse.cpu().isneginf(), unrouted)
+    assert not out.cpu().permute(0, 2, 1, 3)[unrouted].any()
+    torch.testing.assert_close(lse.cpu()[~unrouted].double(), ref_lse[~unrouted], **TOL[torch.float32])

@@ -7,8 +7,10 @@ is read once for the whole group (GQA-native). Row r of a program: token r // G,
 
 Key range of a row at absolute position t: [max(key_start, t - window + 1), t - key_offset], empty for rows
 that are not routed (`active`); a program whose split meets no row's range (every row unrouted, or keys
-outside every window) exits before loading anything. The merge reads, for each row, only the splits that
-meet its range, so partial buffers need no initialisation.
+outside every window) exits before loading anything. The merge has one program per row (grid B * Hkv x N * G)
+that reads only the splits meeting its range, BLOCK_S at once (a [BLOCK_S] lse vector and a [BLOCK_S, D]
+partial tile, rescaled online across blocks): partial buffers need no initialisation, and a merge over ~130
+splits takes a few dependent loads rather than one per split.
 
 Used by `l2a.ops.conditional_attention` / `sliding_window_attention` when few query tokens meet many keys
 (`use_decode`), forward only (no autograd).
@@ -55,6 +57,16 @@ def split_size(nk: int, programs_per_split: int, device: torch.device, block_n: 
     target = max(1, 4 * _sm_count(device.index or 0) // max(programs_per_split, 1))
     chunk = triton.cdiv(triton.cdiv(nk, target), block_n) * block_n
     return max(chunk, 4 * block_n)
+
+
+def merge_block(n_splits: int, chunk: int, window: int) -> int:
+    """Splits the merge reads at once: all that a row can meet, in one block, up to 64 (a [64, D] fp32 tile
+    fits the registers of 4 warps at D = 128); 2 in the interpreter, so that tests run several blocks."""
+    if interpreting():
+        return 2
+    if window > 0:
+        n_splits = min(n_splits, triton.cdiv(window, chunk) + 1)
+    return min(64, triton.next_power_of_2(n_splits))
 
 
 @triton.jit
@@ -167,44 +179,57 @@ def _decode_merge_kernel(
     stride_lb, stride_lh,
     hkv_heads, n, nk, ring, group, key_offset, window, chunk,
     HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_NK_PTR: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    row = tl.program_id(1)
     b = pid // hkv_heads
     hkv = pid % hkv_heads
     nk, base = _key_space(NKP, nk, ring, HAS_NK_PTR)
-    row_valid, tok, head, lo, hi = _row_bounds(
+    _, toks, heads, los, his = _row_bounds(
         b, hkv, ACT, KS, stride_ab, stride_an, stride_ah, n, nk, group, key_offset, window,
         HAS_ACTIVE, HEAD_WISE, HAS_KEY_START, BLOCK_M,
     )  # fmt: skip
+    # this program's row out of the program-wide vectors
+    this = tl.arange(0, BLOCK_M) == row
+    tok = tl.sum(tl.where(this, toks, 0))
+    head = tl.sum(tl.where(this, heads, 0))
+    lo = tl.sum(tl.where(this, los, 0))
+    hi = tl.sum(tl.where(this, his, 0))
+    # splits that meet [lo, hi]; none (empty loop) for a row without keys
     has_keys = hi >= lo
     s_first = tl.where(has_keys, lo - base, 0) // chunk
     s_last = tl.where(has_keys, (hi - base) // chunk, -1)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = tl.arange(0, BLOCK_M)
-    base = pid.to(tl.int64) * stride_pb + rows * stride_pm
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for split in range(tl.min(tl.where(has_keys, s_first, 1 << 30), 0), tl.max(s_last, 0) + 1):
-        take = (split >= s_first) & (split <= s_last)
-        p_off = base + split * stride_ps
+    offs_s = tl.arange(0, BLOCK_S)
+    p_row = pid.to(tl.int64) * stride_pb + row * stride_pm
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    # a counter from 0 keeps the partial rows provably 16-byte aligned: counting from s_first compiled to
+    # one-float loads (Triton 3.9, sm_90). Every block holds a split with a key of this row (finite lse), so
+    # m_new is finite.
+    for s0 in range(0, s_last + 1 - s_first, BLOCK_S):
+        split = s_first + s0 + offs_s
+        take = split <= s_last
+        p_off = p_row + split * stride_ps
         lse2 = tl.load(PL + p_off // HEAD_DIM, mask=take, other=float("-inf"))
         part = tl.load(PO + p_off[:, None] + offs_d[None, :], mask=take[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lse2)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        w = tl.exp2(lse2 - m_shift)
-        acc = acc * alpha[:, None] + part * w[:, None]
-        l_i = l_i * alpha + w
+        m_new = tl.maximum(m_i, tl.max(lse2, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse2 - m_new)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
     b64 = b.to(tl.int64)
-    o_ptrs = Out + b64 * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_valid[:, None])
-    tl.store(LSE + b64 * stride_lb + head * stride_lh + tok, lse, mask=row_valid)
+    tl.store(
+        Out + b64 * stride_ob + tok * stride_on + head * stride_oh + offs_d,
+        (acc / l_safe).to(Out.dtype.element_ty),
+    )
+    tl.store(LSE + b64 * stride_lb + head * stride_lh + tok, lse)
 
 
 def decode_attention_fwd(
@@ -265,10 +290,10 @@ def decode_attention_fwd(
         BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         **flags,
     )  # fmt: skip
-    _decode_merge_kernel[(b * hkv,)](
+    _decode_merge_kernel[(b * hkv, n * group)](
         partial_out, partial_lse, act, ks, nkp, out, lse, *p_strides, *act_strides,
         *out.stride()[:3], *lse.stride()[:2], hkv, n, nk, nk if ring else 0, group, key_offset, window, chunk,
-        num_warps=num_warps, **flags,
+        BLOCK_S=merge_block(n_splits, chunk, window), num_warps=num_warps, **flags,
     )  # fmt: skip
     return out, lse
 
