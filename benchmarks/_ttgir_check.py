@@ -9,7 +9,7 @@ nothing about the GPU's kernels. Needs only the `triton` package (its bundled pt
 local Triton: install the GPU machine's version (`pip install --target DIR triton==3.6.0`, DIR first on
 PYTHONPATH) to see what it compiles.
 
-    python benchmarks/_ttgir_check.py
+    python benchmarks/_ttgir_check.py [--decode]   (--decode: the decode step's kernels instead)
 """
 
 from __future__ import annotations
@@ -65,7 +65,64 @@ def _resources(cubin: bytes) -> str:
     return " ".join(re.findall(r"(?:REG|STACK):\d+", out))
 
 
+# the decode-step kernels' pointer arguments: bf16 data, uint8 flags, int64 slots, float32 tables
+DECODE_POINTERS = {
+    **dict.fromkeys(("X", "W", "BIAS", "RES", "COS", "SIN", "Y", "P", "KC", "VC"), "*bf16"),
+    **dict.fromkeys(("Q", "K", "V", "Out"), "*bf16"),
+    **dict.fromkeys(("PO", "PL", "LSE", "LOGITS", "RSTD"), "*fp32"),
+    "ACT": "*u8", "SLOTS": "*i64", "KS": "*i64", "NKP": "*i32",
+}  # fmt: skip
+
+
+def _decode_source(kernel: triton.JITFunction, constexprs: dict) -> ASTSource:
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        sig[name] = "constexpr" if name in constexprs else DECODE_POINTERS.get(name, "i32")
+        if name in ("eps", "qk_scale"):
+            sig[name] = "fp32"
+        if sig[name].startswith("*") or name.startswith("stride_") and not name.endswith("cs"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
+
+
+def decode_kernels() -> None:
+    """Compile the decode step's kernels (projections with RoPE / cache-write epilogues, norm + logits,
+    split and merge) for sm_90 at the Qwen2.5-7B shape's constexprs: a compile error here is one the GPU
+    would raise at the first decode step."""
+    from l2a.ops.triton import decode, rmsnorm, routed_linear
+
+    target = GPUTarget("cuda", 90, 32)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, DOT_PRECISION="ieee")
+    four = dict(num_warps=4, num_stages=4)
+    flags = dict(HAS_ACTIVE=True, HEAD_WISE=False, HAS_KEY_START=True, HAS_NK_PTR=True, HEAD_DIM=128)
+    jobs = [
+        (f"routed_linear rotary={rot} residual={res}", routed_linear._routed_linear_kernel,
+         dict(tiles, HAS_BIAS=True, HAS_RESIDUAL=res, ROTARY=rot, HEAD_DIM=128), four)
+        for rot, res in ((True, False), (False, True), (False, False))
+    ]  # fmt: skip
+    jobs += [
+        (f"linear_kv_cache rotate={rot}", routed_linear._linear_kv_cache_kernel,
+         dict(tiles, HAS_BIAS=True, ROTATE=rot, HEAD_DIM=128), four)
+        for rot in (True, False)
+    ]  # fmt: skip
+    jobs += [
+        ("rms_norm + logits", rmsnorm._rms_norm_fwd_kernel,
+         dict(BLOCK=4096, PROJECT=True, BLOCK_P=1), dict(num_warps=16)),
+        ("decode split", decode._decode_split_kernel,
+         dict(flags, BLOCK_M=16, BLOCK_N=64, DOT_PRECISION="ieee"), dict(num_warps=4, num_stages=2)),
+        ("decode merge", decode._decode_merge_kernel, dict(flags, BLOCK_M=16, BLOCK_S=64), dict(num_warps=4)),
+    ]  # fmt: skip
+    print(f"triton {triton.__version__}, sm_90, decode kernels")
+    for name, kernel, constexprs, options in jobs:
+        compiled = triton.compile(_decode_source(kernel, constexprs), target=target, options=options)
+        resources = _resources(compiled.asm["cubin"])
+        print(f"{name:>40}  {options}  smem={compiled.metadata.shared:>6} B  {resources}")
+
+
 def main() -> None:
+    if "--decode" in os.sys.argv:
+        decode_kernels()
+        return
     target = GPUTarget("cuda", 90, 32)
     pairs = dict(R=1, HEAD_DIM=128, DOT_PRECISION="tf32", PAIRS=True)
     fwd = dict(pairs, POSITIVE_SCALE=True, BLOCK_M=128, BLOCK_N=64)

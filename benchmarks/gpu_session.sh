@@ -13,6 +13,10 @@
 #   recipe8b: the Qwen3-8B recipe's first two steps (the second: steady-state tokens/s; ~2.5 minutes).
 #   infer128 / infer64: issue 11's decode and TTFT table at 128K / 64K (Qwen2.5-7B shape, dense / L2A /
 #            local-only, batch 1 and 8, eager / graph / compiled, the GPU exactness check first; ~6 minutes each).
+#   decode:  the decode-step kernels first on a GPU (session 9's, untested there): their GPU tests, the
+#            projection kernels against cuBLAS per tile configuration (bench_decode_ops.py), then L2A and
+#            local-only at 128K batch 1, graph and compiled, with the exactness check and kernel profiles
+#            (~5 minutes). Run it before infer128 / infer64.
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -66,6 +70,19 @@ infer128 | infer64)
   timeout 500 python benchmarks/bench_inference.py --check --shape 7b --prompts $n --batches 1,8 \
     --modes eager,graph,compiled --steps 10 --warmup 2 --host-profile --budget-s 400 --out "$OUT/$1" > "$OUT/$1.log" 2>&1
   grep -E "^\||check:" "$OUT/$1.log" | tail -5 || tail -5 "$OUT/$1.log"
+  ;;
+decode)
+  timeout 200 python -m pytest -q -rf --tb=short -p no:cacheprovider tests/ops/test_routed_linear.py \
+    tests/ops/test_decode.py tests/ops/test_decode_kvcache.py tests/ops/test_rms_norm.py \
+    tests/models/test_l2a_decode_fusion.py tests/models/test_l2a_gpu.py > "$OUT/gputest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
+  timeout 120 python benchmarks/bench_decode_ops.py --out "$OUT/decode_ops.json" > "$OUT/decode_ops.log" 2>&1
+  grep -E "^\|" "$OUT/decode_ops.log" || tail -5 "$OUT/decode_ops.log"
+  timeout 330 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1 \
+    --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --out "$OUT/decode" \
+    > "$OUT/decode.log" 2>&1
+  grep -E "^\||check:" "$OUT/decode.log" | tail -5 || tail -5 "$OUT/decode.log"
+  for f in "$OUT"/decode/profile_*.txt; do head -1 "$f"; done
   ;;
 tests)
   gpu_tests "${TESTS_TIMEOUT:-400}"
@@ -122,7 +139,7 @@ multigpu)
   timeout 500 python benchmarks/check_multi_gpu.py --world 2 --out "$OUT/multi_gpu" 2>&1 | grep -v "shards"
   ;;
 *)
-  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh tests|kernels|table|eval|train|pending|recipe8b|infer128|infer64|multigpu" >&2
+  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh tests|kernels|table|eval|train|pending|recipe8b|decode|infer128|infer64|multigpu" >&2
   exit 2
   ;;
 esac

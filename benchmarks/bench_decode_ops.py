@@ -1,0 +1,135 @@
+"""Decode-step projection kernels against cuBLAS on the GPU: time per call of one decode step's shapes
+(Qwen2.5-7B: hidden 3584, 28 query heads, 4 K/V heads of 128), each replayed in a CUDA graph of 50 calls,
+for a few tile configurations of `l2a.ops.triton.routed_linear`.
+
+    python benchmarks/bench_decode_ops.py [--rows 1] [--out runs/decode_ops.json] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from l2a.ops import routed_linear
+from l2a.ops.kvcache import project_kv_cache, write_kv_cache
+from l2a.ops.rotary import apply_rotary
+from l2a.ops.triton import routed_linear as kernels
+
+DEVICE = "cuda"
+CONFIGS = [
+    (16, 256, 4, 4),
+    (16, 512, 4, 3),
+    (16, 128, 4, 6),
+    (32, 256, 4, 4),
+    (16, 256, 8, 4),
+    (16, 512, 8, 3),
+]
+
+
+def graph_us(fn, calls: int = 50, repeats: int = 5) -> float:
+    """Microseconds per call of fn, captured `calls` times in one CUDA graph (launch gaps included); on
+    the CPU (a smoke run under TRITON_INTERPRET=1) one plain call."""
+    if DEVICE == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/decode_ops.json"))
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = dev = args.device
+    dt = torch.bfloat16
+    hidden, hq, hkv, d, slots = 3584, 28, 4, 128, 8192
+    x = torch.randn(args.rows, 1, hidden, device=dev, dtype=dt)
+    wq = torch.randn(hq * d, hidden, device=dev, dtype=dt) / 60
+    bq = torch.randn(hq * d, device=dev, dtype=dt)
+    wkv = torch.randn(2 * hkv * d, hidden, device=dev, dtype=dt) / 60
+    bkv = torch.randn(2 * hkv * d, device=dev, dtype=dt)
+    kc, vc = (torch.zeros(args.rows, slots, hkv, d, device=dev, dtype=dt) for _ in range(2))
+    idx = torch.tensor([slots // 2], device=dev)
+    cos, sin = torch.randn(1, 1, d, device=dev, dtype=dt), torch.randn(1, 1, d, device=dev, dtype=dt)
+    live = torch.ones(args.rows, 1, dtype=torch.bool, device=dev)
+    dead = torch.zeros_like(live)
+    wo = torch.randn(hidden, hq * d, device=dev, dtype=dt) / 60
+    res = torch.randn(args.rows, 1, hidden, device=dev, dtype=dt)
+    linear = torch.nn.functional.linear
+
+    def cublas_kv_write():
+        k, v = linear(x, wkv, bkv).view(args.rows, 1, 2 * hkv, d).split(hkv, -2)
+        write_kv_cache(kc, vc, idx, k, v, cos, sin)
+
+    # (name, weight bytes read, call)
+    cublas = [
+        ("cuBLAS q (3584 -> 3584, bias)", wq, lambda: linear(x, wq, bq)),
+        (
+            "cuBLAS q + RoPE kernel",
+            wq,
+            lambda: apply_rotary(linear(x, wq, bq).view(args.rows, 1, hq, d), cos, sin),
+        ),
+        ("cuBLAS k/v (3584 -> 1024, bias)", wkv, lambda: linear(x, wkv, bkv)),
+        ("cuBLAS k/v + cache-write kernel", wkv, cublas_kv_write),
+        ("cuBLAS o (3584 -> 3584) + residual add", wo, lambda: res + linear(x, wo)),
+    ]
+    tri = dict(backend="triton")
+    triton_ops = [
+        ("routed q + RoPE, routed", wq, lambda: routed_linear(x, wq, bq, live, rotary=(cos, sin), **tri)),
+        (
+            "routed q + RoPE, not routed",
+            None,
+            lambda: routed_linear(x, wq, bq, dead, rotary=(cos, sin), **tri),
+        ),
+        ("project_kv_cache", wkv, lambda: project_kv_cache(kc, vc, idx, x, wkv, bkv, cos, sin, **tri)),
+        ("routed o + residual, routed", wo, lambda: routed_linear(x, wo, None, live, residual=res, **tri)),
+    ]
+    rows = []
+    real = kernels._tiles
+    with torch.no_grad():
+        for name, weight, call in cublas:
+            rows.append(dict(op=name, us=graph_us(call), weight_bytes=weight.numel() * 2))
+        for config in CONFIGS:
+            kernels._tiles = lambda c=config: c
+            tag = "BN{} BK{} w{} s{}".format(*config)
+            for name, weight, call in triton_ops:
+                nbytes = None if weight is None else weight.numel() * 2
+                rows.append(dict(op=f"{name} [{tag}]", us=graph_us(call), weight_bytes=nbytes))
+    kernels._tiles = real
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    print(f"| op (rows={args.rows}) | us per call | weight GB/s |\n|---|---|---|")
+    for r in rows:
+        gbs = "" if r["weight_bytes"] is None else f"{r['weight_bytes'] / r['us'] / 1e3:.0f}"
+        print(f"| {r['op']} | {r['us']:.2f} | {gbs} |")
+
+
+if __name__ == "__main__":
+    main()
