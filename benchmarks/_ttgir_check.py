@@ -85,13 +85,11 @@ def _decode_source(kernel: triton.JITFunction, constexprs: dict) -> ASTSource:
     return ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
 
 
-def decode_kernels() -> None:
-    """Compile the decode step's kernels (projections with RoPE / cache-write epilogues, norm + logits,
-    split and merge) for sm_90 at the Qwen2.5-7B shape's constexprs: a compile error here is one the GPU
-    would raise at the first decode step."""
+def decode_jobs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
+    """The decode step's kernels (projections with RoPE / cache-write epilogues, norm + logits, split and
+    merge) at the Qwen2.5-7B shape's constexprs: (name, kernel, constexprs, launch options)."""
     from l2a.ops.triton import decode, rmsnorm, routed_linear
 
-    target = GPUTarget("cuda", 90, 32)
     tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, DOT_PRECISION="ieee")
     four = dict(num_warps=4, num_stages=4)
     flags = dict(HAS_ACTIVE=True, HEAD_WISE=False, HAS_KEY_START=True, HAS_NK_PTR=True, HEAD_DIM=128)
@@ -112,9 +110,21 @@ def decode_kernels() -> None:
          dict(flags, BLOCK_M=16, BLOCK_N=64, DOT_PRECISION="ieee"), dict(num_warps=4, num_stages=2)),
         ("decode merge", decode._decode_merge_kernel, dict(flags, BLOCK_M=16, BLOCK_S=64), dict(num_warps=4)),
     ]  # fmt: skip
+    return jobs
+
+
+def compile_decode(kernel: triton.JITFunction, constexprs: dict, options: dict):
+    """One decode kernel compiled for sm_90 (a compile error here is one the GPU would raise at the first
+    decode step)."""
+    return triton.compile(
+        _decode_source(kernel, constexprs), target=GPUTarget("cuda", 90, 32), options=options
+    )
+
+
+def decode_kernels() -> None:
     print(f"triton {triton.__version__}, sm_90, decode kernels")
-    for name, kernel, constexprs, options in jobs:
-        compiled = triton.compile(_decode_source(kernel, constexprs), target=target, options=options)
+    for name, kernel, constexprs, options in decode_jobs():
+        compiled = compile_decode(kernel, constexprs, options)
         resources = _resources(compiled.asm["cubin"])
         print(f"{name:>40}  {options}  smem={compiled.metadata.shared:>6} B  {resources}")
 
