@@ -335,10 +335,11 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
     Layers outside `config.global_layers` have no router / global branch (local-only, e.g. after pruning).
 
     Decode steps (a cached inference forward of at most `GlobalAttention.COMPACT_MIN_TOKENS` tokens, no
-    gradient) run the global k/v projections as one GEMM over concatenated weights (`decode_weights`;
-    `FUSE_DECODE = False` turns that off) and q/o on the routed rows only (`GlobalAttention`). They cannot
-    share a GEMM with the local projections (the global branch reads the residual stream after local
-    attention); the router keeps its own module, so that its decision is computed by `Router.forward` alone.
+    gradient; `FUSE_DECODE = False` turns all of this off) compute the global norm and the router's logits
+    in one kernel (`Router.forward` decides from them), project each branch's k/v from concatenated weights
+    (`decode_weights`; static steps without k norm: projection, RoPE and cache write in one kernel) and the
+    global q/o on the routed rows only (`GlobalAttention`). The branches cannot share a GEMM (the global one
+    reads the residual stream after local attention).
     """
 
     FUSE_DECODE = True
