@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -230,10 +232,19 @@ def test_generate_with_decode_kernels_matches_full_forward_on_gpu(tiny_l2a, monk
     torch.testing.assert_close(steps, full, atol=2e-3, rtol=2e-3)
 
 
-def test_static_decode_step_compiles_to_one_graph_without_recompiles(tiny_l2a):
+@pytest.mark.parametrize(
+    "arch,backend",
+    [("qwen3", "auto"), ("qwen2", "auto")]
+    + ([("qwen2", "triton")] if os.environ.get("TRITON_INTERPRET") == "1" else []),
+)
+def test_static_decode_step_compiles_to_one_graph_without_recompiles(tiny_l2a, arch, backend):
     """torch.compile(fullgraph=True) of the decode step with a static cache: one graph for every step (no
-    break, no recompilation as the cache fills), same logits as the eager step."""
-    model = tiny_l2a("qwen3", window=4)
+    break, no recompilation as the cache fills), same logits as the eager step. qwen2 (no q/k norms) takes
+    the one-kernel k/v projection into the caches and the RoPE inside q's projection; "triton": the
+    kernels' custom ops in the graph (interpreter)."""
+    base = dict(hidden_size=64, head_dim=32, num_hidden_layers=2) if backend == "triton" else None
+    model = tiny_l2a(arch, window=4, base=base)
+    model.config.attention_backend = backend
     ids, mask = _left_padded_batch()
     graphs = []
 
