@@ -88,6 +88,21 @@ def test_fused_decode_in_bfloat16_within_its_tolerance(tiny_l2a, monkeypatch):
     torch.testing.assert_close(fused[same].float(), plain[same].float(), atol=3e-2, rtol=2e-2)
 
 
+def test_fused_decode_under_autocast_matches_the_unfused_modules(tiny_l2a, monkeypatch):
+    """Under bf16 autocast (h float32, weights float32, GEMMs in bf16) the static steps take the GEMM paths,
+    not the one-kernel k/v projection (whose dtypes must agree), and match the plain modules."""
+    model = tiny_l2a("qwen2", window=4)
+    ids, mask = _batch()
+    tokens = torch.randint(1, 300, (2, STEPS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, fused_hard = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+        monkeypatch.setattr(L2ADecoderLayer, "FUSE_DECODE", False)
+        plain, plain_hard = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    same = (fused_hard == plain_hard).all(0).all(0)
+    assert same.any()
+    torch.testing.assert_close(fused[same].float(), plain[same].float(), atol=3e-2, rtol=2e-2)
+
+
 def test_fused_weights_follow_parameter_changes_and_training(tiny_l2a, monkeypatch):
     model = tiny_l2a("qwen2", window=4)
     ids, mask = _batch()

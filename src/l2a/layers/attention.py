@@ -115,8 +115,8 @@ class LocalAttention(AttentionProjections):
         backend = self.config.attention_backend
         if layer_cache is not None and layer_cache.static_step(h.shape[1]):
             if kv_weights is not None:
-                k_ring, v_ring, filled = layer_cache.step_local_projected(
-                    h, *kv_weights, rotary=(cos, sin), backend=backend
+                k_ring, v_ring, filled = layer_cache.step_projected(
+                    "local", h, *kv_weights, rotary=(cos, sin), backend=backend
                 )
                 q = self.project_q(h, cos, sin)
             else:
@@ -206,10 +206,10 @@ class GlobalAttention(AttentionProjections):
         pending = _count_to_host(routed) if compact and not static else None
         decode = kv_weights is not None and active.dim() == 2  # token-wise: routed-rows q/o projections
         backend = self.config.attention_backend
-        if static and kv_weights is not None and self.k_norm is None:
+        if static and kv_weights is not None and _one_kernel_kv(self, h, kv_weights[0]):
             kv = 2 * self.num_kv_heads * self.head_dim
             weight, bias = kv_weights[0][:kv], None if kv_weights[1] is None else kv_weights[1][:kv]
-            cache = layer_cache.step_global_projected(h, weight, bias, rotary=(cos, sin), backend=backend)
+            cache = layer_cache.step_projected("global", h, weight, bias, rotary=(cos, sin), backend=backend)
         else:
             if kv_weights is None:
                 k, v = self.kv_heads(*self.project(h))
@@ -300,6 +300,13 @@ class GlobalAttention(AttentionProjections):
         if gate.dim() == out.dim() - 1:
             return self.o_proj((out * gate.unsqueeze(-1)).flatten(-2))
         return self.o_proj(out.flatten(-2)) * gate.unsqueeze(-1)
+
+
+def _one_kernel_kv(attn: AttentionProjections, h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a static step's k/v of `attn` can be projected, rotated and written in one kernel
+    (`l2a.ops.kvcache.project_kv_cache`): no k norm between projection and RoPE, h in the weight's dtype,
+    no autocast (which would cast h per GEMM)."""
+    return attn.k_norm is None and h.dtype == weight.dtype and not torch.is_autocast_enabled(h.device.type)
 
 
 def _count_to_host(routed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
@@ -426,10 +433,12 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         where the separate projections run)."""
         if self.training or not self.FUSE_DECODE or layer_cache is None or torch.is_grad_enabled():
             return None
-        if branch == "local" and (self.local_attn.k_norm is not None or layer_cache.get_max_length() < 0):
+        if branch == "local" and layer_cache.get_max_length() < 0:
             return None
         fused = self.decode_weights(branch)  # made at the prompt too, so that compiled steps find it
         if fused is None or h.shape[1] > GlobalAttention.COMPACT_MIN_TOKENS:
+            return None
+        if branch == "local" and not _one_kernel_kv(self.local_attn, h, fused[0]):
             return None
         return fused
 

@@ -290,31 +290,22 @@ class L2ALayerCache:
         write_kv_cache(buf.keys, buf.values, self.static.index, k, v, cos, sin, backend=backend)
         return buf.keys, buf.values, self.static.filled
 
-    def step_local_projected(
+    def step_projected(
         self,
+        branch: str,
         h: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         rotary: tuple | None = None,
         backend: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Static step: project h (B, N, hidden) by weight (2 Hkv D, hidden) and bias into keys and values,
-        rotate the keys by `rotary` and write both into the ring (one kernel on CUDA:
-        `l2a.ops.kvcache.project_kv_cache`); return the ring and the new fill level as `step_local`."""
-        return self._project(self.local, self.static.ring, h, weight, bias, rotary, backend)
-
-    def step_global_projected(
-        self,
-        h: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        rotary: tuple | None = None,
-        backend: str = "auto",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step_local_projected` into the global buffer; returns what `step_global` returns."""
-        return self._project(self.global_, self.static.index, h, weight, bias, rotary, backend)
-
-    def _project(self, buf, slots, h, weight, bias, rotary, backend):
+        """Static step of `branch` ("local": the ring, "global": the global buffer): project h (B, N, hidden)
+        by weight (2 Hkv D, hidden) and bias into keys and values, rotate the keys by `rotary` and write both
+        (one kernel on CUDA: `l2a.ops.kvcache.project_kv_cache`); return what `step_local` / `step_global`
+        return."""
+        buf, slots = (
+            (self.local, self.static.ring) if branch == "local" else (self.global_, self.static.index)
+        )
         cos, sin = rotary or (None, None)
         project_kv_cache(buf.keys, buf.values, slots, h, weight, bias, cos, sin, backend=backend)
         return buf.keys, buf.values, self.static.filled
