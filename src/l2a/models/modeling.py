@@ -179,21 +179,21 @@ def _router_statistics(
     """
     if not decisions:
         return torch.zeros(0, device=device), torch.zeros((), device=device)
-    fractions, penalties = [], []
-    for soft, hard in decisions:
-        routed = hard.float()
-        soft2 = soft if penalty == "l1" else soft.square()
-        if soft.dim() == 3:
-            routed = routed.mean(-1)
-            soft2 = soft2.sum(-1)
-        if valid is not None:
-            weight = valid.to(routed.dtype)
-            fractions.append((routed * weight).sum() / weight.sum().clamp_min(1.0))
-            soft2 = soft2 * weight
-        else:
-            fractions.append(routed.mean())
-        penalties.append(soft2.sum(-1).mean())
-    return torch.stack(fractions).detach(), torch.stack(penalties).mean()
+    # all layers at once (L, B, N[, H]): a handful of kernels per forward instead of ~5 per layer, which
+    # cost ~0.2 ms of a 7 ms decode step at the Qwen2.5-7B shape
+    soft = torch.stack([s for s, _ in decisions])
+    routed = torch.stack([h for _, h in decisions]).float()
+    soft2 = soft if penalty == "l1" else soft.square()
+    if soft.dim() == 4:
+        routed = routed.mean(-1)
+        soft2 = soft2.sum(-1)
+    if valid is not None:
+        weight = valid.to(routed.dtype)
+        fractions = (routed * weight).sum((1, 2)) / weight.sum().clamp_min(1.0)
+        soft2 = soft2 * weight
+    else:
+        fractions = routed.mean((1, 2))
+    return fractions.detach(), soft2.sum(-1).mean(-1).mean()
 
 
 def _head_fractions(
