@@ -90,17 +90,18 @@ def decode_jobs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
     merge) at the Qwen2.5-7B shape's constexprs: (name, kernel, constexprs, launch options)."""
     from l2a.ops.triton import decode, rmsnorm, routed_linear
 
-    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, DOT_PRECISION="ieee")
+    routed = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, DOT_PRECISION="ieee")
+    kv = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, DOT_PRECISION="ieee")
     four = dict(num_warps=4, num_stages=4)
     flags = dict(HAS_ACTIVE=True, HEAD_WISE=False, HAS_KEY_START=True, HAS_NK_PTR=True, HEAD_DIM=128)
     jobs = [
         (f"routed_linear rotary={rot} residual={res}", routed_linear._routed_linear_kernel,
-         dict(tiles, HAS_BIAS=True, HAS_RESIDUAL=res, ROTARY=rot, HEAD_DIM=128), four)
+         dict(routed, HAS_BIAS=True, HAS_RESIDUAL=res, ROTARY=rot, HEAD_DIM=128), four)
         for rot, res in ((True, False), (False, True), (False, False))
     ]  # fmt: skip
     jobs += [
         (f"linear_kv_cache rotate={rot}", routed_linear._linear_kv_cache_kernel,
-         dict(tiles, HAS_BIAS=True, ROTATE=rot, HEAD_DIM=128), four)
+         dict(kv, HAS_BIAS=True, ROTATE=rot, HEAD_DIM=128), dict(num_warps=4, num_stages=3))
         for rot in (True, False)
     ]  # fmt: skip
     jobs += [

@@ -147,12 +147,14 @@ def _linear_kv_cache_kernel(
         tl.store(dst, acc.to(VC.dtype.element_ty), mask=mask)
 
 
-def _tiles() -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): narrow column blocks, so that a 3584-wide output gives
-    224 programs streaming the weight (the step is bandwidth-bound)."""
+def _tiles(kernel: str) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of "routed" (`_routed_linear_kernel`) or "kv"
+    (`_linear_kv_cache_kernel`): the fastest of six configurations on the H200 at the Qwen2.5-7B shape, one
+    row (`benchmarks/bench_decode_ops.py`, docs/benchmarks.md "Inference, session 9"): routed q 9.2 us
+    (cuBLAS 9.0 + RoPE 1.9), the k/v projection into the cache 6.4 us (cuBLAS 6.9 + cache write 1.9)."""
     if interpreting():
         return 16, 32, 1, 1
-    return 16, 256, 4, 4
+    return (32, 256, 4, 4) if kernel == "routed" else (16, 512, 4, 3)
 
 
 def _rows_block(m: int) -> int:
@@ -183,9 +185,10 @@ def routed_linear_fwd(
     y = x.new_empty(m, n_out)
     if y.numel() == 0:
         return y
-    block_n, block_k, num_warps, num_stages = _tiles()
+    block_n, block_k, num_warps, num_stages = _tiles("routed")
     rotary = cos is not None
     head_dim = cos.shape[-1] if rotary else block_n
+    block_n = min(block_n, head_dim)  # a RoPE epilogue pairs columns within one head
     if rotary:
         cos, sin = _tables(cos, sin, m // n_tokens, n_tokens, head_dim)
     act = active.view(torch.uint8) if active.dtype == torch.bool else active
@@ -247,7 +250,8 @@ def linear_kv_cache_fwd(
     rotate = cos is not None
     if rotate:
         cos, sin = _tables(cos, sin, b, n, head_dim)
-    block_n, block_k, num_warps, num_stages = _tiles()
+    block_n, block_k, num_warps, num_stages = _tiles("kv")
+    block_n = min(block_n, head_dim)
     _linear_kv_cache_kernel[(2 * kv_heads * head_dim // block_n,)](
         x, weight, bias if bias is not None else weight, cos if rotate else x, sin if rotate else x, slots,
         k_cache, v_cache, m, n, kv_heads, k_in, x.stride(0), weight.stride(0),
