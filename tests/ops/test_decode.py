@@ -141,7 +141,7 @@ def nan_buffers(monkeypatch):
 LONG_MERGES = [
     # splits 1..9: blocks from an odd split; the last block's second split (10) is written by no program
     (1, 1, 330, 4, 1, None, (45,), 40),
-    (2, 3, 300, 8, 2, 150, (0, 20), 0),  # window starts mid split: splits 4..9 of 10
+    (2, 3, 300, 8, 2, 260, (0, 20), 0),  # window starts mid split (32-key splits: 1..9 of 10; GPU: 0..4)
     (2, 2, 260, 4, 2, 200, (70, 0), 0),  # key_start or the window cuts the range, by batch row
 ]
 
