@@ -68,9 +68,9 @@ def _resources(cubin: bytes) -> str:
 # the decode-step kernels' pointer arguments: bf16 data, uint8 flags, int64 slots, float32 tables
 DECODE_POINTERS = {
     **dict.fromkeys(("X", "W", "BIAS", "RES", "COS", "SIN", "Y", "P", "KC", "VC"), "*bf16"),
-    **dict.fromkeys(("Q", "K", "V", "Out"), "*bf16"),
-    **dict.fromkeys(("PO", "PL", "LSE", "LOGITS", "RSTD"), "*fp32"),
-    "ACT": "*u8", "SLOTS": "*i64", "KS": "*i64", "NKP": "*i32",
+    **dict.fromkeys(("Q", "K", "V", "Out", "NW", "RW", "WQ", "BQ", "WKV", "BKV"), "*bf16"),
+    **dict.fromkeys(("PO", "PL", "LSE", "LOGITS", "RSTD", "SOFT"), "*fp32"),
+    "ACT": "*u8", "HARD": "*u8", "SLOTS": "*i64", "KS": "*i64", "NKP": "*i32",
 }  # fmt: skip
 
 
@@ -78,7 +78,7 @@ def _decode_source(kernel: triton.JITFunction, constexprs: dict) -> ASTSource:
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(kernel.fn).parameters):
         sig[name] = "constexpr" if name in constexprs else DECODE_POINTERS.get(name, "i32")
-        if name in ("eps", "qk_scale"):
+        if name in ("eps", "qk_scale", "offset", "temperature", "threshold"):
             sig[name] = "fp32"
         if sig[name].startswith("*") or name.startswith("stride_") and not name.endswith("cs"):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -86,8 +86,9 @@ def _decode_source(kernel: triton.JITFunction, constexprs: dict) -> ASTSource:
 
 
 def decode_jobs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
-    """The decode step's kernels (projections with RoPE / cache-write epilogues, norm + logits, split and
-    merge) at the Qwen2.5-7B shape's constexprs: (name, kernel, constexprs, launch options)."""
+    """The decode step's kernels (projections with RoPE / cache-write epilogues, the global branch's entry,
+    norm + logits, split and merge) at the Qwen2.5-7B shape's constexprs: (name, kernel, constexprs, launch
+    options)."""
     from l2a.ops.triton import decode, rmsnorm, routed_linear
 
     routed = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, DOT_PRECISION="ieee")
@@ -103,6 +104,12 @@ def decode_jobs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
         (f"linear_kv_cache rotate={rot}", routed_linear._linear_kv_cache_kernel,
          dict(kv, HAS_BIAS=True, ROTATE=rot, HEAD_DIM=128), dict(num_warps=4, num_stages=3))
         for rot in (True, False)
+    ]  # fmt: skip
+    jobs += [
+        (f"norm_route_qkv bias={bias}", routed_linear._norm_route_qkv_kernel,
+         dict(HAS_BIAS=bias, HEAD_DIM=128, BLOCK_M=16, BLOCK_N_KV=16, BLOCK_K_KV=512, BLOCK_N_Q=32,
+              BLOCK_K_Q=256, DOT_PRECISION="ieee"), dict(num_warps=4, num_stages=3))
+        for bias in (True, False)
     ]  # fmt: skip
     jobs += [
         ("rms_norm + logits", rmsnorm._rms_norm_fwd_kernel,

@@ -1,6 +1,7 @@
 """Decode-step projection kernels against cuBLAS on the GPU: time per call of one decode step's shapes
 (Qwen2.5-7B: hidden 3584, 28 query heads, 4 K/V heads of 128), each replayed in a CUDA graph of 50 calls,
-for a few tile configurations of `l2a.ops.triton.routed_linear`.
+for a few tile configurations of `l2a.ops.triton.routed_linear`; and the global branch's decode-step entry
+(norm + router logits, decision, k/v into the cache, routed q) as three launches against `norm_route_qkv`.
 
     python benchmarks/bench_decode_ops.py [--rows 1] [--out runs/decode_ops.json] [--device cpu]
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from l2a.ops import routed_linear
-from l2a.ops.kvcache import project_kv_cache, write_kv_cache
+from l2a.ops.kvcache import norm_route_qkv, project_kv_cache, write_kv_cache
+from l2a.ops.norm import rms_norm_and_logits
 from l2a.ops.rotary import apply_rotary
 from l2a.ops.triton import routed_linear as kernels
 
@@ -83,6 +85,7 @@ def main() -> None:
     wo = torch.randn(hidden, hq * d, device=dev, dtype=dt) / 60
     res = torch.randn(args.rows, 1, hidden, device=dev, dtype=dt)
     linear = torch.nn.functional.linear
+    tri = dict(backend="triton")
 
     def cublas_kv_write():
         k, v = linear(x, wkv, bkv).view(args.rows, 1, 2 * hkv, d).split(hkv, -2)
@@ -100,7 +103,6 @@ def main() -> None:
         ("cuBLAS k/v + cache-write kernel", wkv, cublas_kv_write),
         ("cuBLAS o (3584 -> 3584) + residual add", wo, lambda: res + linear(x, wo)),
     ]
-    tri = dict(backend="triton")
     triton_ops = [
         ("routed q + RoPE, routed", wq, lambda: routed_linear(x, wq, bq, live, rotary=(cos, sin), **tri)),
         (
@@ -111,11 +113,41 @@ def main() -> None:
         ("project_kv_cache", wkv, lambda: project_kv_cache(kc, vc, idx, x, wkv, bkv, cos, sin, **tri)),
         ("routed o + residual, routed", wo, lambda: routed_linear(x, wo, None, live, residual=res, **tri)),
     ]
+    # the global branch's entry: norm + router logits, k/v into the cache, routed q as three launches (the
+    # decision between them in PyTorch), against `norm_route_qkv`'s one kernel
+    norm_w = torch.rand(hidden, device=dev, dtype=dt) + 0.5
+    router_w = torch.zeros(1, hidden, device=dev, dtype=dt)
+
+    def three_launches(offset):
+        g, logits = rms_norm_and_logits(x, norm_w, 1e-6, router_w, **tri)
+        hard = torch.sigmoid((logits.squeeze(-1) + offset) / 0.1) >= 0.5
+        project_kv_cache(kc, vc, idx, g, wkv, bkv, cos, sin, **tri)
+        return routed_linear(g, wq, bq, hard, rotary=(cos, sin), **tri)
+
+    def one_kernel(offset):
+        return norm_route_qkv(
+            x, norm_w, 1e-6, router_w, wq, bq, wkv, bkv, kc, vc, idx, cos, sin, temperature=0.1,
+            threshold=0.5, offset=offset, **tri,
+        )  # fmt: skip
+
+    entry = [
+        (f"{name}, {'routed' if offset > 0 else 'not routed'}", (wq, wkv) if offset > 0 else (wkv,), call)
+        for offset in (1.0, -1.0)
+        for name, call in (
+            (
+                "entry: norm+logits, decision, k/v into cache, routed q (3 kernels + torch)",
+                lambda o=offset: three_launches(o),
+            ),
+            ("entry: norm_route_qkv (one kernel)", lambda o=offset: one_kernel(o)),
+        )
+    ]
     rows = []
     real = kernels._tiles
     with torch.no_grad():
         for name, weight, call in cublas:
             rows.append(dict(op=name, us=graph_us(call), weight_bytes=weight.numel() * 2))
+        for name, weights, call in entry:
+            rows.append(dict(op=name, us=graph_us(call), weight_bytes=sum(w.numel() * 2 for w in weights)))
         for config in CONFIGS:
             kernels._tiles = lambda _kernel, c=config: c
             tag = "BN{} BK{} w{} s{}".format(*config)

@@ -17,12 +17,20 @@
 #            projection kernels against cuBLAS per tile configuration (bench_decode_ops.py), then L2A and
 #            local-only at 128K batch 1, graph and compiled, with the exactness check and kernel profiles
 #            (~5 minutes). Run it before infer128 / infer64.
+#   entry:   session 10's one-kernel global decode entry: L2A and local-only at 128K batch 1 and 8, graph
+#            and compiled, with the exactness check and kernel profiles; the entry against the launches it
+#            replaces (bench_decode_ops.py); the decode GPU tests (~8 minutes; carry .whl for xdist).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 # liger-kernel (the fused LM loss) from a carried wheel, where one is carried: `carry: [".whl"]`
 if ls .whl/liger_kernel-*.whl > /dev/null 2>&1 && ! python -c "import liger_kernel" 2> /dev/null; then
   pip install -q --no-index --no-deps --target /tmp/site .whl/liger_kernel-*.whl && export PYTHONPATH=src:/tmp/site
+fi
+# pytest-xdist from carried wheels, where carried (GPU tests in parallel processes on the one GPU)
+if ls .whl/pytest_xdist-*.whl > /dev/null 2>&1 && ! python -c "import xdist" 2> /dev/null; then
+  pip install -q --no-index --no-deps --target /tmp/site .whl/pytest_xdist-*.whl .whl/execnet-*.whl \
+    && export PYTHONPATH=src:/tmp/site
 fi
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -70,6 +78,22 @@ infer128 | infer64)
   timeout 500 python benchmarks/bench_inference.py --check --shape 7b --prompts $n --batches 1,8 \
     --modes eager,graph,compiled --steps 10 --warmup 2 --host-profile --budget-s 400 --out "$OUT/$1" > "$OUT/$1.log" 2>&1
   grep -E "^\||check:" "$OUT/$1.log" | tail -5 || tail -5 "$OUT/$1.log"
+  ;;
+entry)
+  # session 10: the global branch's one-kernel decode entry (norm_route_qkv). Timings first (a quiet GPU),
+  # then the entry against the three launches it replaces, then the decode GPU tests (in 8 processes)
+  timeout 330 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1,8 \
+    --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --budget-s 260 \
+    --out "$OUT/entry" > "$OUT/entry.log" 2>&1
+  grep -E "^\||check:" "$OUT/entry.log" | tail -8 || tail -5 "$OUT/entry.log"
+  timeout 60 python benchmarks/bench_decode_ops.py --out "$OUT/decode_ops.json" > "$OUT/decode_ops.log" 2>&1
+  grep -E "^\|" "$OUT/decode_ops.log" | grep -v "\[BN" || tail -5 "$OUT/decode_ops.log"
+  python -c "import xdist" 2> /dev/null && par="-n 8" || par=""
+  timeout 170 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_norm_route_qkv.py \
+    tests/models/test_l2a_decode_fusion.py tests/ops/test_routed_linear.py tests/ops/test_decode.py \
+    tests/ops/test_decode_kvcache.py tests/ops/test_rms_norm.py tests/models/test_l2a_gpu.py \
+    > "$OUT/gputest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
   ;;
 decode)
   timeout 200 python -m pytest -q -rf --tb=short -p no:cacheprovider tests/ops/test_routed_linear.py \

@@ -25,10 +25,9 @@ def _decode(model, ids, mask, max_length, steps=STEPS, tokens=None):
     token = out.logits[:, -1:].argmax(-1)
     logits, hard = [], []
     decisions = []
+    # on the decoder layers (a hook on the norm, router or branch would turn the one-kernel entry off)
     hooks = [
-        layer.global_attn.register_forward_pre_hook(
-            lambda _m, a, k, d=decisions: d.append(a[2]), with_kwargs=True
-        )
+        layer.register_forward_hook(lambda _m, _a, out, d=decisions: d.append(out[2]))
         for layer in model.model.layers
         if layer.has_global
     ]
@@ -199,9 +198,13 @@ def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a
     model = tiny_l2a(arch, window=4, base=dict(hidden_size=64, head_dim=32, num_hidden_layers=2)).to(device)
     ids, mask = (t.to(device) for t in _batch())
     tokens = torch.randint(1, 300, (2, STEPS), device=device)
-    launches = {"kv": 0, "rotary_q": 0, "norm_logits": 0}
+    launches = {"kv": 0, "rotary_q": 0, "norm_logits": 0, "entry": 0}
     real_kv, real_rows = routed_linear.linear_kv_cache_fwd, routed_linear.routed_linear_fwd
-    real_norm = rmsnorm.rms_norm_logits_fwd
+    real_norm, real_entry = rmsnorm.rms_norm_logits_fwd, routed_linear.norm_route_qkv_fwd
+
+    def count_entry(*args):
+        launches["entry"] += 1
+        return real_entry(*args)
 
     def count_norm(*args):
         launches["norm_logits"] += 1
@@ -218,14 +221,19 @@ def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a
     monkeypatch.setattr(routed_linear, "linear_kv_cache_fwd", count_kv)
     monkeypatch.setattr(routed_linear, "routed_linear_fwd", count_rows)
     monkeypatch.setattr(rmsnorm, "rms_norm_logits_fwd", count_norm)
+    monkeypatch.setattr(routed_linear, "norm_route_qkv_fwd", count_entry)
     results = {}
     for backend in ("triton", "torch"):
         model.config.attention_backend = backend
         results[backend] = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
-    # qwen2: every static step of both layers and branches; the routed q also at the prompt (<= 16 tokens
-    # take the decode path), as the global norm with the router's logits (both architectures)
-    kv, rotary_q = (STEPS * 2 * 2, (STEPS + 1) * 2) if arch == "qwen2" else (0, 0)
-    assert launches == dict(kv=kv, rotary_q=rotary_q, norm_logits=(STEPS + 1) * 2)
+    # qwen2: every static step of both layers runs the global branch's entry kernel (norm, router, k/v into
+    # the cache, routed q) and the local k/v kernel; the prompt (<= 16 tokens take the decode path, not
+    # static) the norm with the router's logits and the routed q. qwen3 (q/k norms): norm + logits only.
+    if arch == "qwen2":
+        want = dict(kv=STEPS * 2, rotary_q=2, norm_logits=2, entry=STEPS * 2)
+    else:
+        want = dict(kv=0, rotary_q=0, norm_logits=(STEPS + 1) * 2, entry=0)
+    assert launches == want
     (got, got_hard), (want, want_hard) = results["triton"], results["torch"]
     assert want_hard.any() and not want_hard.all()
     assert torch.equal(got_hard, want_hard)

@@ -240,7 +240,7 @@ def test_generate_with_decode_kernels_matches_full_forward_on_gpu(tiny_l2a, monk
 def test_static_decode_step_compiles_to_one_graph_without_recompiles(tiny_l2a, arch, backend):
     """torch.compile(fullgraph=True) of the decode step with a static cache: one graph for every step (no
     break, no recompilation as the cache fills), same logits as the eager step. qwen2 (no q/k norms) takes
-    the one-kernel k/v projection into the caches and the RoPE inside q's projection; "triton": the
+    the one-kernel k/v projection into the caches and the global branch's one-kernel entry; "triton": the
     kernels' custom ops in the graph (interpreter)."""
     base = dict(hidden_size=64, head_dim=32, num_hidden_layers=2) if backend == "triton" else None
     model = tiny_l2a(arch, window=4, base=base)
@@ -266,4 +266,6 @@ def test_static_decode_step_compiles_to_one_graph_without_recompiles(tiny_l2a, a
             fractions.append(ref.router_fraction)
             tokens = [got.logits[:, -1:].argmax(-1), ref.logits[:, -1:].argmax(-1)]
     assert len(graphs) == 1
+    if backend == "triton":  # the global branch's entry (norm, router, k/v into the cache, q) as one op
+        assert "l2a.norm_route_qkv" in graphs[0].code
     assert caches[0].get_seq_length() == PROMPT + 5

@@ -20,6 +20,7 @@ from l2a.layers.attention_ops import conditional_attention, sliding_window_atten
 from l2a.layers.common import GatedMLP, RMSNorm, apply_rotary, fused_linear, fuses_projections
 from l2a.layers.router import Router
 from l2a.ops import attention_with_kvcache, routed_linear
+from l2a.ops.kvcache import norm_route_qkv
 from l2a.ops.norm import rms_norm_and_logits
 
 
@@ -265,6 +266,36 @@ class GlobalAttention(AttentionProjections):
         y = y_rows.new_zeros(flat, y_rows.shape[-1]).index_copy(0, rows, y_rows).view(b, n, -1)
         return y if residual is None else residual + y
 
+    def routed_decode_step(
+        self,
+        x: torch.Tensor,
+        norm: nn.Module,
+        router: nn.Module,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        layer_cache: Any,
+        kv_weights: tuple[torch.Tensor, torch.Tensor | None],
+        key_start: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A static decode step of the branch from the residual stream x (B, N, hidden) -> (x + branch
+        output, soft float32 (B, N), hard bool (B, N)): `norm`, the token-wise `router`'s decision, the k/v
+        projection into the cache and the routed rows' q in one kernel (`l2a.ops.kvcache.norm_route_qkv`),
+        then decode attention and the routed rows' o projection with x added (`routed_linear`).
+        kv_weights as in `forward`; `L2ADecoderLayer` checks that the step qualifies."""
+        cos, sin = position_embeddings
+        keys, values, slots, filled = layer_cache.step_buffers("global")
+        rows = 2 * self.num_kv_heads * self.head_dim
+        weight, bias = kv_weights[0][:rows], None if kv_weights[1] is None else kv_weights[1][:rows]
+        backend = self.config.attention_backend
+        q, soft, hard = norm_route_qkv(
+            x, norm.weight, norm.variance_epsilon, router.weight, self.q_proj.weight, self.q_proj.bias,
+            weight, bias, keys, values, slots, cos, sin, temperature=router.temperature,
+            threshold=router.threshold, offset=router.offset, backend=backend,
+        )  # fmt: skip
+        out = attention_with_kvcache(
+            q, keys, values, filled, active=hard, key_start=key_start, backend=backend
+        )
+        return self._routed_rows(out.flatten(-2), self.o_proj, hard, x), soft, hard
+
     def _attend(self, q, k, v, active, cu_seqlens, key_start) -> torch.Tensor:
         return conditional_attention(
             q, k, v, active, cu_seqlens=cu_seqlens, key_start=key_start, backend=self.config.attention_backend
@@ -307,6 +338,16 @@ def _one_kernel_kv(attn: AttentionProjections, h: torch.Tensor, weight: torch.Te
     (`l2a.ops.kvcache.project_kv_cache`): no k norm between projection and RoPE, h in the weight's dtype,
     no autocast (which would cast h per GEMM)."""
     return attn.k_norm is None and h.dtype == weight.dtype and not torch.is_autocast_enabled(h.device.type)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's or global ones) would see this module's calls."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
 
 
 def _count_to_host(routed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event] | None:
@@ -461,6 +502,40 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         backend = self.config.attention_backend
         return rms_norm_and_logits(x, norm.weight, norm.variance_epsilon, router.weight, backend=backend)
 
+    def _fused_global_step(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_start: torch.Tensor | None,
+        layer_cache: Any | None,
+        global_leakage: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The global branch of a static decode step from the residual stream x (B, N, hidden) in one
+        entry kernel (`GlobalAttention.routed_decode_step`): (x + branch, soft, hard); None where the step
+        does not qualify (no global branch or global K/V, forced or leaking routing, not a static step,
+        q/k norms, mixed dtypes or autocast, forward hooks on the norm, router or branch, which then run
+        as modules)."""
+        if (
+            not self.has_global
+            or global_leakage
+            or self.config.force_route is not None
+            or layer_cache is None
+            or not layer_cache.has_global
+            or not layer_cache.static_step(x.shape[1])
+        ):
+            return None
+        norm, router, attn = self.global_layernorm, self.router, self.global_attn
+        if attn.q_norm is not None or any(_has_hooks(m) for m in (norm, router, attn)):
+            return None
+        kv_weights = self._decode_kv_weights("global", x, layer_cache)
+        if kv_weights is None or not _one_kernel_kv(attn, x, kv_weights[0]):
+            return None
+        if any(w.dtype != x.dtype for w in (norm.weight, router.weight, attn.q_proj.weight)):
+            return None
+        return attn.routed_decode_step(
+            x, norm, router, position_embeddings, layer_cache, kv_weights, key_start
+        )
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -491,7 +566,12 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
             kv_weights=self._decode_kv_weights("local", h, layer_cache),
         )
         soft = hard = None
-        if self.has_global:
+        fused = self._fused_global_step(
+            hidden_states, position_embeddings, key_start, layer_cache, global_leakage
+        )
+        if fused is not None:
+            hidden_states, soft, hard = fused
+        elif self.has_global:
             g, logits = self._global_norm(hidden_states, layer_cache)
             random_fraction = getattr(self.config, "random_route_fraction", None)
             decision = self.router(g, self.config.force_route, random_fraction, logits=logits)

@@ -303,12 +303,19 @@ class L2ALayerCache:
         by weight (2 Hkv D, hidden) and bias into keys and values, rotate the keys by `rotary` and write both
         (one kernel on CUDA: `l2a.ops.kvcache.project_kv_cache`); return what `step_local` / `step_global`
         return."""
+        keys, values, slots, filled = self.step_buffers(branch)
+        cos, sin = rotary or (None, None)
+        project_kv_cache(keys, values, slots, h, weight, bias, cos, sin, backend=backend)
+        return keys, values, filled
+
+    def step_buffers(self, branch: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Static step of `branch` ("local" or "global") for a caller that writes the new keys and values
+        itself: the keys and values (B, S, Hkv, D), the new tokens' slots int64 (N,) and the new fill
+        level int32 (1,)."""
         buf, slots = (
             (self.local, self.static.ring) if branch == "local" else (self.global_, self.static.index)
         )
-        cos, sin = rotary or (None, None)
-        project_kv_cache(buf.keys, buf.values, slots, h, weight, bias, cos, sin, backend=backend)
-        return buf.keys, buf.values, self.static.filled
+        return buf.keys, buf.values, slots, self.static.filled
 
     def get_seq_length(self) -> int:
         # static mode: the fill level lives on the device (reading it synchronises; no step calls this)

@@ -14,7 +14,8 @@ import torch
 
 from l2a.ops import _checks
 from l2a.ops.attention import _use_triton, _use_triton_elementwise
-from l2a.ops.linear import ROUTED_LINEAR_MAX_ROWS, rotary_tiles_supported
+from l2a.ops.linear import ROUTED_LINEAR_MAX_ROWS, rotary_tiles_supported, routed_linear_reference
+from l2a.ops.norm import rms_norm_reference
 from l2a.ops.reference import masked_attention
 from l2a.ops.rotary import rotary_reference, triton_supported
 
@@ -191,48 +192,13 @@ def project_kv_cache(
             "torch".
     """
     _checks.check_backend(backend)
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            "project_kv_cache: the caches must be (B, S, Hkv, D), got "
-            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
-        )
-    b, _, h, d = k_cache.shape
-    if x.dim() != 3 or x.shape[0] != b or weight.shape != (2 * h * d, x.shape[-1]):
-        raise ValueError(
-            f"project_kv_cache: x must be ({b}, N, K) and weight (2 * Hkv * D, K) = ({2 * h * d}, K) for "
-            f"caches {tuple(k_cache.shape)}, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-        )
-    if bias is not None and bias.shape != (2 * h * d,):
-        raise ValueError(f"project_kv_cache: bias must have shape ({2 * h * d},), got {tuple(bias.shape)}")
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"project_kv_cache: x, weight and bias need one dtype, got {x.dtype}, {weight.dtype}")
-    n = x.shape[1]
-    if slots.shape != (n,) or slots.dtype != torch.int64:
-        raise ValueError(
-            f"project_kv_cache: slots must be int64 of shape ({n},), got {slots.dtype} {tuple(slots.shape)}"
-        )
-    if (cos is None) != (sin is None) or (
-        cos is not None and (cos.shape != sin.shape or cos.dim() != 3 or cos.shape[-2:] != (n, d))
-    ):
-        raise ValueError(
-            "project_kv_cache: cos and sin must both be given, each (B or 1, N, D), or both None"
-        )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, cos, sin)
-    )
-    tables = (cos, sin) if cos is not None else (k_cache, k_cache)  # without rotation: D and dtypes only
-    supported = (
-        not needs_grad
-        and b * n <= ROUTED_LINEAR_MAX_ROWS
-        and x.dtype in _checks.TRITON_DTYPES
-        and all(t.dtype in _checks.TRITON_DTYPES for t in (k_cache, v_cache))
-        and rotary_tiles_supported(x, *tables)
-    )
+    supported = _check_kv_projection("project_kv_cache", k_cache, v_cache, slots, x, weight, bias, cos, sin)
     if backend == "triton" and not supported:
         raise ValueError(
             "project_kv_cache: the Triton kernel needs D / 2 a power of two with D >= 16, 16/32-bit floats, "
             f"at most {ROUTED_LINEAR_MAX_ROWS} rows and no gradient"
         )
+    h, d = k_cache.shape[2:]
     if not _use_triton_elementwise(backend, x, supported):
         k, v = torch.nn.functional.linear(x, weight, bias).unflatten(-1, (2 * h, d)).split(h, dim=-2)
         write_kv_cache(k_cache, v_cache, slots, k, v, cos, sin, backend="torch")
@@ -241,3 +207,150 @@ def project_kv_cache(
     from l2a.ops.triton.routed_linear import linear_kv_cache_fwd, linear_kv_cache_op
 
     dispatch(linear_kv_cache_op, linear_kv_cache_fwd, k_cache, v_cache, slots, x, weight, bias, cos, sin)
+
+
+def _check_kv_projection(
+    op: str,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> bool:
+    """Validate the arguments of a k/v projection into caches (`project_kv_cache`, `norm_route_qkv`);
+    returns whether the Triton kernel takes them."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"{op}: the caches must be (B, S, Hkv, D), got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    b, _, h, d = k_cache.shape
+    if x.dim() != 3 or x.shape[0] != b or weight.shape != (2 * h * d, x.shape[-1]):
+        raise ValueError(
+            f"{op}: x must be ({b}, N, K) and the k/v weight (2 * Hkv * D, K) = ({2 * h * d}, K) for "
+            f"caches {tuple(k_cache.shape)}, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (2 * h * d,):
+        raise ValueError(f"{op}: the k/v bias must have shape ({2 * h * d},), got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"{op}: x, weight and bias need one dtype, got {x.dtype}, {weight.dtype}")
+    n = x.shape[1]
+    if slots.shape != (n,) or slots.dtype != torch.int64:
+        raise ValueError(f"{op}: slots must be int64 of shape ({n},), got {slots.dtype} {tuple(slots.shape)}")
+    if (cos is None) != (sin is None) or (
+        cos is not None and (cos.shape != sin.shape or cos.dim() != 3 or cos.shape[-2:] != (n, d))
+    ):
+        raise ValueError(f"{op}: cos and sin must both be given, each (B or 1, N, D), or both None")
+    if cos is not None and cos.shape[0] not in (1, b):
+        raise ValueError(f"{op}: cos and sin must be (B or 1, N, D), got {tuple(cos.shape)} for B = {b}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, cos, sin)
+    )
+    tables = (cos, sin) if cos is not None else (k_cache, k_cache)  # without rotation: D and dtypes only
+    return (
+        not needs_grad
+        and b * n <= ROUTED_LINEAR_MAX_ROWS
+        and x.dtype in _checks.TRITON_DTYPES
+        and all(t.dtype in _checks.TRITON_DTYPES for t in (k_cache, v_cache))
+        and rotary_tiles_supported(x, *tables)
+    )
+
+
+def norm_route_qkv(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    router_weight: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    temperature: float,
+    threshold: float,
+    offset: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entry of a routed attention branch in a decode step: normalise the new tokens, route them, write
+    their keys and values into the caches and project the queries of the routed ones.
+
+        g    = rms_norm_reference(x, norm_weight, eps)
+        soft = sigmoid((linear(g, router_weight).float() + offset) / temperature);  hard = soft >= threshold
+        project_kv_cache(k_cache, v_cache, slots, g, kv_weight, kv_bias, cos, sin)
+        q    = routed_linear(g, q_weight, q_bias, hard, rotary=(cos, sin))
+
+    Args:
+        x: (B, N, K) the new tokens' residual stream. norm_weight: (K,). router_weight: (1, K).
+        q_weight: (Hq D, K), q_bias: (Hq D,) or None; kv_weight: (2 Hkv D, K), the key rows then the value
+            rows, kv_bias: (2 Hkv D,) or None (both biases or neither); all in x's dtype.
+        k_cache, v_cache: (B, S, Hkv, D), written in place at slots int64 (N,).
+        cos, sin: (B or 1, N, D) rotate the queries and the keys.
+        temperature, threshold, offset: the router's (`l2a.layers.Router`).
+        backend: "auto" (one Triton kernel for all of it, for CUDA tensors of float16 / bfloat16 / float32
+            with D / 2 a power of two, D >= 16, at most `l2a.ops.linear.ROUTED_LINEAR_MAX_ROWS` rows and no
+            gradient; else PyTorch), "triton", "torch".
+
+    Returns:
+        q (B, N, Hq, D), 0 on the rows not routed; soft float32 (B, N); hard bool (B, N).
+    """
+    _checks.check_backend(backend)
+    if cos is None or sin is None:
+        raise ValueError("norm_route_qkv: cos and sin are required (the queries and keys are rotated)")
+    supported = _check_kv_projection(
+        "norm_route_qkv", k_cache, v_cache, slots, x, kv_weight, kv_bias, cos, sin
+    )
+    k_in, d = x.shape[-1], k_cache.shape[-1]
+    if norm_weight.shape != (k_in,) or router_weight.shape != (1, k_in):
+        raise ValueError(
+            f"norm_route_qkv: norm_weight must be ({k_in},) and router_weight (1, {k_in}), got "
+            f"{tuple(norm_weight.shape)} and {tuple(router_weight.shape)}"
+        )
+    if q_weight.dim() != 2 or q_weight.shape[1] != k_in or q_weight.shape[0] % d:
+        raise ValueError(
+            f"norm_route_qkv: q_weight must be (Hq * D, {k_in}) with D = {d}, got {tuple(q_weight.shape)}"
+        )
+    if (q_bias is None) != (kv_bias is None) or (q_bias is not None and q_bias.shape != q_weight.shape[:1]):
+        raise ValueError(
+            f"norm_route_qkv: give both biases, q_bias ({q_weight.shape[0]},), or neither; got q_bias "
+            f"{None if q_bias is None else tuple(q_bias.shape)}, kv_bias "
+            f"{None if kv_bias is None else tuple(kv_bias.shape)}"
+        )
+    others = (norm_weight, router_weight, q_weight) + ((q_bias,) if q_bias is not None else ())
+    if any(t.dtype != x.dtype for t in others):
+        raise TypeError(
+            f"norm_route_qkv: x, the norm, router and projection weights need one dtype, got x {x.dtype}, "
+            f"norm {norm_weight.dtype}, router {router_weight.dtype}, q {q_weight.dtype}"
+        )
+    if not temperature > 0 or not 0.0 < threshold < 1.0 or not math.isfinite(offset):
+        raise ValueError(
+            "norm_route_qkv: needs temperature > 0, 0 < threshold < 1 and a finite offset, got "
+            f"{temperature}, {threshold}, {offset}"
+        )
+    supported = supported and not (torch.is_grad_enabled() and any(t.requires_grad for t in others))
+    if backend == "triton" and not supported:
+        raise ValueError(
+            "norm_route_qkv: the Triton kernel needs D / 2 a power of two with D >= 16, 16/32-bit floats, "
+            f"at most {ROUTED_LINEAR_MAX_ROWS} rows and no gradient"
+        )
+    if not _use_triton_elementwise(backend, x, supported):
+        g = rms_norm_reference(x, norm_weight, eps)
+        logits = torch.nn.functional.linear(g, router_weight).float().squeeze(-1) + offset
+        soft = torch.sigmoid(logits / temperature)
+        hard = soft >= threshold
+        project_kv_cache(k_cache, v_cache, slots, g, kv_weight, kv_bias, cos, sin, backend="torch")
+        q = routed_linear_reference(g, q_weight, q_bias, hard, rotary=(cos, sin))
+        return q.unflatten(-1, (-1, d)), soft, hard
+    from l2a.ops.triton._flash import dispatch
+    from l2a.ops.triton.routed_linear import norm_route_qkv_fwd, norm_route_qkv_op
+
+    args = (x, norm_weight, float(eps), router_weight, float(offset), float(temperature), float(threshold))
+    args += (q_weight, q_bias, kv_weight, kv_bias, k_cache, v_cache, slots, cos, sin)
+    q, soft, hard = dispatch(norm_route_qkv_op, norm_route_qkv_fwd, *args)
+    return q.unflatten(-1, (-1, d)), soft, hard

@@ -11,6 +11,10 @@ layer route no token).
 `_linear_kv_cache_kernel`: the new tokens' keys and values projected by one weight ([W_k; W_v]), the keys
 rotated, both written into their cache slots: the decode step's k/v GEMM, RoPE and cache write in one launch.
 
+`_norm_route_qkv_kernel`: the global branch's whole decode-step entry in one launch, from the residual stream:
+its RMSNorm, the router's decision, the k/v projection into the cache (as `_linear_kv_cache_kernel`) and q of
+the routed rows (as `_routed_linear_kernel`), each program normalising the few rows itself.
+
 RoPE epilogues: a program's BLOCK_N columns are BLOCK_N / 2 columns of one head's first half interleaved
 with their partners of the second half (`_rotary_columns`), so that each program rotates its own pairs.
 Forward only; the ops exist so that torch.compile keeps them in graph.
@@ -28,10 +32,12 @@ from l2a.ops.triton.rotary import _tables
 
 @triton.jit
 def _rows_times_weight(
-    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd,
+    NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) float32: X[rows] @ W[cols]^T; rows that are not `live` read as 0."""
+    """(BLOCK_M, BLOCK_N) float32: X[rows] @ W[cols]^T; rows that are not `live` read as 0. NORMED: X's rows
+    RMS-normalised first (`_normed`, rstd (BLOCK_M,), weight NW (K,))."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = W + cols[:, None].to(tl.int64) * stride_wn
     for start in range(0, k_in, BLOCK_K):
@@ -40,9 +46,54 @@ def _rows_times_weight(
         x = tl.load(
             X + rows[:, None] * stride_xm + ks[None, :], mask=live[:, None] & k_ok[None, :], other=0.0
         )
+        if NORMED:
+            x = _normed(x, NW, ks, k_ok, rstd)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(x, tl.trans(w), acc, DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _rows_rstd(X, rows, row_ok, k_in, stride_xm, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of X's rows, float32 (BLOCK_M,)."""
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, k_in, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (ks < k_in)[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        squares += tl.sum(x * x, 1)
+    return 1.0 / tl.sqrt(squares / k_in + eps)
+
+
+@triton.jit
+def _normed(x, NW, ks, k_ok, rstd):
+    """RMSNorm of a tile (BLOCK_M, BLOCK_K) of rows, in x's dtype, rounded as
+    `l2a.ops.norm.rms_norm_reference` rounds: x * rstd to x's dtype, times the weight, to x's dtype."""
+    xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
+    return (xn * w[None, :]).to(x.dtype)
+
+
+@triton.jit
+def _route_rows(
+    X, NW, RW, rows, row_ok, rstd, k_in, stride_xm, offset, temperature, threshold, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A token-wise router on the normalised rows: soft = sigmoid((g . RW + offset) / temperature), the dot
+    rounded to g's dtype (what a linear layer returns), float32 (BLOCK_M,); hard = soft >= threshold."""
+    dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, k_in, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_in
+        x = tl.load(
+            X + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        g = _normed(x, NW, ks, k_ok, rstd)
+        r = tl.load(RW + ks, mask=k_ok, other=0.0).to(tl.float32)
+        dot += tl.sum(g.to(tl.float32) * r[None, :], 1)
+    logit = dot.to(X.dtype.element_ty).to(tl.float32) + offset
+    soft = tl.sigmoid(logit / temperature)
+    return soft, (soft >= threshold) & row_ok
 
 
 @triton.jit
@@ -75,19 +126,19 @@ def _rotate_pairs(
 
 
 @triton.jit
-def _routed_linear_kernel(
-    X, W, BIAS, ACT, RES, COS, SIN, Y, m, n_out, k_in, n_tokens,
-    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _routed_tile(
+    pid, X, W, BIAS, RES, COS, SIN, Y, rows, row_ok, live, n_out, k_in, n_tokens,
+    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, NW, rstd,
+    NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < m
-    live = (tl.load(ACT + rows, mask=row_ok, other=0) != 0) & row_ok
+    """Program pid's BLOCK_N columns of Y = (X W^T + b, rotated) on the `live` rows, 0 elsewhere, + RES."""
     if ROTARY:
-        cols, _, j0 = _rotary_columns(tl.program_id(0), HEAD_DIM, BLOCK_N)
+        cols, _, j0 = _rotary_columns(pid, HEAD_DIM, BLOCK_N)
     else:
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        j0 = 0
     col_ok = cols < n_out
     y_ptrs = Y + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
     y_mask = row_ok[:, None] & col_ok[None, :]
@@ -97,36 +148,35 @@ def _routed_linear_kernel(
     else:
         residual = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if tl.max(live.to(tl.int32), 0) == 0:
-        tl.store(y_ptrs, residual.to(Y.dtype.element_ty), mask=y_mask)
-        return  # no routed row: the weight is not read
-    acc = _rows_times_weight(
-        X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION
-    )
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if ROTARY:
-        cs_off = (rows // n_tokens).to(tl.int64) * stride_cb + (rows % n_tokens) * stride_cn
-        acc = _rotate_pairs(acc, COS, SIN, cs_off, row_ok, j0, HEAD_DIM, BLOCK_M, BLOCK_N)
-    acc = tl.where(live[:, None], acc, 0.0) + residual
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
+        tl.store(y_ptrs, residual.to(Y.dtype.element_ty), mask=y_mask)  # no routed row: W is not read
+    else:
+        acc = _rows_times_weight(
+            X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd, NORMED, BLOCK_M, BLOCK_N,
+            BLOCK_K, DOT_PRECISION,
+        )  # fmt: skip
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ROTARY:
+            cs_off = (rows // n_tokens).to(tl.int64) * stride_cb + (rows % n_tokens) * stride_cn
+            acc = _rotate_pairs(acc, COS, SIN, cs_off, row_ok, j0, HEAD_DIM, BLOCK_M, BLOCK_N)
+        acc = tl.where(live[:, None], acc, 0.0) + residual
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
-def _linear_kv_cache_kernel(
-    X, W, BIAS, COS, SIN, SLOTS, KC, VC, m, n_tokens, kv_heads, k_in,
+def _kv_tile_into_cache(
+    pid, X, W, BIAS, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
     stride_xm, stride_wn, stride_cb, stride_cn,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, NW, rstd,
+    NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Rows are (batch, token) pairs, b = row // n_tokens; output heads [0, Hkv) are keys, [Hkv, 2 Hkv)
-    values. KC[b, SLOTS[t], h] = rotary(x W_k^T + b_k)[h] (not rotated without ROTATE), VC likewise."""
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < m
-    cols, head, j0 = _rotary_columns(tl.program_id(0), HEAD_DIM, BLOCK_N)
+    """Program pid's BLOCK_N columns of [k | v] = X [W_k; W_v]^T + b, keys rotated under ROTATE, written
+    into their cache slots (see `_linear_kv_cache_kernel`)."""
+    cols, head, j0 = _rotary_columns(pid, HEAD_DIM, BLOCK_N)
     acc = _rows_times_weight(
-        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
-        DOT_PRECISION,
+        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, NW, rstd, NORMED, BLOCK_M, BLOCK_N,
+        BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
@@ -145,6 +195,83 @@ def _linear_kv_cache_kernel(
     else:
         dst = VC + (b * stride_vcb + slot * stride_vcs + (head - kv_heads) * stride_vch)[:, None] + d
         tl.store(dst, acc.to(VC.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _routed_linear_kernel(
+    X, W, BIAS, ACT, RES, COS, SIN, Y, m, n_out, k_in, n_tokens,
+    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    live = (tl.load(ACT + rows, mask=row_ok, other=0) != 0) & row_ok
+    _routed_tile(
+        tl.program_id(0), X, W, BIAS, RES, COS, SIN, Y, rows, row_ok, live, n_out, k_in, n_tokens,
+        stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, W, tl.zeros([BLOCK_M], tl.float32),
+        False, HAS_BIAS, HAS_RESIDUAL, ROTARY, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _linear_kv_cache_kernel(
+    X, W, BIAS, COS, SIN, SLOTS, KC, VC, m, n_tokens, kv_heads, k_in,
+    stride_xm, stride_wn, stride_cb, stride_cn,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Rows are (batch, token) pairs, b = row // n_tokens; output heads [0, Hkv) are keys, [Hkv, 2 Hkv)
+    values. KC[b, SLOTS[t], h] = rotary(x W_k^T + b_k)[h] (not rotated without ROTATE), VC likewise."""
+    rows = tl.arange(0, BLOCK_M)
+    _kv_tile_into_cache(
+        tl.program_id(0), X, W, BIAS, COS, SIN, SLOTS, KC, VC, rows, rows < m, n_tokens, kv_heads, k_in,
+        stride_xm, stride_wn, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
+        stride_vcb, stride_vcs, stride_vch, W, tl.zeros([BLOCK_M], tl.float32),
+        False, HAS_BIAS, ROTATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_route_qkv_kernel(
+    X, NW, RW, WQ, BQ, WKV, BKV, COS, SIN, SLOTS, KC, VC, Q, SOFT, HARD,
+    m, n_tokens, kv_heads, k_in, n_q, kv_programs, eps, offset, temperature, threshold,
+    stride_xm, stride_wq, stride_wkv, stride_qm, stride_cb, stride_cn,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N_KV: tl.constexpr, BLOCK_K_KV: tl.constexpr, BLOCK_N_Q: tl.constexpr, BLOCK_K_Q: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The global branch's decode-step entry from the residual stream X (M, K): programs [0, kv_programs)
+    project g = RMSNorm(X) into keys and values and write them into the cache (`_kv_tile_into_cache`), the
+    others decide the router (`_route_rows`, every program on its own: a few dot products over rows that
+    sit in L2) and project q of the routed rows, rotated (`_routed_tile`); the first q program stores the
+    decision. Each program normalises its own rows: no launch for the norm or the router."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < m
+    if pid < kv_programs:
+        rstd = _rows_rstd(X, rows, row_ok, k_in, stride_xm, eps, BLOCK_M, BLOCK_K_KV)
+        _kv_tile_into_cache(
+            pid, X, WKV, BKV, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
+            stride_xm, stride_wkv, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
+            stride_vcb, stride_vcs, stride_vch, NW, rstd,
+            True, HAS_BIAS, True, HEAD_DIM, BLOCK_M, BLOCK_N_KV, BLOCK_K_KV, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        rstd = _rows_rstd(X, rows, row_ok, k_in, stride_xm, eps, BLOCK_M, BLOCK_K_Q)
+        soft, hard = _route_rows(
+            X, NW, RW, rows, row_ok, rstd, k_in, stride_xm, offset, temperature, threshold, BLOCK_M, BLOCK_K_Q
+        )
+        if pid == kv_programs:
+            tl.store(SOFT + rows, soft, mask=row_ok)
+            tl.store(HARD + rows, hard.to(tl.uint8), mask=row_ok)
+        _routed_tile(
+            pid - kv_programs, X, WQ, BQ, Q, COS, SIN, Q, rows, row_ok, hard, n_q, k_in, n_tokens,
+            stride_xm, stride_wq, 0, stride_qm, stride_cb, stride_cn, NW, rstd,
+            True, HAS_BIAS, False, True, HEAD_DIM, BLOCK_M, BLOCK_N_Q, BLOCK_K_Q, DOT_PRECISION,
+        )  # fmt: skip
 
 
 def _tiles(kernel: str) -> tuple[int, int, int, int]:
@@ -279,3 +406,92 @@ def linear_kv_cache_op(
 @linear_kv_cache_op.register_fake
 def _(k_cache, v_cache, slots, x, weight, bias, cos, sin):
     return None
+
+
+def norm_route_qkv_fwd(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    router_weight: torch.Tensor,
+    offset: float,
+    temperature: float,
+    threshold: float,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, N, K) -> q (B, N, Hq D) (0 on rows not routed), soft float32 (B, N), hard bool (B, N); keys and
+    values written into k_cache, v_cache (B, S, Hkv, D) at slots (N,). Arguments already validated
+    (`l2a.ops.kvcache.norm_route_qkv`)."""
+    b, n, k_in = x.shape
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    m = b * n
+    n_q = q_weight.shape[0]
+    q = x.new_empty(b, n, n_q)
+    soft = x.new_empty(b, n, dtype=torch.float32)
+    hard = x.new_empty(b, n, dtype=torch.bool)
+    if m == 0:
+        return q, soft, hard
+    x = x.reshape(m, k_in)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q_weight, kv_weight = q_weight.contiguous(), kv_weight.contiguous()
+    cos, sin = _tables(cos, sin, b, n, head_dim)
+    block_n_kv, block_k_kv, num_warps, num_stages = _tiles("kv")
+    block_n_q, block_k_q, _, _ = _tiles("routed")
+    block_n_kv, block_n_q = min(block_n_kv, head_dim), min(block_n_q, head_dim)
+    kv_programs = 2 * kv_heads * head_dim // block_n_kv
+    has_bias = q_bias is not None
+    _norm_route_qkv_kernel[(kv_programs + triton.cdiv(n_q, block_n_q),)](
+        x, norm_weight, router_weight, q_weight, q_bias if has_bias else q_weight, kv_weight,
+        kv_bias if has_bias else kv_weight, cos, sin, slots, k_cache, v_cache, q, soft,
+        hard.view(torch.uint8),
+        m, n, kv_heads, k_in, n_q, kv_programs, eps, offset, temperature, threshold,
+        x.stride(0), q_weight.stride(0), kv_weight.stride(0), n_q, *cos.stride()[:2],
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        HAS_BIAS=has_bias, HEAD_DIM=head_dim, BLOCK_M=_rows_block(m), BLOCK_N_KV=block_n_kv,
+        BLOCK_K_KV=block_k_kv, BLOCK_N_Q=block_n_q, BLOCK_K_Q=block_k_q,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return q, soft, hard
+
+
+@torch.library.custom_op("l2a::norm_route_qkv", mutates_args=("k_cache", "v_cache"))
+def norm_route_qkv_op(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    router_weight: torch.Tensor,
+    offset: float,
+    temperature: float,
+    threshold: float,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return norm_route_qkv_fwd(
+        x, norm_weight, eps, router_weight, offset, temperature, threshold, q_weight, q_bias, kv_weight,
+        kv_bias, k_cache, v_cache, slots, cos, sin,
+    )  # fmt: skip
+
+
+@norm_route_qkv_op.register_fake
+def _(x, norm_weight, eps, router_weight, offset, temperature, threshold, q_weight, *args):
+    b, n, _ = x.shape
+    return (
+        x.new_empty(b, n, q_weight.shape[0]),
+        x.new_empty(b, n, dtype=torch.float32),
+        x.new_empty(b, n, dtype=torch.bool),
+    )
