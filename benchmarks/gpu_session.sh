@@ -20,6 +20,8 @@
 #   entry:   session 10's one-kernel global decode entry: L2A and local-only at 128K batch 1 and 8, graph
 #            and compiled, with the exactness check and kernel profiles; the entry against the launches it
 #            replaces (bench_decode_ops.py); the decode GPU tests (~8 minutes; carry .whl for xdist).
+#   entry-sweep: the entry kernel's num_warps / num_stages at 1 and 8 rows, 128K batch 1 L2A and
+#            local-only (graph, compiled, --check, profiles), the entry's GPU tests (~5 minutes).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -93,6 +95,23 @@ entry)
     tests/models/test_l2a_decode_fusion.py tests/ops/test_routed_linear.py tests/ops/test_decode.py \
     tests/ops/test_decode_kvcache.py tests/ops/test_rms_norm.py tests/models/test_l2a_gpu.py \
     > "$OUT/gputest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
+  ;;
+entry-sweep)
+  # the entry kernel's launch configurations at 1 and 8 rows, then L2A / local-only 128K batch 1 with the
+  # exactness check and kernel profiles, then the entry's GPU tests (~5 minutes)
+  for rows in 1 8; do
+    timeout 90 python benchmarks/bench_decode_ops.py --entry-only --rows $rows \
+      --out "$OUT/entry_ops_$rows.json" > "$OUT/entry_ops_$rows.log" 2>&1
+    grep -E "^\|" "$OUT/entry_ops_$rows.log" | tail -n +3 || tail -5 "$OUT/entry_ops_$rows.log"
+  done
+  timeout 270 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1 \
+    --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --budget-s 200 \
+    --out "$OUT/entry" > "$OUT/entry.log" 2>&1
+  grep -E "^\||check:" "$OUT/entry.log" | tail -4 || tail -5 "$OUT/entry.log"
+  python -c "import xdist" 2> /dev/null && par="-n 8" || par=""
+  timeout 100 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_norm_route_qkv.py \
+    tests/models/test_l2a_decode_fusion.py tests/models/test_l2a_gpu.py > "$OUT/gputest.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
   ;;
 decode)

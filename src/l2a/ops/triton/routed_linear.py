@@ -54,15 +54,37 @@ def _rows_times_weight(
 
 
 @triton.jit
-def _rows_rstd(X, rows, row_ok, k_in, stride_xm, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of X's rows, float32 (BLOCK_M,)."""
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, k_in, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (ks < k_in)[None, :]
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        squares += tl.sum(x * x, 1)
-    return 1.0 / tl.sqrt(squares / k_in + eps)
+def _rows_rstd_and_route(
+    X, NW, RW, m, k_in, stride_xm, eps, offset, temperature, threshold,
+    ROUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROW: tl.constexpr,
+):  # fmt: skip
+    """Per row of X (m rows of k_in <= BLOCK_ROW): rstd = 1 / sqrt(mean(x^2) + eps), float32 (BLOCK_M,);
+    ROUTE: also a token-wise router on the normalised row g, soft = sigmoid((g . RW + offset) /
+    temperature) with the dot rounded to g's dtype (what a linear layer returns), and hard = soft >=
+    threshold. One row per iteration, read whole: a decode step has few rows, and a loop over K chunks
+    would be a chain of dependent loads in every program (the arithmetic is `l2a.ops.norm`'s kernel's)."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_ROW)
+    c_ok = cols < k_in
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    logit = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r in range(0, m):
+        x = tl.load(X + r * stride_xm + cols, mask=c_ok, other=0.0)
+        xf = x.to(tl.float32)
+        row_rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / k_in + eps)
+        rstd = tl.where(rows == r, row_rstd, rstd)
+        if ROUTE:
+            nw = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+            g = ((xf * row_rstd).to(x.dtype).to(tl.float32) * nw).to(x.dtype).to(tl.float32)
+            rw = tl.load(RW + cols, mask=c_ok, other=0.0).to(tl.float32)
+            row_logit = tl.sum(g * rw, 0).to(x.dtype).to(tl.float32)
+            logit = tl.where(rows == r, row_logit, logit)
+    # the values as (BLOCK_M,) slices of a 2D tile (a max over equal copies: exact), the layout the tiles'
+    # rows have; a 1D vector kept its own layout and spilled registers into the projection loops
+    copies = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    rstd = tl.max(copies + rstd[:, None], 1)
+    soft = tl.sigmoid((tl.max(copies + logit[:, None], 1) + offset) / temperature)
+    return rstd, soft, (soft >= threshold) & (rows < m)
 
 
 @triton.jit
@@ -72,28 +94,6 @@ def _normed(x, NW, ks, k_ok, rstd):
     xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
     return (xn * w[None, :]).to(x.dtype)
-
-
-@triton.jit
-def _route_rows(
-    X, NW, RW, rows, row_ok, rstd, k_in, stride_xm, offset, temperature, threshold, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """A token-wise router on the normalised rows: soft = sigmoid((g . RW + offset) / temperature), the dot
-    rounded to g's dtype (what a linear layer returns), float32 (BLOCK_M,); hard = soft >= threshold."""
-    dot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, k_in, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_in
-        x = tl.load(
-            X + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        g = _normed(x, NW, ks, k_ok, rstd)
-        r = tl.load(RW + ks, mask=k_ok, other=0.0).to(tl.float32)
-        dot += tl.sum(g.to(tl.float32) * r[None, :], 1)
-    logit = dot.to(X.dtype.element_ty).to(tl.float32) + offset
-    soft = tl.sigmoid(logit / temperature)
-    return soft, (soft >= threshold) & row_ok
 
 
 @triton.jit
@@ -239,20 +239,21 @@ def _norm_route_qkv_kernel(
     m, n_tokens, kv_heads, k_in, n_q, kv_programs, eps, offset, temperature, threshold,
     stride_xm, stride_wq, stride_wkv, stride_qm, stride_cb, stride_cn,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROW: tl.constexpr,
     BLOCK_N_KV: tl.constexpr, BLOCK_K_KV: tl.constexpr, BLOCK_N_Q: tl.constexpr, BLOCK_K_Q: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The global branch's decode-step entry from the residual stream X (M, K): programs [0, kv_programs)
     project g = RMSNorm(X) into keys and values and write them into the cache (`_kv_tile_into_cache`), the
-    others decide the router (`_route_rows`, every program on its own: a few dot products over rows that
-    sit in L2) and project q of the routed rows, rotated (`_routed_tile`); the first q program stores the
+    others decide the router (`_rows_rstd_and_route`, every program on its own: a few rows that sit in
+    L2) and project q of the routed rows, rotated (`_routed_tile`); the first q program stores the
     decision. Each program normalises its own rows: no launch for the norm or the router."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < m
+    route = (X, NW, RW, m, k_in, stride_xm, eps, offset, temperature, threshold)
     if pid < kv_programs:
-        rstd = _rows_rstd(X, rows, row_ok, k_in, stride_xm, eps, BLOCK_M, BLOCK_K_KV)
+        rstd, _, _ = _rows_rstd_and_route(*route, False, BLOCK_M, BLOCK_ROW)
         _kv_tile_into_cache(
             pid, X, WKV, BKV, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
             stride_xm, stride_wkv, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
@@ -260,10 +261,7 @@ def _norm_route_qkv_kernel(
             True, HAS_BIAS, True, HEAD_DIM, BLOCK_M, BLOCK_N_KV, BLOCK_K_KV, DOT_PRECISION,
         )  # fmt: skip
     else:
-        rstd = _rows_rstd(X, rows, row_ok, k_in, stride_xm, eps, BLOCK_M, BLOCK_K_Q)
-        soft, hard = _route_rows(
-            X, NW, RW, rows, row_ok, rstd, k_in, stride_xm, offset, temperature, threshold, BLOCK_M, BLOCK_K_Q
-        )
+        rstd, soft, hard = _rows_rstd_and_route(*route, True, BLOCK_M, BLOCK_ROW)
         if pid == kv_programs:
             tl.store(SOFT + rows, soft, mask=row_ok)
             tl.store(HARD + rows, hard.to(tl.uint8), mask=row_ok)
@@ -282,6 +280,10 @@ def _tiles(kernel: str) -> tuple[int, int, int, int]:
     if interpreting():
         return 16, 32, 1, 1
     return (32, 256, 4, 4) if kernel == "routed" else (16, 512, 4, 3)
+
+
+# (num_warps, num_stages) of `_norm_route_qkv_kernel`; None: the k/v tiles' (a benchmark sweeps it)
+ENTRY_LAUNCH: tuple[int, int] | None = None
 
 
 def _rows_block(m: int) -> int:
@@ -445,6 +447,8 @@ def norm_route_qkv_fwd(
     cos, sin = _tables(cos, sin, b, n, head_dim)
     block_n_kv, block_k_kv, num_warps, num_stages = _tiles("kv")
     block_n_q, block_k_q, _, _ = _tiles("routed")
+    if ENTRY_LAUNCH is not None:
+        num_warps, num_stages = ENTRY_LAUNCH
     block_n_kv, block_n_q = min(block_n_kv, head_dim), min(block_n_q, head_dim)
     kv_programs = 2 * kv_heads * head_dim // block_n_kv
     has_bias = q_bias is not None
@@ -455,7 +459,8 @@ def norm_route_qkv_fwd(
         m, n, kv_heads, k_in, n_q, kv_programs, eps, offset, temperature, threshold,
         x.stride(0), q_weight.stride(0), kv_weight.stride(0), n_q, *cos.stride()[:2],
         *k_cache.stride()[:3], *v_cache.stride()[:3],
-        HAS_BIAS=has_bias, HEAD_DIM=head_dim, BLOCK_M=_rows_block(m), BLOCK_N_KV=block_n_kv,
+        HAS_BIAS=has_bias, HEAD_DIM=head_dim, BLOCK_M=_rows_block(m), BLOCK_ROW=triton.next_power_of_2(k_in),
+        BLOCK_N_KV=block_n_kv,
         BLOCK_K_KV=block_k_kv, BLOCK_N_Q=block_n_q, BLOCK_K_Q=block_k_q,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
