@@ -107,7 +107,7 @@ def decode_jobs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
     ]  # fmt: skip
     jobs += [
         (f"norm_route_qkv bias={bias}", routed_linear._norm_route_qkv_kernel,
-         dict(HAS_BIAS=bias, HEAD_DIM=128, BLOCK_M=16, BLOCK_ROW=4096, BLOCK_N_KV=16, BLOCK_K_KV=512,
+         dict(HAS_BIAS=bias, HEAD_DIM=128, BLOCK_M=16, BLOCK_ROW=4096, BLOCK_N_KV=16, BLOCK_K_KV=256,
               BLOCK_N_Q=32, BLOCK_K_Q=256, DOT_PRECISION="ieee"), dict(num_warps=4, num_stages=3))
         for bias in (True, False)
     ]  # fmt: skip

@@ -22,7 +22,7 @@ from l2a.ops.rotary import apply_rotary
 from l2a.ops.triton import routed_linear as kernels
 
 DEVICE = "cuda"
-ENTRY_SWEEP = [(4, 3), (4, 2), (8, 3), (4, 1), (8, 2)]
+ENTRY_SWEEP = [(256, 4, 3), (256, 4, 4), (512, 4, 3), (128, 4, 4), (256, 4, 2), (256, 8, 3)]
 CONFIGS = [
     (16, 256, 4, 4),
     (16, 512, 4, 3),
@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/decode_ops.json"))
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
     parser.add_argument(
-        "--entry-only", action="store_true", help="only the entry, at (num_warps, num_stages) of ENTRY_SWEEP"
+        "--entry-only",
+        action="store_true",
+        help="only the entry, at each (BLOCK_K, warps, stages) of ENTRY_SWEEP",
     )
     args = parser.parse_args()
     global DEVICE
@@ -150,15 +152,16 @@ def main() -> None:
     with torch.no_grad():
         for name, weight, call in [] if args.entry_only else cublas:
             rows.append(dict(op=name, us=graph_us(call), weight_bytes=weight.numel() * 2))
-        for launch in ENTRY_SWEEP if args.entry_only else [None]:
+        default = kernels.ENTRY_LAUNCH
+        for launch in ENTRY_SWEEP if args.entry_only else [default]:
             kernels.ENTRY_LAUNCH = launch
             for name, weights, call in entry:
-                if launch is not None and "one kernel" not in name and launch != ENTRY_SWEEP[0]:
+                if "one kernel" not in name and launch != ENTRY_SWEEP[0] and args.entry_only:
                     continue
-                tag = "" if launch is None or "one kernel" not in name else " [w{} s{}]".format(*launch)
+                tag = " [BK{} w{} s{}]".format(*launch) if "one kernel" in name else ""
                 nbytes = sum(w.numel() * 2 for w in weights)
                 rows.append(dict(op=name + tag, us=graph_us(call), weight_bytes=nbytes))
-        kernels.ENTRY_LAUNCH = None
+        kernels.ENTRY_LAUNCH = default
         for config in [] if args.entry_only else CONFIGS:
             kernels._tiles = lambda _kernel, c=config: c
             tag = "BN{} BK{} w{} s{}".format(*config)

@@ -110,7 +110,7 @@ entry-sweep)
     --out "$OUT/entry" > "$OUT/entry.log" 2>&1
   grep -E "^\||check:" "$OUT/entry.log" | tail -4 || tail -5 "$OUT/entry.log"
   python -c "import xdist" 2> /dev/null && par="-n 8" || par=""
-  timeout 100 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_norm_route_qkv.py \
+  timeout 190 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_norm_route_qkv.py \
     tests/models/test_l2a_decode_fusion.py tests/models/test_l2a_gpu.py > "$OUT/gputest.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
   ;;
