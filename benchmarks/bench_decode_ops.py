@@ -22,7 +22,14 @@ from l2a.ops.rotary import apply_rotary
 from l2a.ops.triton import routed_linear as kernels
 
 DEVICE = "cuda"
-ENTRY_SWEEP = [(256, 4, 3), (256, 4, 4), (512, 4, 3), (128, 4, 4), (256, 4, 2), (256, 8, 3)]
+# norm_route_qkv's (k/v BLOCK_K, num_warps, num_stages, rstd in the projection loop), the first the default
+ENTRY_SWEEP = [
+    (512, 4, 3, False),
+    (256, 4, 3, True),
+    (256, 4, 4, True),
+    (128, 4, 4, True),
+    (512, 4, 1, False),
+]
 CONFIGS = [
     (16, 256, 4, 4),
     (16, 512, 4, 3),
@@ -158,9 +165,9 @@ def main() -> None:
             for name, weights, call in entry:
                 if "one kernel" not in name and launch != ENTRY_SWEEP[0] and args.entry_only:
                     continue
-                tag = " [BK{} w{} s{}]".format(*launch) if "one kernel" in name else ""
+                tag = " [BK{} w{} s{} in-loop {}]".format(*launch) if "one kernel" in name else ""
                 nbytes = sum(w.numel() * 2 for w in weights)
-                rows.append(dict(op=name + tag, us=graph_us(call), weight_bytes=nbytes))
+                rows.append(dict(op=name + tag, us=graph_us(call), weight_bytes=nbytes, launch=launch))
         kernels.ENTRY_LAUNCH = default
         for config in [] if args.entry_only else CONFIGS:
             kernels._tiles = lambda _kernel, c=config: c

@@ -20,6 +20,8 @@
 #   entry:   session 10's one-kernel global decode entry: L2A and local-only at 128K batch 1 and 8, graph
 #            and compiled, with the exactness check and kernel profiles; the entry against the launches it
 #            replaces (bench_decode_ops.py); the decode GPU tests (~8 minutes; carry .whl for xdist).
+#   entry-final: the entry kernel's launches swept at one row, the fastest used for 128K L2A / local-only
+#            at batch 1 and 8 (graph, compiled, --check, profiles), then the entry's GPU tests (~7 minutes).
 #   entry-sweep: the entry kernel's num_warps / num_stages at 1 and 8 rows, 128K batch 1 L2A and
 #            local-only (graph, compiled, --check, profiles), the entry's GPU tests (~5 minutes).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
@@ -95,6 +97,31 @@ entry)
     tests/models/test_l2a_decode_fusion.py tests/ops/test_routed_linear.py tests/ops/test_decode.py \
     tests/ops/test_decode_kvcache.py tests/ops/test_rms_norm.py tests/models/test_l2a_gpu.py \
     > "$OUT/gputest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
+  ;;
+entry-final)
+  # the entry kernel's launches at one row (bench_decode_ops --entry-only), the fastest at ~12 % routed
+  # steps taken for L2A / local-only at 128K batch 1 and 8 (graph, compiled, --check, profiles), then the
+  # entry's GPU tests (~7 minutes)
+  timeout 60 python benchmarks/bench_decode_ops.py --entry-only --out "$OUT/entry_ops_1.json" \
+    > "$OUT/entry_ops_1.log" 2>&1
+  grep -E "^\|" "$OUT/entry_ops_1.log" | tail -n +3 || tail -5 "$OUT/entry_ops_1.log"
+  best=$(python -c "
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1])) if 'one kernel' in r['op']]
+cost = {}
+for r in rows:
+    cost.setdefault(tuple(r['launch']), 0.0)
+    cost[tuple(r['launch'])] += (0.12 if ', routed' in r['op'] else 0.88) * r['us']
+print(','.join(str(int(v)) for v in min(cost, key=cost.get)))" "$OUT/entry_ops_1.json" 2> /dev/null || echo 512,4,3,0)
+  echo "entry launch: $best"
+  timeout 300 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1,8 \
+    --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --budget-s 230 \
+    --entry-launch "$best" --out "$OUT/entry" > "$OUT/entry.log" 2>&1
+  grep -E "^\||check:" "$OUT/entry.log" | tail -5 || tail -5 "$OUT/entry.log"
+  python -c "import xdist" 2> /dev/null && par="-n 8" || par=""
+  timeout 110 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_norm_route_qkv.py \
+    tests/models/test_l2a_decode_fusion.py > "$OUT/gputest.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
   ;;
 entry-sweep)

@@ -32,18 +32,19 @@ from l2a.ops.triton.rotary import _tables
 
 @triton.jit
 def _rows_times_weight(
-    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, eps,
-    NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd, eps,
+    NORMED: tl.constexpr, RSTD_IN_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """(BLOCK_M, BLOCK_N) float32: X[rows] @ W[cols]^T; rows that are not `live` read as 0.
 
-    NORMED: RMSNorm(X[rows]) @ W^T with norm weight NW (K,), as rstd * ((x * NW) @ W^T): the sum of squares
-    comes from the tiles the loop reads anyway, so nothing waits for rstd before the weight streams in. It
-    rounds x * NW to x's dtype where RMSNorm rounds x * rstd and then the product (the same relative
-    rounding, another place)."""
+    NORMED: RMSNorm(X[rows]) @ W^T with norm weight NW (K,): with rstd (BLOCK_M,) given, each tile
+    normalised as the norm rounds it (`_normed`); RSTD_IN_LOOP: as rstd * ((x * NW) @ W^T), the sum of
+    squares the diagonal of x @ x^T on the tiles the loop reads anyway (an MMA: no cross-thread reduction
+    per tile), so nothing waits for rstd before the weight streams in (x * NW rounded to x's dtype where
+    the norm rounds x * rstd and the product: the same relative rounding, another place)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    gram = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     w_rows = W + cols[:, None].to(tl.int64) * stride_wn
     for start in range(0, k_in, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
@@ -52,43 +53,62 @@ def _rows_times_weight(
             X + rows[:, None] * stride_xm + ks[None, :], mask=live[:, None] & k_ok[None, :], other=0.0
         )
         if NORMED:
-            xf = x.to(tl.float32)
-            squares += tl.sum(xf * xf, 1)
-            x = (xf * tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+            if RSTD_IN_LOOP:
+                gram = _mma(x, tl.trans(x), gram, DOT_PRECISION)
+                nw = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) * nw[None, :]).to(x.dtype)
+            else:
+                x = _normed(x, NW, ks, k_ok, rstd)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(x, tl.trans(w), acc, DOT_PRECISION)
-    if NORMED:
+    if NORMED and RSTD_IN_LOOP:
+        diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+        squares = tl.sum(tl.where(diag, gram, 0.0), 1)
         acc = acc * (1.0 / tl.sqrt(squares / k_in + eps))[:, None]
     return acc
 
 
 @triton.jit
-def _route_rows(
+def _rows_rstd_and_route(
     X, NW, RW, m, k_in, stride_xm, eps, offset, temperature, threshold,
-    BLOCK_M: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    ROUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):  # fmt: skip
-    """A token-wise router on RMSNorm(X) (m rows of k_in <= BLOCK_ROW, norm weight NW): soft =
-    sigmoid((g . RW + offset) / temperature), float32 (BLOCK_M,), with g and the dot rounded as
-    `l2a.ops.norm.rms_norm_and_logits` rounds them (the decisions of the unfused steps); hard = soft >=
+    """Per row of X (m rows of k_in <= BLOCK_ROW): rstd = 1 / sqrt(mean(x^2) + eps), float32 (BLOCK_M,);
+    ROUTE: also a token-wise router on the normalised row g, soft = sigmoid((g . RW + offset) /
+    temperature) with the dot rounded to g's dtype (what a linear layer returns), and hard = soft >=
     threshold. One row per iteration, read whole: a decode step has few rows, and a loop over K chunks
-    would be a chain of dependent loads."""
+    would be a chain of dependent loads in every program (the arithmetic is `l2a.ops.norm`'s kernel's)."""
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_ROW)
     c_ok = cols < k_in
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     logit = tl.zeros([BLOCK_M], dtype=tl.float32)
     for r in range(0, m):
         x = tl.load(X + r * stride_xm + cols, mask=c_ok, other=0.0)
         xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / k_in + eps)
-        nw = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
-        g = ((xf * rstd).to(x.dtype).to(tl.float32) * nw).to(x.dtype).to(tl.float32)
-        rw = tl.load(RW + cols, mask=c_ok, other=0.0).to(tl.float32)
-        logit = tl.where(rows == r, tl.sum(g * rw, 0).to(x.dtype).to(tl.float32), logit)
-    # as (BLOCK_M,) slices of a 2D tile (a max over equal copies: exact), the layout of the tiles' rows; a
-    # 1D vector kept its own layout and spilled registers in the projection loop
-    logit = tl.max(tl.zeros([BLOCK_M, 16], dtype=tl.float32) + logit[:, None], 1)
-    soft = tl.sigmoid((logit + offset) / temperature)
-    return soft, (soft >= threshold) & (rows < m)
+        row_rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / k_in + eps)
+        rstd = tl.where(rows == r, row_rstd, rstd)
+        if ROUTE:
+            nw = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+            g = ((xf * row_rstd).to(x.dtype).to(tl.float32) * nw).to(x.dtype).to(tl.float32)
+            rw = tl.load(RW + cols, mask=c_ok, other=0.0).to(tl.float32)
+            row_logit = tl.sum(g * rw, 0).to(x.dtype).to(tl.float32)
+            logit = tl.where(rows == r, row_logit, logit)
+    # the values as (BLOCK_M,) slices of a 2D tile (a max over equal copies: exact), the layout the tiles'
+    # rows have; a 1D vector kept its own layout and spilled registers into the projection loops
+    copies = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    rstd = tl.max(copies + rstd[:, None], 1)
+    soft = tl.sigmoid((tl.max(copies + logit[:, None], 1) + offset) / temperature)
+    return rstd, soft, (soft >= threshold) & (rows < m)
+
+
+@triton.jit
+def _normed(x, NW, ks, k_ok, rstd):
+    """RMSNorm of a tile (BLOCK_M, BLOCK_K) of rows, in x's dtype, rounded as
+    `l2a.ops.norm.rms_norm_reference` rounds: x * rstd to x's dtype, times the weight, to x's dtype."""
+    xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
+    return (xn * w[None, :]).to(x.dtype)
 
 
 @triton.jit
@@ -123,10 +143,10 @@ def _rotate_pairs(
 @triton.jit
 def _routed_tile(
     pid, X, W, BIAS, RES, COS, SIN, Y, rows, row_ok, live, n_out, k_in, n_tokens,
-    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, NW, eps,
-    NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, NW, rstd, eps,
+    NORMED: tl.constexpr, RSTD_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program pid's BLOCK_N columns of Y = (X W^T + b, rotated) on the `live` rows, 0 elsewhere, + RES."""
     if ROTARY:
@@ -146,7 +166,8 @@ def _routed_tile(
         tl.store(y_ptrs, residual.to(Y.dtype.element_ty), mask=y_mask)  # no routed row: W is not read
     else:
         acc = _rows_times_weight(
-            X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, eps, NORMED, BLOCK_M, BLOCK_N,
+            X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd, eps, NORMED, RSTD_IN_LOOP,
+            BLOCK_M, BLOCK_N,
             BLOCK_K, DOT_PRECISION,
         )  # fmt: skip
         if HAS_BIAS:
@@ -162,15 +183,17 @@ def _routed_tile(
 def _kv_tile_into_cache(
     pid, X, W, BIAS, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
     stride_xm, stride_wn, stride_cb, stride_cn,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, NW, eps,
-    NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, NW, rstd, eps,
+    NORMED: tl.constexpr, RSTD_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program pid's BLOCK_N columns of [k | v] = X [W_k; W_v]^T + b, keys rotated under ROTATE, written
     into their cache slots (see `_linear_kv_cache_kernel`)."""
     cols, head, j0 = _rotary_columns(pid, HEAD_DIM, BLOCK_N)
     acc = _rows_times_weight(
-        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, NW, eps, NORMED, BLOCK_M, BLOCK_N,
+        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, NW, rstd, eps, NORMED,
+        RSTD_IN_LOOP, BLOCK_M, BLOCK_N,
         BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
     if HAS_BIAS:
@@ -204,8 +227,8 @@ def _routed_linear_kernel(
     live = (tl.load(ACT + rows, mask=row_ok, other=0) != 0) & row_ok
     _routed_tile(
         tl.program_id(0), X, W, BIAS, RES, COS, SIN, Y, rows, row_ok, live, n_out, k_in, n_tokens,
-        stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, W, 0.0,
-        False, HAS_BIAS, HAS_RESIDUAL, ROTARY, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, W, tl.zeros([BLOCK_M], tl.float32),
+        0.0, False, False, HAS_BIAS, HAS_RESIDUAL, ROTARY, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
 
 
@@ -223,8 +246,8 @@ def _linear_kv_cache_kernel(
     _kv_tile_into_cache(
         tl.program_id(0), X, W, BIAS, COS, SIN, SLOTS, KC, VC, rows, rows < m, n_tokens, kv_heads, k_in,
         stride_xm, stride_wn, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
-        stride_vcb, stride_vcs, stride_vch, W, 0.0,
-        False, HAS_BIAS, ROTATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        stride_vcb, stride_vcs, stride_vch, W, tl.zeros([BLOCK_M], tl.float32), 0.0,
+        False, False, HAS_BIAS, ROTATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
 
 
@@ -236,34 +259,37 @@ def _norm_route_qkv_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROW: tl.constexpr,
     BLOCK_N_KV: tl.constexpr, BLOCK_K_KV: tl.constexpr, BLOCK_N_Q: tl.constexpr, BLOCK_K_Q: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    RSTD_IN_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The global branch's decode-step entry from the residual stream X (M, K): programs [0, kv_programs)
     project g = RMSNorm(X) into keys and values and write them into the cache (`_kv_tile_into_cache`), the
-    others decide the router (`_route_rows`, every program on its own: a few rows that sit in L2) and
-    project q of the routed rows, rotated (`_routed_tile`); the first q program stores the decision. Each
-    program normalises its own rows (`_rows_times_weight`): no launch for the norm or the router."""
+    others decide the router (`_rows_rstd_and_route`, every program on its own: a few rows that sit in
+    L2) and project q of the routed rows, rotated (`_routed_tile`); the first q program stores the
+    decision. Each program normalises its own rows: no launch for the norm or the router."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < m
+    route = (X, NW, RW, m, k_in, stride_xm, eps, offset, temperature, threshold)
     if pid < kv_programs:
+        if RSTD_IN_LOOP:
+            rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # from the projection loop's own tiles
+        else:
+            rstd, _, _ = _rows_rstd_and_route(*route, False, BLOCK_M, BLOCK_ROW)
         _kv_tile_into_cache(
             pid, X, WKV, BKV, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
             stride_xm, stride_wkv, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
-            stride_vcb, stride_vcs, stride_vch, NW, eps,
-            True, HAS_BIAS, True, HEAD_DIM, BLOCK_M, BLOCK_N_KV, BLOCK_K_KV, DOT_PRECISION,
+            stride_vcb, stride_vcs, stride_vch, NW, rstd, eps,
+            True, RSTD_IN_LOOP, HAS_BIAS, True, HEAD_DIM, BLOCK_M, BLOCK_N_KV, BLOCK_K_KV, DOT_PRECISION,
         )  # fmt: skip
     else:
-        soft, hard = _route_rows(
-            X, NW, RW, m, k_in, stride_xm, eps, offset, temperature, threshold, BLOCK_M, BLOCK_ROW
-        )
+        rstd, soft, hard = _rows_rstd_and_route(*route, True, BLOCK_M, BLOCK_ROW)
         if pid == kv_programs:
             tl.store(SOFT + rows, soft, mask=row_ok)
             tl.store(HARD + rows, hard.to(tl.uint8), mask=row_ok)
         _routed_tile(
             pid - kv_programs, X, WQ, BQ, Q, COS, SIN, Q, rows, row_ok, hard, n_q, k_in, n_tokens,
-            stride_xm, stride_wq, 0, stride_qm, stride_cb, stride_cn, NW, eps,
-            True, HAS_BIAS, False, True, HEAD_DIM, BLOCK_M, BLOCK_N_Q, BLOCK_K_Q, DOT_PRECISION,
+            stride_xm, stride_wq, 0, stride_qm, stride_cb, stride_cn, NW, rstd, eps,
+            True, False, HAS_BIAS, False, True, HEAD_DIM, BLOCK_M, BLOCK_N_Q, BLOCK_K_Q, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -277,9 +303,10 @@ def _tiles(kernel: str) -> tuple[int, int, int, int]:
     return (32, 256, 4, 4) if kernel == "routed" else (16, 512, 4, 3)
 
 
-# `_norm_route_qkv_kernel`'s (BLOCK_K of its k/v programs, num_warps, num_stages); its q programs take the
-# "routed" tiles. BLOCK_K 256: at 512 the normalised float32 x tile spilled registers (Triton 3.6, sm_90).
-ENTRY_LAUNCH: tuple[int, int, int] = (256, 4, 3)
+# `_norm_route_qkv_kernel`'s launch: (BLOCK_K of its k/v programs, num_warps, num_stages, whether its k/v
+# programs take rstd from their own projection loop (`_rows_times_weight`) instead of a pass over the rows
+# first); its q programs take the "routed" tiles. `benchmarks/bench_decode_ops.py --entry-only` sweeps it.
+ENTRY_LAUNCH: tuple[int, int, int, bool] = (512, 4, 3, False)
 
 
 def _rows_block(m: int) -> int:
@@ -441,12 +468,11 @@ def norm_route_qkv_fwd(
         x = x.contiguous()
     q_weight, kv_weight = q_weight.contiguous(), kv_weight.contiguous()
     cos, sin = _tables(cos, sin, b, n, head_dim)
-    block_n_kv, block_k_kv, _, _ = _tiles("kv")
+    block_n_kv, block_k_kv, num_warps, num_stages = _tiles("kv")
     block_n_q, block_k_q, _, _ = _tiles("routed")
+    in_loop = ENTRY_LAUNCH[3]
     if not interpreting():
-        block_k_kv, num_warps, num_stages = ENTRY_LAUNCH
-    else:
-        num_warps, num_stages = 1, 1
+        block_k_kv, num_warps, num_stages = ENTRY_LAUNCH[:3]
     block_n_kv, block_n_q = min(block_n_kv, head_dim), min(block_n_q, head_dim)
     kv_programs = 2 * kv_heads * head_dim // block_n_kv
     has_bias = q_bias is not None
@@ -459,7 +485,7 @@ def norm_route_qkv_fwd(
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         HAS_BIAS=has_bias, HEAD_DIM=head_dim, BLOCK_M=_rows_block(m), BLOCK_ROW=triton.next_power_of_2(k_in),
         BLOCK_N_KV=block_n_kv,
-        BLOCK_K_KV=block_k_kv, BLOCK_N_Q=block_n_q, BLOCK_K_Q=block_k_q,
+        BLOCK_K_KV=block_k_kv, BLOCK_N_Q=block_n_q, BLOCK_K_Q=block_k_q, RSTD_IN_LOOP=in_loop,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return q, soft, hard
