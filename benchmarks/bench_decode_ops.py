@@ -165,7 +165,7 @@ def main() -> None:
             for name, weights, call in entry:
                 if "one kernel" not in name and launch != ENTRY_SWEEP[0] and args.entry_only:
                     continue
-                tag = " [BK{} w{} s{} in-loop {}]".format(*launch) if "one kernel" in name else ""
+                tag = " [BK{} w{} s{}]".format(*launch) if "one kernel" in name else ""
                 nbytes = sum(w.numel() * 2 for w in weights)
                 rows.append(dict(op=name + tag, us=graph_us(call), weight_bytes=nbytes, launch=launch))
         kernels.ENTRY_LAUNCH = default

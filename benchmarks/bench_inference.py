@@ -495,15 +495,14 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, help="only redraw the plot and table of a results JSON")
     parser.add_argument(
         "--entry-launch", type=lambda s: tuple(int(x) for x in s.split(",")),
-        help="BLOCK_K,warps,stages,in_loop of the global branch's decode entry kernel "
+        help="BLOCK_K,warps,stages of the global branch's decode entry kernel "
         "(`l2a.ops.triton.routed_linear.ENTRY_LAUNCH`; bench_decode_ops.py --entry-only sweeps them)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.entry_launch is not None:
         from l2a.ops.triton import routed_linear
 
-        block_k, warps, stages, in_loop = args.entry_launch
-        routed_linear.ENTRY_LAUNCH = (block_k, warps, stages, bool(in_loop))
+        routed_linear.ENTRY_LAUNCH = args.entry_launch
     if args.replot is not None:
         saved = json.loads(args.replot.read_text())
         title = f"{saved['env']['gpu']}, {saved['env']['date']}: {saved['env']['command'].split(' --out')[0]}"

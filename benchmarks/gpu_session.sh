@@ -113,7 +113,7 @@ cost = {}
 for r in rows:
     cost.setdefault(tuple(r['launch']), 0.0)
     cost[tuple(r['launch'])] += (0.12 if ', routed' in r['op'] else 0.88) * r['us']
-print(','.join(str(int(v)) for v in min(cost, key=cost.get)))" "$OUT/entry_ops_1.json" 2> /dev/null || echo 512,4,3,0)
+print(','.join(str(int(v)) for v in min(cost, key=cost.get)))" "$OUT/entry_ops_1.json" 2> /dev/null || echo 512,4,3)
   echo "entry launch: $best"
   timeout 300 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1,8 \
     --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --budget-s 230 \

@@ -32,19 +32,13 @@ from l2a.ops.triton.rotary import _tables
 
 @triton.jit
 def _rows_times_weight(
-    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd, eps,
-    NORMED: tl.constexpr, RSTD_IN_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd,
+    NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) float32: X[rows] @ W[cols]^T; rows that are not `live` read as 0.
-
-    NORMED: RMSNorm(X[rows]) @ W^T with norm weight NW (K,): with rstd (BLOCK_M,) given, each tile
-    normalised as the norm rounds it (`_normed`); RSTD_IN_LOOP: as rstd * ((x * NW) @ W^T), the sum of
-    squares the diagonal of x @ x^T on the tiles the loop reads anyway (an MMA: no cross-thread reduction
-    per tile), so nothing waits for rstd before the weight streams in (x * NW rounded to x's dtype where
-    the norm rounds x * rstd and the product: the same relative rounding, another place)."""
+    """(BLOCK_M, BLOCK_N) float32: X[rows] @ W[cols]^T; rows that are not `live` read as 0. NORMED: X's rows
+    RMS-normalised first (`_normed`, rstd (BLOCK_M,), weight NW (K,))."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    gram = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     w_rows = W + cols[:, None].to(tl.int64) * stride_wn
     for start in range(0, k_in, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
@@ -53,18 +47,9 @@ def _rows_times_weight(
             X + rows[:, None] * stride_xm + ks[None, :], mask=live[:, None] & k_ok[None, :], other=0.0
         )
         if NORMED:
-            if RSTD_IN_LOOP:
-                gram = _mma(x, tl.trans(x), gram, DOT_PRECISION)
-                nw = tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) * nw[None, :]).to(x.dtype)
-            else:
-                x = _normed(x, NW, ks, k_ok, rstd)
+            x = _normed(x, NW, ks, k_ok, rstd)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(x, tl.trans(w), acc, DOT_PRECISION)
-    if NORMED and RSTD_IN_LOOP:
-        diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
-        squares = tl.sum(tl.where(diag, gram, 0.0), 1)
-        acc = acc * (1.0 / tl.sqrt(squares / k_in + eps))[:, None]
     return acc
 
 
@@ -143,10 +128,10 @@ def _rotate_pairs(
 @triton.jit
 def _routed_tile(
     pid, X, W, BIAS, RES, COS, SIN, Y, rows, row_ok, live, n_out, k_in, n_tokens,
-    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, NW, rstd, eps,
-    NORMED: tl.constexpr, RSTD_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ROTARY: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, NW, rstd,
+    NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program pid's BLOCK_N columns of Y = (X W^T + b, rotated) on the `live` rows, 0 elsewhere, + RES."""
     if ROTARY:
@@ -166,8 +151,7 @@ def _routed_tile(
         tl.store(y_ptrs, residual.to(Y.dtype.element_ty), mask=y_mask)  # no routed row: W is not read
     else:
         acc = _rows_times_weight(
-            X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd, eps, NORMED, RSTD_IN_LOOP,
-            BLOCK_M, BLOCK_N,
+            X, W, rows, live, cols, col_ok, k_in, stride_xm, stride_wn, NW, rstd, NORMED, BLOCK_M, BLOCK_N,
             BLOCK_K, DOT_PRECISION,
         )  # fmt: skip
         if HAS_BIAS:
@@ -183,17 +167,15 @@ def _routed_tile(
 def _kv_tile_into_cache(
     pid, X, W, BIAS, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
     stride_xm, stride_wn, stride_cb, stride_cn,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, NW, rstd, eps,
-    NORMED: tl.constexpr, RSTD_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, NW, rstd,
+    NORMED: tl.constexpr, HAS_BIAS: tl.constexpr, ROTATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program pid's BLOCK_N columns of [k | v] = X [W_k; W_v]^T + b, keys rotated under ROTATE, written
     into their cache slots (see `_linear_kv_cache_kernel`)."""
     cols, head, j0 = _rotary_columns(pid, HEAD_DIM, BLOCK_N)
     acc = _rows_times_weight(
-        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, NW, rstd, eps, NORMED,
-        RSTD_IN_LOOP, BLOCK_M, BLOCK_N,
+        X, W, rows, row_ok, cols, cols >= 0, k_in, stride_xm, stride_wn, NW, rstd, NORMED, BLOCK_M, BLOCK_N,
         BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
     if HAS_BIAS:
@@ -228,7 +210,7 @@ def _routed_linear_kernel(
     _routed_tile(
         tl.program_id(0), X, W, BIAS, RES, COS, SIN, Y, rows, row_ok, live, n_out, k_in, n_tokens,
         stride_xm, stride_wn, stride_rm, stride_ym, stride_cb, stride_cn, W, tl.zeros([BLOCK_M], tl.float32),
-        0.0, False, False, HAS_BIAS, HAS_RESIDUAL, ROTARY, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        False, HAS_BIAS, HAS_RESIDUAL, ROTARY, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
 
 
@@ -246,8 +228,8 @@ def _linear_kv_cache_kernel(
     _kv_tile_into_cache(
         tl.program_id(0), X, W, BIAS, COS, SIN, SLOTS, KC, VC, rows, rows < m, n_tokens, kv_heads, k_in,
         stride_xm, stride_wn, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
-        stride_vcb, stride_vcs, stride_vch, W, tl.zeros([BLOCK_M], tl.float32), 0.0,
-        False, False, HAS_BIAS, ROTATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        stride_vcb, stride_vcs, stride_vch, W, tl.zeros([BLOCK_M], tl.float32),
+        False, HAS_BIAS, ROTATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
     )  # fmt: skip
 
 
@@ -259,7 +241,7 @@ def _norm_route_qkv_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROW: tl.constexpr,
     BLOCK_N_KV: tl.constexpr, BLOCK_K_KV: tl.constexpr, BLOCK_N_Q: tl.constexpr, BLOCK_K_Q: tl.constexpr,
-    RSTD_IN_LOOP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The global branch's decode-step entry from the residual stream X (M, K): programs [0, kv_programs)
     project g = RMSNorm(X) into keys and values and write them into the cache (`_kv_tile_into_cache`), the
@@ -271,15 +253,12 @@ def _norm_route_qkv_kernel(
     row_ok = rows < m
     route = (X, NW, RW, m, k_in, stride_xm, eps, offset, temperature, threshold)
     if pid < kv_programs:
-        if RSTD_IN_LOOP:
-            rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # from the projection loop's own tiles
-        else:
-            rstd, _, _ = _rows_rstd_and_route(*route, False, BLOCK_M, BLOCK_ROW)
+        rstd, _, _ = _rows_rstd_and_route(*route, False, BLOCK_M, BLOCK_ROW)
         _kv_tile_into_cache(
             pid, X, WKV, BKV, COS, SIN, SLOTS, KC, VC, rows, row_ok, n_tokens, kv_heads, k_in,
             stride_xm, stride_wkv, stride_cb, stride_cn, stride_kcb, stride_kcs, stride_kch,
-            stride_vcb, stride_vcs, stride_vch, NW, rstd, eps,
-            True, RSTD_IN_LOOP, HAS_BIAS, True, HEAD_DIM, BLOCK_M, BLOCK_N_KV, BLOCK_K_KV, DOT_PRECISION,
+            stride_vcb, stride_vcs, stride_vch, NW, rstd,
+            True, HAS_BIAS, True, HEAD_DIM, BLOCK_M, BLOCK_N_KV, BLOCK_K_KV, DOT_PRECISION,
         )  # fmt: skip
     else:
         rstd, soft, hard = _rows_rstd_and_route(*route, True, BLOCK_M, BLOCK_ROW)
@@ -288,8 +267,8 @@ def _norm_route_qkv_kernel(
             tl.store(HARD + rows, hard.to(tl.uint8), mask=row_ok)
         _routed_tile(
             pid - kv_programs, X, WQ, BQ, Q, COS, SIN, Q, rows, row_ok, hard, n_q, k_in, n_tokens,
-            stride_xm, stride_wq, 0, stride_qm, stride_cb, stride_cn, NW, rstd, eps,
-            True, False, HAS_BIAS, False, True, HEAD_DIM, BLOCK_M, BLOCK_N_Q, BLOCK_K_Q, DOT_PRECISION,
+            stride_xm, stride_wq, 0, stride_qm, stride_cb, stride_cn, NW, rstd,
+            True, HAS_BIAS, False, True, HEAD_DIM, BLOCK_M, BLOCK_N_Q, BLOCK_K_Q, DOT_PRECISION,
         )  # fmt: skip
 
 
@@ -303,10 +282,10 @@ def _tiles(kernel: str) -> tuple[int, int, int, int]:
     return (32, 256, 4, 4) if kernel == "routed" else (16, 512, 4, 3)
 
 
-# `_norm_route_qkv_kernel`'s launch: (BLOCK_K of its k/v programs, num_warps, num_stages, whether its k/v
-# programs take rstd from their own projection loop (`_rows_times_weight`) instead of a pass over the rows
-# first); its q programs take the "routed" tiles. `benchmarks/bench_decode_ops.py --entry-only` sweeps it.
-ENTRY_LAUNCH: tuple[int, int, int, bool] = (512, 4, 3, False)
+# `_norm_route_qkv_kernel`'s launch: (BLOCK_K of its k/v programs, num_warps, num_stages); its q programs
+# take the "routed" tiles. `benchmarks/bench_decode_ops.py --entry-only` sweeps it (docs/benchmarks.md,
+# "Inference, session 10": 3 stages were faster in the model than 1, which won with the weights in L2).
+ENTRY_LAUNCH: tuple[int, int, int] = (512, 4, 3)
 
 
 def _rows_block(m: int) -> int:
@@ -470,9 +449,8 @@ def norm_route_qkv_fwd(
     cos, sin = _tables(cos, sin, b, n, head_dim)
     block_n_kv, block_k_kv, num_warps, num_stages = _tiles("kv")
     block_n_q, block_k_q, _, _ = _tiles("routed")
-    in_loop = ENTRY_LAUNCH[3]
     if not interpreting():
-        block_k_kv, num_warps, num_stages = ENTRY_LAUNCH[:3]
+        block_k_kv, num_warps, num_stages = ENTRY_LAUNCH
     block_n_kv, block_n_q = min(block_n_kv, head_dim), min(block_n_q, head_dim)
     kv_programs = 2 * kv_heads * head_dim // block_n_kv
     has_bias = q_bias is not None
@@ -485,7 +463,7 @@ def norm_route_qkv_fwd(
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         HAS_BIAS=has_bias, HEAD_DIM=head_dim, BLOCK_M=_rows_block(m), BLOCK_ROW=triton.next_power_of_2(k_in),
         BLOCK_N_KV=block_n_kv,
-        BLOCK_K_KV=block_k_kv, BLOCK_N_Q=block_n_q, BLOCK_K_Q=block_k_q, RSTD_IN_LOOP=in_loop,
+        BLOCK_K_KV=block_k_kv, BLOCK_N_Q=block_n_q, BLOCK_K_Q=block_k_q,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return q, soft, hard
