@@ -1,9 +1,11 @@
 """Decode-step projection kernels against cuBLAS on the GPU: time per call of one decode step's shapes
-(Qwen2.5-7B: hidden 3584, 28 query heads, 4 K/V heads of 128), each replayed in a CUDA graph of 50 calls,
-for a few tile configurations of `l2a.ops.triton.routed_linear`; and the global branch's decode-step entry
-(norm + router logits, decision, k/v into the cache, routed q) as three launches against `norm_route_qkv`.
+(Qwen2.5-7B: hidden 3584, 28 query heads, 4 K/V heads of 128), each replayed in a CUDA graph of 50 calls that
+read 8 copies of the weights in turn (so that they stream from HBM, as in a model step, not from L2), for a
+few tile configurations of `l2a.ops.triton.routed_linear`; and the global branch's decode-step entry (norm +
+router logits, decision, k/v into the cache, routed q) as three launches against `norm_route_qkv`.
 
-    python benchmarks/bench_decode_ops.py [--rows 1] [--out runs/decode_ops.json] [--device cpu]
+    python benchmarks/bench_decode_ops.py [--rows 1] [--copies 8] [--entry-only] [--out runs/decode_ops.json]
+        [--device cpu]
 """
 
 from __future__ import annotations
@@ -22,14 +24,8 @@ from l2a.ops.rotary import apply_rotary
 from l2a.ops.triton import routed_linear as kernels
 
 DEVICE = "cuda"
-# norm_route_qkv's (k/v BLOCK_K, num_warps, num_stages, rstd in the projection loop), the first the default
-ENTRY_SWEEP = [
-    (512, 4, 3, False),
-    (256, 4, 3, True),
-    (256, 4, 4, True),
-    (128, 4, 4, True),
-    (512, 4, 1, False),
-]
+# norm_route_qkv's (k/v BLOCK_K, num_warps, num_stages), the first the default
+ENTRY_SWEEP = [(512, 4, 3), (512, 4, 1), (512, 4, 2), (256, 4, 3), (512, 8, 3)]
 CONFIGS = [
     (16, 256, 4, 4),
     (16, 512, 4, 3),
@@ -38,6 +34,23 @@ CONFIGS = [
     (16, 256, 8, 4),
     (16, 512, 8, 3),
 ]
+
+
+class Copies:
+    """`n` distinct tensors made by `make`, handed out in turn by calling the object: the calls captured in
+    one graph then read more weight bytes than the GPU's L2 holds (50 MB on the H200, where one copy of a
+    decode step's q and k/v weights, 33 MB, would stay resident and time as L2 reads)."""
+
+    def __init__(self, make, n: int):
+        self.items = [make() for _ in range(n)]
+        self.turn = 0
+
+    def __call__(self) -> torch.Tensor:
+        self.turn = (self.turn + 1) % len(self.items)
+        return self.items[self.turn]
+
+    def nbytes(self) -> int:
+        return self.items[0].numel() * self.items[0].element_size()
 
 
 def graph_us(fn, calls: int = 50, repeats: int = 5) -> float:
@@ -73,6 +86,9 @@ def graph_us(fn, calls: int = 50, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument(
+        "--copies", type=int, default=8, help="distinct copies of each weight, read in turn (1: L2-resident)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/decode_ops.json"))
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
     parser.add_argument(
@@ -84,47 +100,49 @@ def main() -> None:
     global DEVICE
     DEVICE = dev = args.device
     dt = torch.bfloat16
-    hidden, hq, hkv, d, slots = 3584, 28, 4, 128, 8192
+    # the Qwen2.5-7B shape; a CPU smoke run a small one (the interpreter takes minutes per 7B-shape call)
+    hidden, hq, hkv, d, slots = (3584, 28, 4, 128, 8192) if dev != "cpu" else (256, 4, 2, 64, 64)
     x = torch.randn(args.rows, 1, hidden, device=dev, dtype=dt)
-    wq = torch.randn(hq * d, hidden, device=dev, dtype=dt) / 60
+    copies = 1 if dev == "cpu" else args.copies
+    wq = Copies(lambda: torch.randn(hq * d, hidden, device=dev, dtype=dt) / 60, copies)
     bq = torch.randn(hq * d, device=dev, dtype=dt)
-    wkv = torch.randn(2 * hkv * d, hidden, device=dev, dtype=dt) / 60
+    wkv = Copies(lambda: torch.randn(2 * hkv * d, hidden, device=dev, dtype=dt) / 60, copies)
     bkv = torch.randn(2 * hkv * d, device=dev, dtype=dt)
     kc, vc = (torch.zeros(args.rows, slots, hkv, d, device=dev, dtype=dt) for _ in range(2))
     idx = torch.tensor([slots // 2], device=dev)
     cos, sin = torch.randn(1, 1, d, device=dev, dtype=dt), torch.randn(1, 1, d, device=dev, dtype=dt)
     live = torch.ones(args.rows, 1, dtype=torch.bool, device=dev)
     dead = torch.zeros_like(live)
-    wo = torch.randn(hidden, hq * d, device=dev, dtype=dt) / 60
+    wo = Copies(lambda: torch.randn(hidden, hq * d, device=dev, dtype=dt) / 60, copies)
     res = torch.randn(args.rows, 1, hidden, device=dev, dtype=dt)
     linear = torch.nn.functional.linear
     tri = dict(backend="triton")
 
     def cublas_kv_write():
-        k, v = linear(x, wkv, bkv).view(args.rows, 1, 2 * hkv, d).split(hkv, -2)
+        k, v = linear(x, wkv(), bkv).view(args.rows, 1, 2 * hkv, d).split(hkv, -2)
         write_kv_cache(kc, vc, idx, k, v, cos, sin)
 
     # (name, weight bytes read, call)
     cublas = [
-        ("cuBLAS q (3584 -> 3584, bias)", wq, lambda: linear(x, wq, bq)),
+        ("cuBLAS q (3584 -> 3584, bias)", wq, lambda: linear(x, wq(), bq)),
         (
             "cuBLAS q + RoPE kernel",
             wq,
-            lambda: apply_rotary(linear(x, wq, bq).view(args.rows, 1, hq, d), cos, sin),
+            lambda: apply_rotary(linear(x, wq(), bq).view(args.rows, 1, hq, d), cos, sin),
         ),
-        ("cuBLAS k/v (3584 -> 1024, bias)", wkv, lambda: linear(x, wkv, bkv)),
+        ("cuBLAS k/v (3584 -> 1024, bias)", wkv, lambda: linear(x, wkv(), bkv)),
         ("cuBLAS k/v + cache-write kernel", wkv, cublas_kv_write),
-        ("cuBLAS o (3584 -> 3584) + residual add", wo, lambda: res + linear(x, wo)),
+        ("cuBLAS o (3584 -> 3584) + residual add", wo, lambda: res + linear(x, wo())),
     ]
     triton_ops = [
-        ("routed q + RoPE, routed", wq, lambda: routed_linear(x, wq, bq, live, rotary=(cos, sin), **tri)),
+        ("routed q + RoPE, routed", wq, lambda: routed_linear(x, wq(), bq, live, rotary=(cos, sin), **tri)),
         (
             "routed q + RoPE, not routed",
             None,
-            lambda: routed_linear(x, wq, bq, dead, rotary=(cos, sin), **tri),
+            lambda: routed_linear(x, wq(), bq, dead, rotary=(cos, sin), **tri),
         ),
-        ("project_kv_cache", wkv, lambda: project_kv_cache(kc, vc, idx, x, wkv, bkv, cos, sin, **tri)),
-        ("routed o + residual, routed", wo, lambda: routed_linear(x, wo, None, live, residual=res, **tri)),
+        ("project_kv_cache", wkv, lambda: project_kv_cache(kc, vc, idx, x, wkv(), bkv, cos, sin, **tri)),
+        ("routed o + residual, routed", wo, lambda: routed_linear(x, wo(), None, live, residual=res, **tri)),
     ]
     # the global branch's entry: norm + router logits, k/v into the cache, routed q as three launches (the
     # decision between them in PyTorch), against `norm_route_qkv`'s one kernel
@@ -134,12 +152,12 @@ def main() -> None:
     def three_launches(offset):
         g, logits = rms_norm_and_logits(x, norm_w, 1e-6, router_w, **tri)
         hard = torch.sigmoid((logits.squeeze(-1) + offset) / 0.1) >= 0.5
-        project_kv_cache(kc, vc, idx, g, wkv, bkv, cos, sin, **tri)
-        return routed_linear(g, wq, bq, hard, rotary=(cos, sin), **tri)
+        project_kv_cache(kc, vc, idx, g, wkv(), bkv, cos, sin, **tri)
+        return routed_linear(g, wq(), bq, hard, rotary=(cos, sin), **tri)
 
     def one_kernel(offset):
         return norm_route_qkv(
-            x, norm_w, 1e-6, router_w, wq, bq, wkv, bkv, kc, vc, idx, cos, sin, temperature=0.1,
+            x, norm_w, 1e-6, router_w, wq(), bq, wkv(), bkv, kc, vc, idx, cos, sin, temperature=0.1,
             threshold=0.5, offset=offset, **tri,
         )  # fmt: skip
 
@@ -158,7 +176,7 @@ def main() -> None:
     real = kernels._tiles
     with torch.no_grad():
         for name, weight, call in [] if args.entry_only else cublas:
-            rows.append(dict(op=name, us=graph_us(call), weight_bytes=weight.numel() * 2))
+            rows.append(dict(op=name, us=graph_us(call), weight_bytes=weight.nbytes()))
         default = kernels.ENTRY_LAUNCH
         for launch in ENTRY_SWEEP if args.entry_only else [default]:
             kernels.ENTRY_LAUNCH = launch
@@ -166,19 +184,19 @@ def main() -> None:
                 if "one kernel" not in name and launch != ENTRY_SWEEP[0] and args.entry_only:
                     continue
                 tag = " [BK{} w{} s{}]".format(*launch) if "one kernel" in name else ""
-                nbytes = sum(w.numel() * 2 for w in weights)
+                nbytes = sum(w.nbytes() for w in weights)
                 rows.append(dict(op=name + tag, us=graph_us(call), weight_bytes=nbytes, launch=launch))
         kernels.ENTRY_LAUNCH = default
         for config in [] if args.entry_only else CONFIGS:
             kernels._tiles = lambda _kernel, c=config: c
             tag = "BN{} BK{} w{} s{}".format(*config)
             for name, weight, call in triton_ops:
-                nbytes = None if weight is None else weight.numel() * 2
+                nbytes = None if weight is None else weight.nbytes()
                 rows.append(dict(op=f"{name} [{tag}]", us=graph_us(call), weight_bytes=nbytes))
     kernels._tiles = real
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print(f"| op (rows={args.rows}) | us per call | weight GB/s |\n|---|---|---|")
+    print(f"| op (rows={args.rows}, {copies} weight copies) | us per call | weight GB/s |\n|---|---|---|")
     for r in rows:
         gbs = "" if r["weight_bytes"] is None else f"{r['weight_bytes'] / r['us'] / 1e3:.0f}"
         print(f"| {r['op']} | {r['us']:.2f} | {gbs} |")
