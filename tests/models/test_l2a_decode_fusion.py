@@ -238,3 +238,33 @@ def test_static_decode_steps_with_triton_kernels_equal_the_pytorch_path(tiny_l2a
     assert want_hard.any() and not want_hard.all()
     assert torch.equal(got_hard, want_hard)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hook", ["forward-hook", "accelerate-hook"])
+def test_hooks_on_the_router_turn_the_one_kernel_entry_off(tiny_l2a, monkeypatch, hook):
+    """Static steps run the global branch's entry as one op (`norm_route_qkv`) unless something observes or
+    moves the router's weights: a forward hook then still fires every step, and accelerate's `_hf_hook`
+    (offloading) keeps the module call; the logits stay those of the one-op entry."""
+    import l2a.layers.attention as attention
+
+    model = tiny_l2a("qwen2", window=4)
+    ids, mask = _batch()
+    tokens = torch.randint(1, 300, (2, STEPS))
+    entries = []
+    real = attention.norm_route_qkv
+    monkeypatch.setattr(attention, "norm_route_qkv", lambda *a, **k: entries.append(1) or real(*a, **k))
+    fused, _ = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    layers = [layer for layer in model.model.layers if layer.has_global]
+    assert len(entries) == STEPS * len(layers)
+    entries.clear()
+    calls = []
+    for layer in layers:
+        if hook == "forward-hook":
+            layer.router.register_forward_hook(lambda *_: calls.append(1))
+        else:
+            layer.router._hf_hook = object()
+    hooked, _ = _decode(model, ids, mask, PROMPT + STEPS, tokens=tokens)
+    assert not entries
+    if hook == "forward-hook":  # the prompt and every step
+        assert len(calls) == (STEPS + 1) * len(layers)
+    torch.testing.assert_close(hooked, fused, atol=1e-5, rtol=1e-5)

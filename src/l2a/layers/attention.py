@@ -341,12 +341,14 @@ def _one_kernel_kv(attn: AttentionProjections, h: torch.Tensor, weight: torch.Te
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks (the module's or global ones) would see this module's calls."""
+    """Whether forward hooks (the module's, global ones, or accelerate's `_hf_hook`, which may move the
+    weights in only for the call) would see this module's calls."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or nn.modules.module._global_forward_hooks
         or nn.modules.module._global_forward_pre_hooks
+        or getattr(module, "_hf_hook", None) is not None
     )
 
 
