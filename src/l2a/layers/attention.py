@@ -529,10 +529,10 @@ class L2ADecoderLayer(GradientCheckpointingLayer):
         norm, router, attn = self.global_layernorm, self.router, self.global_attn
         if attn.q_norm is not None or any(_has_hooks(m) for m in (norm, router, attn)):
             return None
+        if any(w.dtype != x.dtype for w in (norm.weight, router.weight, attn.q_proj.weight)):
+            return None
         kv_weights = self._decode_kv_weights("global", x, layer_cache)
         if kv_weights is None or not _one_kernel_kv(attn, x, kv_weights[0]):
-            return None
-        if any(w.dtype != x.dtype for w in (norm.weight, router.weight, attn.q_proj.weight)):
             return None
         return attn.routed_decode_step(
             x, norm, router, position_embeddings, layer_cache, kv_weights, key_start

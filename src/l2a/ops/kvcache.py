@@ -15,7 +15,7 @@ import torch
 from l2a.ops import _checks
 from l2a.ops.attention import _use_triton, _use_triton_elementwise
 from l2a.ops.linear import ROUTED_LINEAR_MAX_ROWS, rotary_tiles_supported, routed_linear_reference
-from l2a.ops.norm import rms_norm_reference
+from l2a.ops.norm import rms_norm_and_logits
 from l2a.ops.reference import masked_attention
 from l2a.ops.rotary import rotary_reference, triton_supported
 
@@ -340,9 +340,8 @@ def norm_route_qkv(
             f"at most {ROUTED_LINEAR_MAX_ROWS} rows and no gradient"
         )
     if not _use_triton_elementwise(backend, x, supported):
-        g = rms_norm_reference(x, norm_weight, eps)
-        logits = torch.nn.functional.linear(g, router_weight).float().squeeze(-1) + offset
-        soft = torch.sigmoid(logits / temperature)
+        g, logits = rms_norm_and_logits(x, norm_weight, eps, router_weight, backend="torch")
+        soft = torch.sigmoid((logits.squeeze(-1) + offset) / temperature)
         hard = soft >= threshold
         project_kv_cache(k_cache, v_cache, slots, g, kv_weight, kv_bias, cos, sin, backend="torch")
         q = routed_linear_reference(g, q_weight, q_bias, hard, rotary=(cos, sin))
