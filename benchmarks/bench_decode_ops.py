@@ -11,16 +11,18 @@ router logits, decision, k/v into the cache, routed q) as three launches against
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from l2a.ops import routed_linear
+from l2a.ops import attention_with_kvcache, routed_linear
 from l2a.ops.kvcache import norm_route_qkv, project_kv_cache, write_kv_cache
 from l2a.ops.norm import rms_norm_and_logits
 from l2a.ops.rotary import apply_rotary
+from l2a.ops.triton import decode
 from l2a.ops.triton import routed_linear as kernels
 
 DEVICE = "cuda"
@@ -92,6 +94,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/decode_ops.json"))
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (TRITON_INTERPRET=1)")
     parser.add_argument(
+        "--attention",
+        action="store_true",
+        help="only the decode attention (window ring and 128K global cache), merge fused or not, at each "
+        "DECODE_MIN_SPLIT_BLOCKS of --min-blocks",
+    )
+    parser.add_argument("--min-blocks", default="1,2,4", help="DECODE_MIN_SPLIT_BLOCKS values (--attention)")
+    parser.add_argument(
+        "--merge-blocks", default="16,32,64", help="DECODE_FUSED_MERGE_BLOCK values (--attention)"
+    )
+    parser.add_argument(
         "--entry-only",
         action="store_true",
         help="only the entry, at each (BLOCK_K, warps, stages) of ENTRY_SWEEP",
@@ -99,6 +111,11 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = dev = args.device
+    if args.attention:
+        ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+        rows = attention_rows(args, ints(args.min_blocks), ints(args.merge_blocks))
+        write_table(rows, args, f"batch {args.rows}, {1 if dev == 'cpu' else args.copies} cache copies", "KV")
+        return
     dt = torch.bfloat16
     # the Qwen2.5-7B shape; a CPU smoke run a small one (the interpreter takes minutes per 7B-shape call)
     hidden, hq, hkv, d, slots = (3584, 28, 4, 128, 8192) if dev != "cpu" else (256, 4, 2, 64, 64)
@@ -194,11 +211,64 @@ def main() -> None:
                 nbytes = None if weight is None else weight.nbytes()
                 rows.append(dict(op=f"{name} [{tag}]", us=graph_us(call), weight_bytes=nbytes))
     kernels._tiles = real
+    write_table(rows, args, f"rows={args.rows}, {copies} weight copies", "weight")
+
+
+def attention_rows(args: argparse.Namespace, min_blocks: list[int], merge_blocks: list[int]) -> list[dict]:
+    """µs per decode-attention call (`attention_with_kvcache`, one new token a row, the Qwen2.5-7B heads):
+    the local branch's ring (window 4096) and the global branch's 128K cache with one row routed or none,
+    with the merge fused into the split kernel (at each DECODE_FUSED_MERGE_BLOCK) or as its own kernel, at
+    each DECODE_MIN_SPLIT_BLOCKS."""
+    dev, dt, b = args.device, torch.bfloat16, args.rows
+    hq, hkv, d, window, filled = (28, 4, 128, 4096, 131072) if dev != "cpu" else (4, 2, 64, 40, 300)
+    copies = 1 if dev == "cpu" else args.copies
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=dt)
+    seqlen = torch.tensor([filled], dtype=torch.int32, device=dev)
+    one = torch.zeros(b, 1, dtype=torch.bool, device=dev)
+    one[0] = True
+    cases = []
+    for name, slots, kw in (
+        ("window 4096 (ring)", window + 15, dict(window=window, ring=True)),
+        ("global 128K, 1 row routed", filled + 16, dict(active=one)),
+        ("global 128K, none routed", filled + 16, dict(active=torch.zeros_like(one))),
+    ):
+        kv = Copies(lambda s=slots: torch.randn(2, b, s, hkv, d, device=dev, dtype=dt), copies)
+        cases.append((name, kv, kw))
+    rows = []
+    knobs = ("DECODE_FUSED_MERGE", "DECODE_FUSED_MERGE_BLOCK", "DECODE_MIN_SPLIT_BLOCKS")
+    real = [getattr(decode, k) for k in knobs]
+    merges = [(False, None)] + [(True, m) for m in merge_blocks]
+    with torch.no_grad():
+        for name, kv, kw in cases:
+            for (fused, merge), blocks in itertools.product(merges, min_blocks):
+                for knob, value in zip(knobs, (fused, merge or real[1], blocks), strict=True):
+                    setattr(decode, knob, value)
+
+                def call(kv=kv, kw=kw):
+                    k, v = kv()
+                    return attention_with_kvcache(q, k, v, seqlen, backend="triton", **kw)
+
+                how = f"fused merge of {merge}" if fused else "merge kernel"
+                nbytes = 2 * b * min(filled, window if "window" in name else filled) * hkv * d * 2
+                nbytes = 0 if "none" in name else nbytes // (b if "1 row" in name else 1)
+                rows.append(
+                    dict(op=f"{name} [{how}, min {blocks} blocks]", us=graph_us(call), kv_bytes=nbytes,
+                         fused=fused, merge_block=merge, min_blocks=blocks)
+                )  # fmt: skip
+        del cases
+    for knob, value in zip(knobs, real, strict=True):
+        setattr(decode, knob, value)
+    return rows
+
+
+def write_table(rows: list[dict], args: argparse.Namespace, title: str, what: str) -> None:
+    """Rows to --out (JSON) and a Markdown table with the bandwidth of the bytes each call must read."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
-    print(f"| op (rows={args.rows}, {copies} weight copies) | us per call | weight GB/s |\n|---|---|---|")
+    key = f"{what.lower()}_bytes"
+    print(f"| op ({title}) | us per call | {what} GB/s |\n|---|---|---|")
     for r in rows:
-        gbs = "" if r["weight_bytes"] is None else f"{r['weight_bytes'] / r['us'] / 1e3:.0f}"
+        gbs = "" if not r[key] else f"{r[key] / r['us'] / 1e3:.0f}"
         print(f"| {r['op']} | {r['us']:.2f} | {gbs} |")
 
 

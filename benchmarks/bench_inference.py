@@ -16,7 +16,8 @@ TPOT (every batch size): decode steps from a static cache on both sides (HF `Sta
 `max_length`) filled with the K/V of that batch-1 prompt, repeated over the batch (a prefill of B x 128K
 tokens does not fit next to the cache: its activations alone are ~120 GB). Each row gets its own random
 step tokens (teacher forcing: with random weights greedy continuations degenerate into one repeated token,
-whose routing is all or nothing); the argmax of every step is computed as in greedy decoding.
+whose routing is all or nothing); the argmax of every step is computed as in greedy decoding. Every mode
+starts from the same fill level and runs the same tokens at the same positions, so the modes route alike.
 Modes: "eager" (the step as Python), "graph" (one step captured in a `torch.cuda.CUDAGraph` and replayed)
 and "compiled" (`torch.compile(step, mode="reduce-overhead", fullgraph=True)`: Inductor and CUDA graphs,
 as HF generate(cache_implementation="static") compiles its steps), the same settings on every side.
@@ -141,9 +142,19 @@ class DecodeStep:
         self.start = position
         self.index = torch.zeros(1, device=tokens.device, dtype=torch.long)
         self.fraction = torch.zeros((), device=tokens.device)
+        static = getattr(cache, "static", None)  # L2ACache: the fill level to rewind to
+        self.filled = None if static is None else (static.position.clone(), static.host_filled)
         if DEVICE == "cuda":
             for t in (self.tokens, self.index, self.fraction):
                 torch._dynamo.mark_static_address(t)
+
+    def rewind(self) -> None:
+        """Back to the first step: each mode then runs the same tokens at the same positions (the cache
+        slots they wrote are written again), so that every mode routes the same tokens."""
+        self.index.zero_()
+        if self.filled is not None:
+            self.cache.static.position.copy_(self.filled[0])
+            self.cache.static.host_filled = self.filled[1]
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
@@ -323,7 +334,7 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
     modes = [m for m in args.modes if m != "graph" or DEVICE == "cuda"]
     total = args.warmup + args.steps + 3 + (2 * args.steps if args.host_profile else 0) + 4 * args.profile
     for n in args.prompts:
-        max_len = n + len(modes) * total + 8
+        max_len = n + total + 8
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=DEVICE)
         try:
             ttft, prompt_cache, routed, softs = prefill(kind, model, ids, max_len)
@@ -345,7 +356,7 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                     r.threshold = t
             try:
                 cache = static_cache_for_batch(kind, model, prompt_cache, b, n, max_len)
-                tokens = torch.randint(0, model.config.vocab_size, (b, len(modes) * total), device=DEVICE)
+                tokens = torch.randint(0, model.config.vocab_size, (b, total), device=DEVICE)
                 step = DecodeStep(kind, model, cache, tokens, n)
                 first = n == args.prompts[0] and b == args.batches[0] and args.profile
                 stem = f"profile_{args.shape}_{variant}_{n // 1024}k_b{b}"
@@ -355,6 +366,7 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                         continue
                     if mode == "compiled" and args.compiled_batches and b not in args.compiled_batches:
                         continue
+                    step.rewind()
                     try:
                         if mode == "eager":
                             row["tpot_eager_ms"] = time_eager(step, args.warmup, args.steps) * 1e3
@@ -477,7 +489,9 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--routed", type=float, default=0.1, help="target fraction of routed tokens")
-    parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=None, help="router calibration prompt (32768; CPU: 256)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--budget-s", type=float, default=1e9, help="no new compiled run after this many s")
@@ -559,7 +573,8 @@ def main() -> None:
     model = to_l2a(base, args)
     del base
     free_memory()
-    calibrate_routers(model, args.routed, args.calibration_tokens)
+    calibration = args.calibration_tokens or (32768 if DEVICE == "cuda" else 256)
+    calibrate_routers(model, args.routed, calibration)
     log("L2A model converted, routers calibrated")
     with torch.no_grad():
         model(warm, use_cache=True, logits_to_keep=1)
