@@ -24,6 +24,9 @@
 #            at batch 1 and 8 (graph, compiled, --check, profiles), then the entry's GPU tests (~7 minutes).
 #   entry-sweep: the entry kernel's num_warps / num_stages at 1 and 8 rows, 128K batch 1 L2A and
 #            local-only (graph, compiled, --check, profiles), the entry's GPU tests (~5 minutes).
+#   merge:   session 11's decode attention with the merge in the split kernel: L2A and local-only at 128K
+#            batch 1 and 8 (graph, compiled, --check, profiles), the attention alone fused or not at several
+#            split sizes (bench_decode_ops.py --attention), the decode GPU tests (~8 minutes).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -141,6 +144,25 @@ entry-sweep)
     tests/models/test_l2a_decode_fusion.py tests/models/test_l2a_gpu.py > "$OUT/gputest.log" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
   ;;
+merge)
+  # session 11: the decode attention with the merge fused into the split kernel. L2A and local-only at 128K
+  # batch 1 and 8 (graph, compiled, --check, profiles), then the attention alone (fused or not, split sizes)
+  # at batch 1 and 8, then the decode GPU tests (~8 minutes; carry .whl for xdist)
+  timeout 300 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1,8 \
+    --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --budget-s 230 \
+    --out "$OUT/merge" > "$OUT/merge.log" 2>&1
+  grep -E "^\||check:" "$OUT/merge.log" | tail -5 || tail -5 "$OUT/merge.log"
+  for rows in 1 8; do
+    timeout 60 python benchmarks/bench_decode_ops.py --attention --rows $rows \
+      --out "$OUT/attention_$rows.json" > "$OUT/attention_$rows.log" 2>&1
+    grep -E "^\|" "$OUT/attention_$rows.log" | tail -n +3 || tail -5 "$OUT/attention_$rows.log"
+  done
+  python -c "import xdist" 2> /dev/null && par="-n 8" || par=""
+  timeout 120 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_decode.py \
+    tests/ops/test_decode_kvcache.py tests/models/test_l2a_decode_fusion.py tests/models/test_l2a_gpu.py \
+    > "$OUT/gputest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
+  ;;
 decode)
   timeout 200 python -m pytest -q -rf --tb=short -p no:cacheprovider tests/ops/test_routed_linear.py \
     tests/ops/test_decode.py tests/ops/test_decode_kvcache.py tests/ops/test_rms_norm.py \
@@ -209,7 +231,7 @@ multigpu)
   timeout 500 python benchmarks/check_multi_gpu.py --world 2 --out "$OUT/multi_gpu" 2>&1 | grep -v "shards"
   ;;
 *)
-  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh tests|kernels|table|eval|train|pending|recipe8b|decode|infer128|infer64|multigpu" >&2
+  echo "usage: OUT=DIR bash benchmarks/gpu_session.sh tests|kernels|table|eval|train|pending|recipe8b|decode|entry|entry-sweep|entry-final|merge|infer128|infer64|multigpu" >&2
   exit 2
   ;;
 esac
