@@ -70,7 +70,7 @@ DECODE_POINTERS = {
     **dict.fromkeys(("X", "W", "BIAS", "RES", "COS", "SIN", "Y", "P", "KC", "VC"), "*bf16"),
     **dict.fromkeys(("Q", "K", "V", "Out", "NW", "RW", "WQ", "BQ", "WKV", "BKV"), "*bf16"),
     **dict.fromkeys(("PO", "PL", "LSE", "LOGITS", "RSTD", "SOFT"), "*fp32"),
-    "ACT": "*u8", "HARD": "*u8", "SLOTS": "*i64", "KS": "*i64", "NKP": "*i32", "CNT": "*i32",
+    "ACT": "*u8", "HARD": "*u8", "SLOTS": "*i64", "KS": "*i64", "NKP": "*i32",
 }  # fmt: skip
 
 
@@ -114,14 +114,8 @@ def decode_jobs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
     jobs += [
         ("rms_norm + logits", rmsnorm._rms_norm_fwd_kernel,
          dict(BLOCK=4096, PROJECT=True, BLOCK_P=1), dict(num_warps=16)),
-    ]  # fmt: skip
-    jobs += [
-        (f"decode split fused_merge={fused}", decode._decode_split_kernel,
-         dict(flags, BLOCK_M=16, BLOCK_N=64, DOT_PRECISION="ieee", FUSED_MERGE=fused, BLOCK_S=64),
-         dict(num_warps=4, num_stages=2))
-        for fused in (True, False)
-    ]  # fmt: skip
-    jobs += [
+        ("decode split", decode._decode_split_kernel,
+         dict(flags, BLOCK_M=16, BLOCK_N=64, DOT_PRECISION="ieee"), dict(num_warps=4, num_stages=2)),
         ("decode merge", decode._decode_merge_kernel, dict(flags, BLOCK_M=16, BLOCK_S=64), dict(num_warps=4)),
     ]  # fmt: skip
     return jobs

@@ -96,13 +96,10 @@ def main() -> None:
     parser.add_argument(
         "--attention",
         action="store_true",
-        help="only the decode attention (window ring and 128K global cache), merge fused or not, at each "
+        help="only the decode attention (window ring and 128K global cache) at each "
         "DECODE_MIN_SPLIT_BLOCKS of --min-blocks",
     )
     parser.add_argument("--min-blocks", default="1,2,4", help="DECODE_MIN_SPLIT_BLOCKS values (--attention)")
-    parser.add_argument(
-        "--merge-blocks", default="16,32,64", help="DECODE_FUSED_MERGE_BLOCK values (--attention)"
-    )
     parser.add_argument(
         "--entry-only",
         action="store_true",
@@ -113,7 +110,7 @@ def main() -> None:
     DEVICE = dev = args.device
     if args.attention:
         ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-        rows = attention_rows(args, ints(args.min_blocks), ints(args.merge_blocks))
+        rows = attention_rows(args, ints(args.min_blocks))
         write_table(rows, args, f"batch {args.rows}, {1 if dev == 'cpu' else args.copies} cache copies", "KV")
         return
     dt = torch.bfloat16
@@ -214,11 +211,10 @@ def main() -> None:
     write_table(rows, args, f"rows={args.rows}, {copies} weight copies", "weight")
 
 
-def attention_rows(args: argparse.Namespace, min_blocks: list[int], merge_blocks: list[int]) -> list[dict]:
+def attention_rows(args: argparse.Namespace, min_blocks: list[int]) -> list[dict]:
     """µs per decode-attention call (`attention_with_kvcache`, one new token a row, the Qwen2.5-7B heads):
     the local branch's ring (window 4096) and the global branch's 128K cache with one row routed or none,
-    with the merge fused into the split kernel (at each DECODE_FUSED_MERGE_BLOCK) or as its own kernel, at
-    each DECODE_MIN_SPLIT_BLOCKS."""
+    at each DECODE_MIN_SPLIT_BLOCKS (split kernel and merge kernel in one graph)."""
     dev, dt, b = args.device, torch.bfloat16, args.rows
     hq, hkv, d, window, filled = (28, 4, 128, 4096, 131072) if dev != "cpu" else (4, 2, 64, 40, 300)
     copies = 1 if dev == "cpu" else args.copies
@@ -235,29 +231,21 @@ def attention_rows(args: argparse.Namespace, min_blocks: list[int], merge_blocks
         kv = Copies(lambda s=slots: torch.randn(2, b, s, hkv, d, device=dev, dtype=dt), copies)
         cases.append((name, kv, kw))
     rows = []
-    knobs = ("DECODE_FUSED_MERGE", "DECODE_FUSED_MERGE_BLOCK", "DECODE_MIN_SPLIT_BLOCKS")
-    real = [getattr(decode, k) for k in knobs]
-    merges = [(False, None)] + [(True, m) for m in merge_blocks]
+    real = decode.DECODE_MIN_SPLIT_BLOCKS
     with torch.no_grad():
-        for name, kv, kw in cases:
-            for (fused, merge), blocks in itertools.product(merges, min_blocks):
-                for knob, value in zip(knobs, (fused, merge or real[1], blocks), strict=True):
-                    setattr(decode, knob, value)
+        for (name, kv, kw), blocks in itertools.product(cases, min_blocks):
+            decode.DECODE_MIN_SPLIT_BLOCKS = blocks
 
-                def call(kv=kv, kw=kw):
-                    k, v = kv()
-                    return attention_with_kvcache(q, k, v, seqlen, backend="triton", **kw)
+            def call(kv=kv, kw=kw):
+                k, v = kv()
+                return attention_with_kvcache(q, k, v, seqlen, backend="triton", **kw)
 
-                how = f"fused merge of {merge}" if fused else "merge kernel"
-                nbytes = 2 * b * min(filled, window if "window" in name else filled) * hkv * d * 2
-                nbytes = 0 if "none" in name else nbytes // (b if "1 row" in name else 1)
-                rows.append(
-                    dict(op=f"{name} [{how}, min {blocks} blocks]", us=graph_us(call), kv_bytes=nbytes,
-                         fused=fused, merge_block=merge, min_blocks=blocks)
-                )  # fmt: skip
+            nbytes = 2 * b * min(filled, window if "window" in name else filled) * hkv * d * 2
+            nbytes = 0 if "none" in name else nbytes // (b if "1 row" in name else 1)
+            us = graph_us(call)
+            rows.append(dict(op=f"{name} [min {blocks} blocks]", us=us, kv_bytes=nbytes, min_blocks=blocks))
         del cases
-    for knob, value in zip(knobs, real, strict=True):
-        setattr(decode, knob, value)
+    decode.DECODE_MIN_SPLIT_BLOCKS = real
     return rows
 
 

@@ -268,15 +268,23 @@ def profile_kernels(run, path: Path, label: str, elapsed: float, repeats: int = 
     events.sort(key=lambda e: -e.self_device_time_total)
     launches = sum(e.count for e in events) / repeats
     busy = sum(e.self_device_time_total for e in events) / repeats
+    # the GPU's idle time before each kernel (since the previous kernel ended), by kernel name
+    idle: dict[str, float] = {}
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.time_range.start)
+    for before, e in zip(kernels, kernels[1:]):
+        idle[e.name] = idle.get(e.name, 0.0) + max(0.0, e.time_range.start - before.time_range.end)
     lines = [
         f"{repeats} {label} steps, {elapsed * 1e3:.3f} ms per step untraced; per step {launches:.0f} kernel "
-        f"launches, {busy / 1e3:.3f} ms of kernel time",
-        f"{'launches/step':>13} {'us/step':>9} {'us/launch':>9}  kernel",
+        f"launches, {busy / 1e3:.3f} ms of kernel time, {sum(idle.values()) / repeats / 1e3:.3f} ms idle "
+        "between kernels",
+        f"{'launches/step':>13} {'us/step':>9} {'us/launch':>9} {'idle before':>11}  kernel",
     ]
     for e in events:
         lines.append(
             f"{e.count / repeats:13.1f} {e.self_device_time_total / repeats:9.1f} "
-            f"{e.self_device_time_total / max(e.count, 1):9.2f}  {e.key[:110]}"
+            f"{e.self_device_time_total / max(e.count, 1):9.2f} {idle.get(e.key, 0.0) / repeats:11.1f}  "
+            f"{e.key[:110]}"
         )
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     path.write_text("\n".join(lines) + "\n\n" + table)

@@ -24,9 +24,9 @@
 #            at batch 1 and 8 (graph, compiled, --check, profiles), then the entry's GPU tests (~7 minutes).
 #   entry-sweep: the entry kernel's num_warps / num_stages at 1 and 8 rows, 128K batch 1 L2A and
 #            local-only (graph, compiled, --check, profiles), the entry's GPU tests (~5 minutes).
-#   merge:   session 11's decode attention with the merge in the split kernel: L2A and local-only at 128K
-#            batch 1 and 8 (graph, compiled, --check, profiles), the attention alone fused or not at several
-#            split sizes (bench_decode_ops.py --attention), the decode GPU tests (~8 minutes).
+#   merge:   session 11: L2A and local-only at 128K batch 1 and 8 (graph, compiled, --check, profiles), the
+#            decode attention alone at several split sizes (bench_decode_ops.py --attention), the decode GPU
+#            tests (~8 minutes).
 #   multigpu (on a machine with >= 2 GPUs): 2-GPU DDP / FSDP2 training against 1 GPU with gradient accumulation.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -145,9 +145,9 @@ entry-sweep)
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
   ;;
 merge)
-  # session 11: the decode attention with the merge fused into the split kernel. L2A and local-only at 128K
-  # batch 1 and 8 (graph, compiled, --check, profiles), then the attention alone (fused or not, split sizes)
-  # at batch 1 and 8, then the decode GPU tests (~8 minutes; carry .whl for xdist)
+  # session 11: L2A and local-only at 128K batch 1 and 8 (graph, compiled, --check, profiles), then the decode
+  # attention alone at several split sizes at batch 1 and 8, then the decode GPU tests (~8 minutes; carry .whl
+  # for xdist). Call 1 of session 11 ran it with the merge fused into the split kernel (64ec183).
   timeout 300 python benchmarks/bench_inference.py --check --shape 7b --prompts 131072 --batches 1,8 \
     --modes graph,compiled --variants l2a,local_only --steps 20 --warmup 2 --profile --budget-s 230 \
     --out "$OUT/merge" > "$OUT/merge.log" 2>&1

@@ -50,21 +50,8 @@ def _id(case) -> str:
     return "-".join(parts + [str(dtype).removeprefix("torch.")])
 
 
-@pytest.fixture(params=[True, False], ids=["fused-merge", "merge-kernel"])
-def fused_merge(request, monkeypatch):
-    """Both merge paths: the last split program of each (batch, K/V head) merges, or a merge kernel."""
-    monkeypatch.setattr(decode, "DECODE_FUSED_MERGE", request.param)
-    return request.param
-
-
-def _assert_counters_reset(fused: bool) -> None:
-    """After a fused merge the counters are back at 0 (the next call, a graph replay, counts from 0)."""
-    if fused:
-        assert not decode._COUNTERS[torch.device(DEVICE)].any()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_decode_kernel_equals_float64_reference(case, fused_merge, poisoned_outputs, nan_buffers):
+def test_decode_kernel_equals_float64_reference(case, poisoned_outputs, nan_buffers):
     b, n, nk, hq, hkv, d, routing, window, key_start, dtype = case
     gen = torch.Generator().manual_seed(nk * 31 + n)
     q = torch.randn(b, n, hq, d, generator=gen).to(DEVICE, dtype)
@@ -96,7 +83,6 @@ def test_decode_kernel_equals_float64_reference(case, fused_merge, poisoned_outp
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], **TOL[dtype])
     if routing == "none":
         assert torch.equal(out, torch.zeros_like(out))
-    _assert_counters_reset(fused_merge)
 
 
 def test_public_ops_use_the_decode_kernels_for_few_tokens(monkeypatch):
@@ -181,7 +167,7 @@ def _long_id(case) -> str:
 
 @pytest.mark.parametrize("case", LONG_MERGES, ids=[_long_id(c) for c in LONG_MERGES])
 def test_merge_over_many_split_blocks_equals_float64_reference(
-    case, nan_buffers, poisoned_outputs, fused_merge, monkeypatch
+    case, nan_buffers, poisoned_outputs, monkeypatch
 ):
     b, n, nk, hq, hkv, window, key_start, key_offset = case
     if not interpreting():  # the GPU's splits are long: one key block each, two per merge block
@@ -211,4 +197,3 @@ def test_merge_over_many_split_blocks_equals_float64_reference(
     assert torch.equal(lse.cpu().isneginf(), unrouted)
     assert not out.cpu().permute(0, 2, 1, 3)[unrouted].any()
     torch.testing.assert_close(lse.cpu()[~unrouted].double(), ref_lse[~unrouted], **TOL[torch.float32])
-    _assert_counters_reset(fused_merge)

@@ -30,12 +30,9 @@ from l2a.ops.triton._flash import LOG2E, _dot_precision, _mma, check_supported, 
 DECODE_MAX_TOKENS = 16
 DECODE_MIN_KEYS = 1024
 DECODE_MAX_ROWS = 128
-# the last split program of each (batch, K/V head) merges its rows (one launch); False: a merge kernel
-DECODE_FUSED_MERGE = True
-# splits the fused merge reads at once (its [BLOCK_S, D] fp32 tile adds to the split kernel's registers)
-DECODE_FUSED_MERGE_BLOCK = 32
-# the fewest key blocks a split holds (fewer: more programs and more partials to merge)
-DECODE_MIN_SPLIT_BLOCKS = 4
+# the fewest key blocks a split holds. 1 (session 11, H200): the local branch's 4096-key window at batch 1
+# in 11.9 us per call against 15.2 us with 4 (splits of 256 keys: four dependent block loads per program)
+DECODE_MIN_SPLIT_BLOCKS = 1
 
 
 def use_decode(n: int, nk: int, hq: int, hkv: int, needs_grad: bool) -> bool:
@@ -118,18 +115,15 @@ def _row_bounds(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, ACT, KS, NKP, PO, PL, CNT, Out, LSE,
+    Q, K, V, ACT, KS, NKP, PO, PL,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ab, stride_an, stride_ah,
     stride_pb, stride_ps, stride_pm,
-    stride_ob, stride_on, stride_oh,
-    stride_lb, stride_lh,
     hkv_heads, n, nk, ring, group, key_offset, window, chunk, qk_scale,
     HAS_ACTIVE: tl.constexpr, HEAD_WISE: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_NK_PTR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -143,15 +137,9 @@ def _decode_split_kernel(
     # keys of this split that some routed row sees (unrouted rows: lo = nk, hi = -1)
     k_first = tl.maximum(base + split * chunk, tl.min(lo, 0))
     k_last = tl.minimum(tl.minimum(base + split * chunk + chunk, nk) - 1, tl.max(hi, 0))
-    b64 = b.to(tl.int64)
     if k_last < k_first:
-        # no routed row meets this split: nothing is read. Fused merge: with no routed row at all, split 0
-        # writes the rows' empty results (0, lse -inf)
-        if FUSED_MERGE:  # noqa: SIM102 (a constexpr: the branch is compiled out)
-            if (split == 0) & (tl.max(hi, 0) < tl.min(lo, 0)):
-                _empty_rows(Out, LSE, b64, tok, head, row_valid, stride_on, stride_oh, stride_ob, stride_lb,
-                            stride_lh, HEAD_DIM)  # fmt: skip
-        return
+        return  # no routed row meets this split: nothing is read
+    b64 = b.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     q_ptrs = Q + b64 * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
@@ -184,79 +172,6 @@ def _decode_split_kernel(
     tl.store(PO + p_off[:, None] + offs_d[None, :], acc / l_safe[:, None])
     # the lse buffer has the output buffer's layout without the head-dim axis
     tl.store(PL + p_off // HEAD_DIM, m_i + tl.log2(l_safe))
-    if FUSED_MERGE:
-        # the last of the live splits of (b, hkv) to finish merges every row (CNT[pid] counts the finished
-        # ones and is reset for the next call). The barrier and the release half of the atomic publish this
-        # program's partials; the acquire half and the uncached (.cg) loads read the others'.
-        live = (tl.max(hi, 0) - base) // chunk - (tl.maximum(tl.min(lo, 0), base) - base) // chunk + 1
-        tl.debug_barrier()
-        done = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-        if done == live - 1:
-            tl.store(CNT + pid, 0)
-            tl.debug_barrier()
-            p_pid = pid.to(tl.int64) * stride_pb
-            for r in range(0, n * group):
-                this = rows == r
-                _merge_row(
-                    PO, PL, Out, LSE, p_pid + r * stride_pm, stride_ps, b64,
-                    tl.sum(tl.where(this, tok, 0)), tl.sum(tl.where(this, head, 0)),
-                    tl.sum(tl.where(this, lo, 0)), tl.sum(tl.where(this, hi, 0)), base, chunk,
-                    stride_ob, stride_on, stride_oh, stride_lb, stride_lh, HEAD_DIM, BLOCK_S,
-                )  # fmt: skip
-
-
-@triton.jit
-def _empty_rows(Out, LSE, b64, tok, head, row_valid, stride_on, stride_oh, stride_ob, stride_lb, stride_lh,
-                HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Rows without keys: out 0, lse -inf."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = Out + b64 * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, tl.zeros([tok.shape[0], HEAD_DIM], dtype=Out.dtype.element_ty), mask=row_valid[:, None])
-    tl.store(LSE + b64 * stride_lb + head * stride_lh + tok, float("-inf"), mask=row_valid)
-
-
-@triton.jit
-def _merge_row(
-    PO, PL, Out, LSE, p_row, stride_ps, b64, tok, head, lo, hi, base, chunk,
-    stride_ob, stride_on, stride_oh, stride_lb, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """Merge one row's partials (offset p_row in the partial buffers) over the splits meeting its key range
-    [lo, hi] and store its output and lse; a row without keys gets 0 and -inf."""
-    # splits that meet [lo, hi]; none (empty loop) for a row without keys
-    has_keys = hi >= lo
-    s_first = tl.where(has_keys, lo - base, 0) // chunk
-    s_last = tl.where(has_keys, (hi - base) // chunk, -1)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_s = tl.arange(0, BLOCK_S)
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    # a counter from 0 keeps the partial rows provably 16-byte aligned: counting from s_first compiled to
-    # one-float loads (Triton 3.9, sm_90). Every block holds a split with a key of this row (finite lse), so
-    # m_new is finite. ".cg": partials written by other programs of a fused merge bypass this SM's L1.
-    for s0 in range(0, s_last + 1 - s_first, BLOCK_S):
-        split = s_first + s0 + offs_s
-        take = split <= s_last
-        p_off = p_row + split * stride_ps
-        lse2 = tl.load(PL + p_off // HEAD_DIM, mask=take, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(
-            PO + p_off[:, None] + offs_d[None, :], mask=take[:, None], other=0.0, cache_modifier=".cg"
-        )
-        m_new = tl.maximum(m_i, tl.max(lse2, 0))
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse2 - m_new)
-        acc = acc * alpha + tl.sum(part * w[:, None], 0)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
-    tl.store(
-        Out + b64 * stride_ob + tok * stride_on + head * stride_oh + offs_d,
-        (acc / l_safe).to(Out.dtype.element_ty),
-    )
-    tl.store(LSE + b64 * stride_lb + head * stride_lh + tok, lse)
 
 
 @triton.jit
@@ -281,30 +196,44 @@ def _decode_merge_kernel(
     )  # fmt: skip
     # this program's row out of the program-wide vectors
     this = tl.arange(0, BLOCK_M) == row
-    _merge_row(
-        PO, PL, Out, LSE, pid.to(tl.int64) * stride_pb + row * stride_pm, stride_ps, b.to(tl.int64),
-        tl.sum(tl.where(this, toks, 0)), tl.sum(tl.where(this, heads, 0)),
-        tl.sum(tl.where(this, los, 0)), tl.sum(tl.where(this, his, 0)), base, chunk,
-        stride_ob, stride_on, stride_oh, stride_lb, stride_lh, HEAD_DIM, BLOCK_S,
-    )  # fmt: skip
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _merge_counters(device: torch.device, size: int) -> torch.Tensor | None:
-    """The fused merge's per-(batch, K/V head) counters on `device` (int32, zero between calls: the merging
-    program resets its own), allocated on first use; None (split + merge kernels instead) when
-    `DECODE_FUSED_MERGE` is off or they would have to be allocated inside a CUDA-graph capture, where
-    the memory would belong to the graph's pool. Calls on one device share them: one stream at a time."""
-    if not DECODE_FUSED_MERGE:
-        return None
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[device] = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
-    return counters
+    tok = tl.sum(tl.where(this, toks, 0))
+    head = tl.sum(tl.where(this, heads, 0))
+    lo = tl.sum(tl.where(this, los, 0))
+    hi = tl.sum(tl.where(this, his, 0))
+    # splits that meet [lo, hi]; none (empty loop) for a row without keys
+    has_keys = hi >= lo
+    s_first = tl.where(has_keys, lo - base, 0) // chunk
+    s_last = tl.where(has_keys, (hi - base) // chunk, -1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, BLOCK_S)
+    p_row = pid.to(tl.int64) * stride_pb + row * stride_pm
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    # a counter from 0 keeps the partial rows provably 16-byte aligned: counting from s_first compiled to
+    # one-float loads (Triton 3.9, sm_90). Every block holds a split with a key of this row (finite lse), so
+    # m_new is finite.
+    for s0 in range(0, s_last + 1 - s_first, BLOCK_S):
+        split = s_first + s0 + offs_s
+        take = split <= s_last
+        p_off = p_row + split * stride_ps
+        lse2 = tl.load(PL + p_off // HEAD_DIM, mask=take, other=float("-inf"))
+        part = tl.load(PO + p_off[:, None] + offs_d[None, :], mask=take[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse2, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse2 - m_new)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
+    b64 = b.to(tl.int64)
+    tl.store(
+        Out + b64 * stride_ob + tok * stride_on + head * stride_oh + offs_d,
+        (acc / l_safe).to(Out.dtype.element_ty),
+    )
+    tl.store(LSE + b64 * stride_lb + head * stride_lh + tok, lse)
 
 
 def decode_attention_fwd(
@@ -360,22 +289,18 @@ def decode_attention_fwd(
         BLOCK_M=block_m,
     )
     p_strides = partial_out.stride()[:3]
-    block_s = merge_block(n_splits, chunk, window)
-    counters = _merge_counters(q.device, b * hkv)
-    fused_block = min(block_s, DECODE_FUSED_MERGE_BLOCK)
     _decode_split_kernel[(b * hkv, n_splits)](
-        q, k, v, act, ks, nkp, partial_out, partial_lse, q if counters is None else counters, out, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *act_strides, *p_strides, *out.stride()[:3],
-        *lse.stride()[:2], hkv, n, nk, nk if ring else 0, group, key_offset, window, chunk, scale * LOG2E,
-        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), FUSED_MERGE=counters is not None,
-        BLOCK_S=fused_block, num_warps=num_warps, num_stages=num_stages, **flags,
+        q, k, v, act, ks, nkp, partial_out, partial_lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *act_strides, *p_strides,
+        hkv, n, nk, nk if ring else 0, group, key_offset, window, chunk, scale * LOG2E,
+        BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        **flags,
     )  # fmt: skip
-    if counters is None:
-        _decode_merge_kernel[(b * hkv, n * group)](
-            partial_out, partial_lse, act, ks, nkp, out, lse, *p_strides, *act_strides,
-            *out.stride()[:3], *lse.stride()[:2], hkv, n, nk, nk if ring else 0, group, key_offset, window,
-            chunk, BLOCK_S=block_s, num_warps=num_warps, **flags,
-        )  # fmt: skip
+    _decode_merge_kernel[(b * hkv, n * group)](
+        partial_out, partial_lse, act, ks, nkp, out, lse, *p_strides, *act_strides,
+        *out.stride()[:3], *lse.stride()[:2], hkv, n, nk, nk if ring else 0, group, key_offset, window, chunk,
+        BLOCK_S=merge_block(n_splits, chunk, window), num_warps=num_warps, **flags,
+    )  # fmt: skip
     return out, lse
 
 
