@@ -12,7 +12,8 @@
 #            elementwise kernels and the 1.5B-shape TTFT with them (~7 minutes).
 #   recipe8b: the Qwen3-8B recipe's first two steps (the second: steady-state tokens/s; ~2.5 minutes).
 #   infer128 / infer64: issue 11's decode and TTFT table at 128K / 64K (Qwen2.5-7B shape, dense / L2A /
-#            local-only, batch 1 and 8, eager / graph / compiled, the GPU exactness check first; ~6 minutes each).
+#            local-only, batch 1 and 8, eager / graph / compiled, the GPU exactness check first; ~6 minutes each;
+#            PROFILE=1: kernel profiles of the first batch size; TESTS=1: then the decode GPU tests).
 #   decode:  the decode-step kernels first on a GPU (session 9's, untested there): their GPU tests, the
 #            projection kernels against cuBLAS per tile configuration (bench_decode_ops.py), then L2A and
 #            local-only at 128K batch 1, graph and compiled, with the exactness check and kernel profiles
@@ -83,8 +84,16 @@ infer128 | infer64)
   n=131072
   [ "$1" = infer64 ] && n=65536
   timeout 500 python benchmarks/bench_inference.py --check --shape 7b --prompts $n --batches 1,8 \
-    --modes eager,graph,compiled --steps 10 --warmup 2 --host-profile --budget-s 400 --out "$OUT/$1" > "$OUT/$1.log" 2>&1
+    --modes eager,graph,compiled --steps 10 --warmup 2 --host-profile ${PROFILE:+--profile} --budget-s 400 \
+    --out "$OUT/$1" > "$OUT/$1.log" 2>&1
   grep -E "^\||check:" "$OUT/$1.log" | tail -5 || tail -5 "$OUT/$1.log"
+  if [ -n "${TESTS:-}" ]; then  # the decode GPU tests after the timings (carry .whl for xdist)
+    python -c "import xdist" 2> /dev/null && par="-n 8" || par=""
+    timeout 150 python -m pytest -q -rf --tb=short -p no:cacheprovider $par tests/ops/test_decode.py \
+      tests/ops/test_decode_kvcache.py tests/ops/test_norm_route_qkv.py tests/models/test_l2a_decode_fusion.py \
+      tests/models/test_l2a_gpu.py > "$OUT/gputest.log" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest.log" | tail -12
+  fi
   ;;
 entry)
   # session 10: the global branch's one-kernel decode entry (norm_route_qkv). Timings first (a quiet GPU),
