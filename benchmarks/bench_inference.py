@@ -144,6 +144,12 @@ class DecodeStep:
         self.fraction = torch.zeros((), device=tokens.device)
         static = getattr(cache, "static", None)  # L2ACache: the fill level to rewind to
         self.filled = None if static is None else (static.position.clone(), static.host_filled)
+        # HF StaticCache layers that count their own fill level (transformers >= 5.2x)
+        self.lengths = [
+            (layer.cumulative_length, layer.cumulative_length.clone())
+            for layer in getattr(cache, "layers", [])
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+        ]
         if DEVICE == "cuda":
             for t in (self.tokens, self.index, self.fraction):
                 torch._dynamo.mark_static_address(t)
@@ -152,6 +158,8 @@ class DecodeStep:
         """Back to the first step: each mode then runs the same tokens at the same positions (the cache
         slots they wrote are written again), so that every mode routes the same tokens."""
         self.index.zero_()
+        for length, start in self.lengths:
+            length.copy_(start)
         if self.filled is not None:
             self.cache.static.position.copy_(self.filled[0])
             self.cache.static.host_filled = self.filled[1]
