@@ -317,7 +317,9 @@ def time_graph(step: DecodeStep, warmup: int, steps: int, profile: Path | None =
         graph.replay()
     elapsed = (sync_time() - t0) / steps
     if profile is not None:
+        timed = step.fraction.clone()  # the routed fraction of the timed steps, not of the profiled ones
         profile_kernels(graph.replay, profile, "graph", elapsed)
+        step.fraction.copy_(timed)
     del graph
     return elapsed
 
@@ -339,7 +341,9 @@ def time_compiled(
         compiled()
     elapsed = (sync_time() - t0) / steps
     if profile is not None:
+        timed = step.fraction.clone()
         profile_kernels(compiled, profile, "compiled", elapsed)
+        step.fraction.copy_(timed)
     return compile_s, elapsed
 
 
