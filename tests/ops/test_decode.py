@@ -197,3 +197,24 @@ def test_merge_over_many_split_blocks_equals_float64_reference(
     assert torch.equal(lse.cpu().isneginf(), unrouted)
     assert not out.cpu().permute(0, 2, 1, 3)[unrouted].any()
     torch.testing.assert_close(lse.cpu()[~unrouted].double(), ref_lse[~unrouted], **TOL[torch.float32])
+
+
+def test_splits_are_sized_for_the_keys_rows_can_see(monkeypatch):
+    """A window's calls size their splits for window + N - 1 keys, not the whole cache; on a 132-SM GPU the
+    local branch's 4096-key window at batch 1 (4 K/V heads) gets 64-key splits, a 128K global cache 1024."""
+    spans = []
+    real = decode.split_size
+    monkeypatch.setattr(decode, "split_size", lambda nk, *rest: spans.append(nk) or real(nk, *rest))
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 4, 64, generator=gen).to(DEVICE)
+    k = torch.randn(1, 150, 2, 64, generator=gen).to(DEVICE)
+    v = torch.randn(1, 150, 2, 64, generator=gen).to(DEVICE)
+    decode.decode_attention_fwd(q, k, v, None, 0.125, 0, 40, None)
+    decode.decode_attention_fwd(q, k, v, torch.ones(1, 2, dtype=torch.bool, device=DEVICE), 0.125, 0, 0, None)
+    assert spans == [41, 150]
+    monkeypatch.setattr(decode, "interpreting", lambda: False)
+    monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
+    cpu = torch.device("cpu")
+    assert real(4096, 4, cpu, 64) == 64
+    assert real(131072, 4, cpu, 64) == 1024
+    assert real(4096, 32, cpu, 64) == 256  # batch 8: 16 splits of 4 blocks already fill the GPU
