@@ -200,8 +200,9 @@ def test_merge_over_many_split_blocks_equals_float64_reference(
 
 
 def test_splits_are_sized_for_the_keys_rows_can_see(monkeypatch):
-    """A window's calls size their splits for window + N - 1 keys, not the whole cache; on a 132-SM GPU the
-    local branch's 4096-key window at batch 1 (4 K/V heads) gets 64-key splits, a 128K global cache 1024."""
+    """A ring cache's window calls size their splits for window + N - 1 keys, not all slots (a linear cache:
+    all keys); on a 132-SM GPU the local branch's 4096-key window at batch 1 (4 K/V heads) gets 64-key splits,
+    a 128K global cache 1024."""
     spans = []
     real = decode.split_size
     monkeypatch.setattr(decode, "split_size", lambda nk, *rest: spans.append(nk) or real(nk, *rest))
@@ -209,9 +210,11 @@ def test_splits_are_sized_for_the_keys_rows_can_see(monkeypatch):
     q = torch.randn(1, 2, 4, 64, generator=gen).to(DEVICE)
     k = torch.randn(1, 150, 2, 64, generator=gen).to(DEVICE)
     v = torch.randn(1, 150, 2, 64, generator=gen).to(DEVICE)
+    filled = torch.tensor([400], dtype=torch.int32, device=DEVICE)
+    decode.decode_attention_fwd(q, k, v, None, 0.125, 0, 40, None, filled, ring=True)
     decode.decode_attention_fwd(q, k, v, None, 0.125, 0, 40, None)
     decode.decode_attention_fwd(q, k, v, torch.ones(1, 2, dtype=torch.bool, device=DEVICE), 0.125, 0, 0, None)
-    assert spans == [41, 150]
+    assert spans == [41, 150, 150]
     monkeypatch.setattr(decode, "interpreting", lambda: False)
     monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
     cpu = torch.device("cpu")

@@ -265,8 +265,9 @@ def decode_attention_fwd(
     block_n, num_warps, num_stages = _tiles(d)
     # routed calls: splits sized as if one row were routed, so that a lone routed row of a batch is spread
     # over the GPU as at batch 1 (sized for b * hkv programs, it streamed b times longer splits on few SMs)
-    # a window's rows see at most window + n - 1 keys: splits sized for that span, not for the whole cache
-    span = nk if window == 0 else min(nk, window + n - 1)
+    # a ring's rows see at most window + n - 1 of its slots: splits sized for that span. (A linear cache keeps
+    # splits sized for all its keys: span-sized splits over a long one would be thousands, most of them idle.)
+    span = min(nk, window + n - 1) if ring and window > 0 else nk
     chunk = split_size(span, hkv if active is not None else b * hkv, q.device, block_n)
     n_splits = triton.cdiv(nk, chunk)
     partial_out = q.new_empty((b * hkv, n_splits, block_m, d), dtype=torch.float32)
