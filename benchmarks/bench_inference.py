@@ -17,7 +17,8 @@ TPOT (every batch size): decode steps from a static cache on both sides (HF `Sta
 tokens does not fit next to the cache: its activations alone are ~120 GB). Each row gets its own random
 step tokens (teacher forcing: with random weights greedy continuations degenerate into one repeated token,
 whose routing is all or nothing); the argmax of every step is computed as in greedy decoding. Every mode
-starts from the same fill level and runs the same tokens at the same positions, so the modes route alike.
+starts from the same fill level and runs the same tokens at the same positions, so the modes route nearly
+the same tokens (`DecodeStep.rewind`).
 Modes: "eager" (the step as Python), "graph" (one step captured in a `torch.cuda.CUDAGraph` and replayed)
 and "compiled" (`torch.compile(step, mode="reduce-overhead", fullgraph=True)`: Inductor and CUDA graphs,
 as HF generate(cache_implementation="static") compiles its steps), the same settings on every side.
@@ -155,8 +156,10 @@ class DecodeStep:
                 torch._dynamo.mark_static_address(t)
 
     def rewind(self) -> None:
-        """Back to the first step: each mode then runs the same tokens at the same positions (the cache
-        slots they wrote are written again), so that every mode routes the same tokens."""
+        """Back to the first step: each mode then runs the same tokens at the same positions, so that the
+        modes route (nearly) the same tokens. The global cache's slots are written again; the local ring's
+        slots of the window's oldest positions hold the previous mode's later tokens (a ring of window + 15
+        slots: after T steps, T - 16 of them), which changes nothing that is timed."""
         self.index.zero_()
         for length, start in self.lengths:
             length.copy_(start)
