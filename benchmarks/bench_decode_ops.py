@@ -109,8 +109,7 @@ def main() -> None:
     global DEVICE
     DEVICE = dev = args.device
     if args.attention:
-        ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-        rows = attention_rows(args, ints(args.min_blocks))
+        rows = attention_rows(args, [int(v) for v in args.min_blocks.split(",")])
         write_table(rows, args, f"batch {args.rows}, {1 if dev == 'cpu' else args.copies} cache copies", "KV")
         return
     dt = torch.bfloat16
@@ -222,26 +221,25 @@ def attention_rows(args: argparse.Namespace, min_blocks: list[int]) -> list[dict
     seqlen = torch.tensor([filled], dtype=torch.int32, device=dev)
     one = torch.zeros(b, 1, dtype=torch.bool, device=dev)
     one[0] = True
+    row_bytes = 2 * hkv * d * 2  # one position's K and V, bf16
     cases = []
-    for name, slots, kw in (
-        ("window 4096 (ring)", window + 15, dict(window=window, ring=True)),
-        ("global 128K, 1 row routed", filled + 16, dict(active=one)),
-        ("global 128K, none routed", filled + 16, dict(active=torch.zeros_like(one))),
+    for name, slots, nbytes, kw in (  # nbytes: the K/V the call must read
+        ("window 4096 (ring)", window + 15, b * window * row_bytes, dict(window=window, ring=True)),
+        ("global 128K, 1 row routed", filled + 16, filled * row_bytes, dict(active=one)),
+        ("global 128K, none routed", filled + 16, 0, dict(active=torch.zeros_like(one))),
     ):
         kv = Copies(lambda s=slots: torch.randn(2, b, s, hkv, d, device=dev, dtype=dt), copies)
-        cases.append((name, kv, kw))
+        cases.append((name, kv, nbytes, kw))
     rows = []
     real = decode.DECODE_MIN_SPLIT_BLOCKS
     with torch.no_grad():
-        for (name, kv, kw), blocks in itertools.product(cases, min_blocks):
+        for (name, kv, nbytes, kw), blocks in itertools.product(cases, min_blocks):
             decode.DECODE_MIN_SPLIT_BLOCKS = blocks
 
             def call(kv=kv, kw=kw):
                 k, v = kv()
                 return attention_with_kvcache(q, k, v, seqlen, backend="triton", **kw)
 
-            nbytes = 2 * b * min(filled, window if "window" in name else filled) * hkv * d * 2
-            nbytes = 0 if "none" in name else nbytes // (b if "1 row" in name else 1)
             us = graph_us(call)
             rows.append(dict(op=f"{name} [min {blocks} blocks]", us=us, kv_bytes=nbytes, min_blocks=blocks))
         del cases

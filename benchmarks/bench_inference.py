@@ -30,6 +30,7 @@ as HF generate(cache_implementation="static") compiles its steps), the same sett
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -167,6 +168,13 @@ class DecodeStep:
             self.cache.static.position.copy_(self.filled[0])
             self.cache.static.host_filled = self.filled[1]
 
+    @contextlib.contextmanager
+    def untimed(self):
+        """Steps run inside (profiles) leave the routed fraction of the timed steps as it was."""
+        timed = self.fraction.clone()
+        yield
+        self.fraction.copy_(timed)
+
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
         token = self.tokens.index_select(1, self.index)
@@ -245,18 +253,19 @@ def host_profile(step: DecodeStep, steps: int, path: Path) -> float:
     import io
     import pstats
 
-    sync_time()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    enqueue_ms = (time.perf_counter() - t0) / steps * 1e3
-    sync_time()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        step()
-    profiler.disable()
-    sync_time()
+    with step.untimed():
+        sync_time()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        enqueue_ms = (time.perf_counter() - t0) / steps * 1e3
+        sync_time()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
+        sync_time()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
     path.write_text(
@@ -320,9 +329,8 @@ def time_graph(step: DecodeStep, warmup: int, steps: int, profile: Path | None =
         graph.replay()
     elapsed = (sync_time() - t0) / steps
     if profile is not None:
-        timed = step.fraction.clone()  # the routed fraction of the timed steps, not of the profiled ones
-        profile_kernels(graph.replay, profile, "graph", elapsed)
-        step.fraction.copy_(timed)
+        with step.untimed():
+            profile_kernels(graph.replay, profile, "graph", elapsed)
     del graph
     return elapsed
 
@@ -344,9 +352,8 @@ def time_compiled(
         compiled()
     elapsed = (sync_time() - t0) / steps
     if profile is not None:
-        timed = step.fraction.clone()
-        profile_kernels(compiled, profile, "compiled", elapsed)
-        step.fraction.copy_(timed)
+        with step.untimed():
+            profile_kernels(compiled, profile, "compiled", elapsed)
     return compile_s, elapsed
 
 
@@ -393,7 +400,6 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                     try:
                         if mode == "eager":
                             row["tpot_eager_ms"] = time_eager(step, args.warmup, args.steps) * 1e3
-                            fraction = step.fraction.item()  # the timed steps' (the host profile runs more)
                             if args.host_profile and n == args.prompts[0] and b == args.batches[0]:
                                 row["host_enqueue_ms"] = host_profile(
                                     step, args.steps, args.out / f"host_{args.shape}_{variant}.txt"
@@ -406,8 +412,7 @@ def measure_variant(variant: str, model, args: argparse.Namespace, emit) -> None
                             row["compile_s"], tpot = time_compiled(step, args.warmup, args.steps, target)
                             row["tpot_compiled_ms"] = tpot * 1e3
                         if kind == "l2a" and variant == "l2a":
-                            total_fraction = fraction if mode == "eager" else step.fraction.item()
-                            row[f"routed_decode_{mode}"] = total_fraction / args.steps
+                            row[f"routed_decode_{mode}"] = step.fraction.item() / args.steps
                     except Exception as e:  # recorded, the other modes still run
                         row[f"{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                     if mode == "compiled":
